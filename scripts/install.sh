@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) and install DermSight with its training and test extras.
+# torch/torchvision are pinned to the releases on this machine's disk (no multi-GB download).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/pip install --quiet --upgrade pip
+fi
+.venv/bin/pip install --quiet -e ".[train,dev]"
