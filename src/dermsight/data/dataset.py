@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from dermsight.data import harmonise
 from dermsight.data.records import Loaded, SourceError
@@ -25,7 +24,9 @@ def load_sources(specs: Iterable[str]) -> Loaded:
         try:
             combined.extend(read_source(spec))
         except SourceError as err:
-            combined.problems.append(Problem("unreadable_source", spec, str(err), skipped=True))
+            # SourceError messages start with the path; `where` already names the source.
+            message = str(err).removeprefix(f"{spec}: ").removeprefix(f"{spec.partition(':')[2]}: ")
+            combined.problems.append(Problem("unreadable_source", spec, message, skipped=True))
     return combined
 
 
@@ -46,10 +47,11 @@ def deduplicate(loaded: Loaded) -> Loaded:
         label, complaint = _agreed_diagnosis(copies)
         if complaint:
             problems.append(Problem("conflicting_labels", image_id, f"copies ({sources}) {complaint}", label is None))
-        if label is None:
+        if label is None and complaint:
             continue
         merged = copies.bfill().iloc[0].copy()
-        merged["diagnosis"], merged["melanoma"] = label, harmonise.melanoma_from(label)
+        if label is not None:  # unlabelled copies (e.g. one test image in two sources) stay unlabelled
+            merged["diagnosis"], merged["melanoma"] = label, harmonise.melanoma_from(label)
         merged_rows.append(merged)
         problems.append(Problem("duplicate", image_id, f"{len(copies)} copies ({sources}) merged into one"))
     merged = pd.DataFrame(merged_rows) if merged_rows else records.iloc[:0]
@@ -106,6 +108,8 @@ def group_ids(records: pd.DataFrame) -> np.ndarray:
 def assign_folds(records: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
     """Add `group` and `fold` columns: label-stratified k folds in which no patient or
     lesion ever appears in two folds. Deterministic for a given table and seed."""
+    from sklearn.model_selection import StratifiedGroupKFold  # imported here: 1.5 s, only folds need it
+
     groups = group_ids(records)
     n_groups = len(set(groups))
     if n_groups < n_folds:

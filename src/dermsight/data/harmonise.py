@@ -36,6 +36,9 @@ SITE_SYNONYMS: dict[str, str] = {_clean(k): v for k, v in {
     "ear": "head/neck",
     "neck": "head/neck",
     "head": "head/neck",
+    "head neck": "head/neck",  # DICOM BodyPartExamined (CS) cannot hold "/": HEAD_NECK, HEAD NECK
+    "arm": "upper extremity",
+    "leg": "lower extremity",
     "upper extremity": "upper extremity",
     "upper_extremity": "upper extremity",
     "hand": "upper extremity",
@@ -73,8 +76,17 @@ DIAGNOSIS_SYNONYMS: dict[str, str] = {_clean(k): v for k, v in {
     "nevus": "NV",
     "vasc": "VASC",
     "vascular lesion": "VASC",
+    "angioma": "VASC",
+    "hemangioma": "VASC",
+    "angiokeratoma": "VASC",
+    "pyogenic granuloma": "VASC",
     "scc": "SCC",
     "squamous cell carcinoma": "SCC",
+    # The ISIC Archive's current taxonomy (isic-cli diagnosis_3).
+    "solar or actinic keratosis": "AK",
+    "squamous cell carcinoma in situ": "SCC",
+    "squamous cell carcinoma, nos": "SCC",
+    "squamous cell carcinoma, invasive": "SCC",
     "unknown": "UNK",
     "atypical melanocytic proliferation": "UNK",
     "cafe-au-lait macule": "UNK",
@@ -106,10 +118,11 @@ def age(raw: object) -> tuple[float, str | None]:
     text = _clean(raw)
     if text in _EMPTY:
         return math.nan, None
-    match = re.fullmatch(r"0*(\d+(?:\.\d+)?)\s*y?", text)  # "45", "45.0", DICOM "045Y"
+    text = str(raw).strip().lower()  # not _clean: it would turn "-5" into " 5"
+    match = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*y?", text)  # "45", "45.0", DICOM "045Y"
     if not match:
         return math.nan, f"age {raw!r} is not a number"
-    value = float(match.group(1))
+    value = float(match.group(1)) + 0.0  # + 0.0: no "-0"
     low, high = AGE_RANGE
     if not low <= value <= high:
         return math.nan, f"age {raw!r} is outside {low:g}-{high:g} years"

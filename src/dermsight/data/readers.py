@@ -48,13 +48,19 @@ def read_ham10000(folder: Path) -> Loaded:
     return builder.loaded()
 
 
-def read_isic2020_csv(csv_path: Path, image_folders: list[Path] | None = None) -> Loaded:
+def read_isic2020_csv(
+    csv_path: Path, image_folders: list[Path] | None = None, patient_images: dict[str, int] | None = None
+) -> Loaded:
     """A SIIM-ISIC 2020 metadata CSV (train.csv, test.csv or a subset) and its images.
 
     Images are looked up in `image_folders`, by default the folders the Kaggle and
     ISIC downloads use: ``<stem>/``, ``jpeg/<stem>/`` and ``<stem>`` DICOM folders.
+    `patient_images` gives each patient's image count in the full dataset (a subset CSV
+    undercounts); by default it is counted in this CSV.
     """
     frame = read_csv(csv_path, ISIC2020_COLUMNS)
+    if patient_images is None:
+        patient_images = frame["patient_id"].value_counts().to_dict()
     if image_folders is None:
         image_folders = [csv_path.parent / csv_path.stem, csv_path.parent / "jpeg" / csv_path.stem]
     builder = RecordBuilder("isic2020")
@@ -74,6 +80,7 @@ def read_isic2020_csv(csv_path: Path, image_folders: list[Path] | None = None) -
             label=label if labelled else None,
             diagnosis=None if label or not labelled else ("MEL" if row["target"] == "1" else "UNK"),
             melanoma=row["target"] if labelled else None,
+            patient_images=patient_images.get(row["patient_id"]),
         )
     return builder.loaded()
 
@@ -83,16 +90,22 @@ def read_isic2020_folder(folder: Path) -> Loaded:
     + train_sample/). CSVs with no images anywhere are reported and skipped, since the
     shared train.csv/test.csv describe 44k images that are not on disk."""
     loaded = Loaded()
-    found_any = False
+    csvs = []
     for csv_path in sorted(folder.glob("*.csv")):
         try:
-            header = read_csv(csv_path, ()).columns
+            frame = read_csv(csv_path, ())
         except SourceError:
             continue
-        if not set(ISIC2020_COLUMNS) <= set(header):
-            continue
-        found_any = True
-        part = read_isic2020_csv(csv_path)
+        if set(ISIC2020_COLUMNS) <= set(frame.columns):
+            csvs.append((csv_path, frame))
+    found_any = bool(csvs)
+    # A patient's image count is taken from the most complete CSV that lists the patient.
+    patient_images: dict[str, int] = {}
+    for _, frame in csvs:
+        for patient, count in frame["patient_id"].value_counts().items():
+            patient_images[patient] = max(count, patient_images.get(patient, 0))
+    for csv_path, _ in csvs:
+        part = read_isic2020_csv(csv_path, patient_images=patient_images)
         if part.records["image_ref"].notna().any():
             loaded.extend(part)
         else:

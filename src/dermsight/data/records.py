@@ -57,6 +57,7 @@ class RecordBuilder:
         label: object = None,
         diagnosis: str | None = None,
         melanoma: object = None,
+        patient_images: float | None = None,
     ) -> None:
         """Add one record. `label` is the source's diagnosis text; `diagnosis` an already
         mapped code. `melanoma` overrides the target derived from the diagnosis."""
@@ -71,6 +72,7 @@ class RecordBuilder:
             "lesion_id": _text(lesion_id),
             "original_label": _text(label),
             "source": self.source,
+            "patient_images": patient_images,
         }
         for column, parse in (("age", harmonise.age), ("sex", harmonise.sex), ("site", harmonise.site)):
             value, complaint = parse({"age": age, "sex": sex, "site": site}[column])

@@ -64,6 +64,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "original_label",  # the source's own label text, kept for the 9-class view
     "melanoma",  # 1.0 / 0.0, NaN when unlabelled
     "source",  # reader name, e.g. "ham10000"
+    "patient_images",  # images of this patient in the whole source dataset (ISIC 2020), NaN if unknown
 )
 
 
@@ -84,11 +85,8 @@ def empty_records() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=_DTYPES[c]) for c in RECORD_COLUMNS})
 
 
-_DTYPES: dict[str, str] = {
-    "age": "float64",
-    "melanoma": "float64",
-    **{c: "object" for c in RECORD_COLUMNS if c not in ("age", "melanoma")},
-}
+_NUMERIC = ("age", "melanoma", "patient_images")
+_DTYPES: dict[str, str] = {c: "float64" if c in _NUMERIC else "object" for c in RECORD_COLUMNS}
 
 
 def as_records(frame: pd.DataFrame) -> pd.DataFrame:

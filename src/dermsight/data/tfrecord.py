@@ -15,9 +15,6 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from tfrecord import example_pb2
-from tfrecord.reader import tfrecord_iterator
-
 from dermsight.data.records import Loaded, RecordBuilder, SourceError, read_csv
 
 _HEADER = 12  # uint64 length + uint32 masked crc
@@ -25,7 +22,17 @@ _FOOTER = 4
 _CATEGORICAL = ("patient_id", "sex", "anatom_site_general_challenge", "diagnosis")
 
 
+def _example_pb2():
+    # Imported on first use: the `tfrecord` package imports torch when it is installed
+    # (3 s), which every other command would pay for.
+    from tfrecord import example_pb2
+
+    return example_pb2
+
+
 def read_tfrecords(paths: list[Path], metadata_csv: Path | None = None) -> Loaded:
+    from tfrecord.reader import tfrecord_iterator
+
     if not paths:
         raise SourceError("no .tfrec files given")
     metadata = {}
@@ -45,7 +52,7 @@ def read_tfrecords(paths: list[Path], metadata_csv: Path | None = None) -> Loade
 
 
 def _add_example(builder: RecordBuilder, where: str, raw: bytes, ref: str, metadata: dict) -> None:
-    example = example_pb2.Example()
+    example = _example_pb2().Example()
     try:
         example.ParseFromString(raw)
     except Exception as err:  # protobuf's DecodeError
@@ -83,7 +90,7 @@ def _add_example(builder: RecordBuilder, where: str, raw: bytes, ref: str, metad
     )
 
 
-def _value(feature: example_pb2.Feature) -> object:
+def _value(feature) -> object:  # a tfrecord example_pb2.Feature
     kind = feature.WhichOneof("kind")
     values = list(getattr(feature, kind).value) if kind else []
     return values[0] if len(values) == 1 else (values or None)
@@ -101,7 +108,7 @@ def read_tfrecord_image(path: str, offset: int) -> bytes:
             raw = file.read(length)
     except (OSError, struct.error) as err:
         raise ImageError(f"{path}#{offset}: cannot read TFRecord record ({err})") from None
-    example = example_pb2.Example()
+    example = _example_pb2().Example()
     try:
         example.ParseFromString(raw)
         return example.features.feature["image"].bytes_list.value[0]

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dermsight.imaging.decode import MAX_PIXELS, ImageError, stretch_to_uint8
+from dermsight.imaging.decode import MAX_PIXELS, MIN_SIDE, ImageError, stretch_to_uint8
 
 # ISIC 2020 wrote the anatomical site into BodyPartExamined in upper case.
 _TAGS = {
@@ -43,15 +43,17 @@ def decode_dicom(data: bytes, *, name: str = "image") -> np.ndarray:
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     if rows * columns > MAX_PIXELS:
         raise ImageError(f"{name}: image is {columns}x{rows} pixels, over the {MAX_PIXELS / 1e6:.0f} megapixel limit")
+    if min(rows, columns) < MIN_SIDE:
+        raise ImageError(f"{name}: image is only {columns}x{rows} pixels; at least {MIN_SIDE} per side needed")
     try:
         pixels = dataset.pixel_array
     except Exception as err:  # pydicom raises many types for broken or unsupported pixel data
         raise ImageError(f"{name}: cannot decode DICOM pixel data ({err})") from None
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
+    # pydicom 3 already returns YBR_FULL / YBR_FULL_422 (the JPEG Baseline photometric)
+    # as RGB (`as_rgb=True` by default): converting again would scramble the colours.
     photometric = str(dataset.get("PhotometricInterpretation", ""))
-    if photometric.startswith("YBR") and pixels.ndim == 3:
-        pixels = pydicom.pixels.convert_color_space(pixels, photometric, "RGB")
     if pixels.ndim == 2 or pixels.dtype != np.uint8:
         if photometric == "MONOCHROME1":
             pixels = pixels.max() - pixels

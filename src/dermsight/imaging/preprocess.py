@@ -1,0 +1,68 @@
+"""The one preprocessing used by training, evaluation, the CLI and the API.
+
+A :class:`Preprocessing` is stored in every model bundle, so a bundle always sees
+images exactly as it was trained on them: shorter side resized to `size`, centre
+crop `size` x `size`, scaled to the backbone's mean/std, channels first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+# Test-time views: dermoscopy has no "up", so flips and rotations are label-preserving.
+VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "rot180")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    size: int = 224
+    mean: tuple[float, float, float] = (127 / 255,) * 3
+    std: tuple[float, float, float] = (128 / 255,) * 3
+
+    def resize(self, rgb: np.ndarray) -> np.ndarray:
+        """Shorter side to `size` (bicubic), then a centred square crop: uint8 (S, S, 3)."""
+        height, width = rgb.shape[:2]
+        scale = self.size / min(height, width)
+        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        image = Image.fromarray(rgb)
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        return np.asarray(image.crop((left, top, left + self.size, top + self.size)))
+
+    def normalise(self, square: np.ndarray) -> np.ndarray:
+        """uint8 (S, S, 3) -> float32 (3, S, S) in the backbone's units."""
+        mean = np.asarray(self.mean, dtype=np.float32) * 255.0
+        std = np.asarray(self.std, dtype=np.float32) * 255.0
+        return ((square.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        return self.normalise(self.resize(rgb))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "steps": ["decode RGB (EXIF upright)", "resize shorter side (bicubic)", "centre crop", "normalise"]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        return cls(size=int(data["size"]), mean=tuple(data["mean"]), std=tuple(data["std"]))
+
+
+def view(chw: np.ndarray, name: str) -> np.ndarray:
+    """One test-time view of a (..., 3, S, S) array."""
+    if name == "identity":
+        return chw
+    if name == "hflip":
+        return chw[..., ::-1]
+    if name == "vflip":
+        return chw[..., ::-1, :]
+    if name == "rot180":
+        return chw[..., ::-1, ::-1]
+    raise ValueError(f"unknown view {name!r}; expected one of {', '.join(VIEWS)}")
+
+
+def views(chw: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Stack the named views of a batch (N, 3, S, S) -> (V, N, 3, S, S), contiguous."""
+    return np.ascontiguousarray(np.stack([view(chw, name) for name in names]))

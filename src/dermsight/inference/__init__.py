@@ -1,0 +1,1 @@
+"""Inference: the one Predictor (ONNX Runtime), heat maps, patient context, batch scoring."""

@@ -1,0 +1,117 @@
+"""The one Predictor: used by `dermsight predict`, the API and batch scoring alike.
+
+bytes/image_ref -> the bundle's preprocessing -> ONNX Runtime (test-time views
+averaged) -> temperature-calibrated probabilities -> threshold decision -> patient
+context. Needs neither torch nor timm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.progress import Progress
+from scipy.special import softmax
+
+from dermsight.data.schema import CLASSES
+from dermsight.imaging.batches import iter_batches
+from dermsight.imaging.preprocess import view, views
+from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
+from dermsight.inference.ood import OODGate
+from dermsight.inference.onnx_session import create_session
+from dermsight.models.bundle import Bundle, load_bundle
+from dermsight.models.metadata import encode_metadata
+
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "image",
+    *CLASSES,
+    "melanoma_risk",
+    "predicted_class",
+    "above_threshold",
+    "looks_dermoscopic",
+)
+
+
+@dataclass
+class Scores:
+    """Model outputs for a batch: calibrated probabilities (N, K), embeddings (N, F),
+    melanoma class activation maps (N, h, w), and whether each image passed the
+    out-of-distribution gate (N,)."""
+
+    probabilities: np.ndarray
+    embeddings: np.ndarray
+    melanoma_cam: np.ndarray
+    looks_dermoscopic: np.ndarray
+
+
+class Predictor:
+    def __init__(self, bundle: Bundle | Path | str | None = None, threads: int | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.session = create_session(self.bundle.onnx_path, threads)
+        self.classes = self.bundle.classes
+        self.melanoma_index = self.classes.index("MEL")
+        self.ood_gate = OODGate.load(self.bundle.path)
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.melanoma_threshold
+
+    def score(self, images: np.ndarray, metadata: np.ndarray) -> Scores:
+        """Preprocessed images (N, 3, S, S) + encoded metadata (N, M) -> Scores.
+        Logits are averaged over the bundle's views; each view's heat map is mapped
+        back to the original orientation before averaging."""
+        names = tuple(self.bundle.views)
+        stacked = views(images, names)
+        flat = stacked.reshape(-1, *stacked.shape[2:])
+        meta = np.tile(metadata.astype(np.float32), (len(names), 1))
+        logits, embeddings, cams = self.session.run(["logits", "embedding", "cam"], {"image": flat, "metadata": meta})
+        n = len(images)
+        logits = logits.reshape(len(names), n, -1).mean(axis=0)
+        embeddings = embeddings.reshape(len(names), n, -1).mean(axis=0)
+        mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])
+        cam = np.mean([view(mel_cams[v], name) for v, name in enumerate(names)], axis=0)  # flips are self-inverse
+        accepted = self.ood_gate.accepts(embeddings) if self.ood_gate else np.ones(n, bool)
+        return Scores(softmax(logits / self.bundle.temperature, axis=1), embeddings, cam, accepted)
+
+    def predict_table(self, scores: Scores, image_ids: Sequence[str], patient_ids: pd.Series | None = None) -> pd.DataFrame:
+        """The documented prediction table: one row per image, in PREDICTION_COLUMNS order,
+        plus patient-context columns when patient ids are given."""
+        table = pd.DataFrame({"image": list(image_ids)})
+        for code in CLASSES:
+            table[code] = scores.probabilities[:, self.classes.index(code)] if code in self.classes else 0.0
+        risk = scores.probabilities[:, self.melanoma_index]
+        table["melanoma_risk"] = risk
+        table["predicted_class"] = np.asarray(self.classes, dtype=object)[scores.probabilities.argmax(axis=1)]
+        table["above_threshold"] = risk >= self.threshold
+        table["looks_dermoscopic"] = scores.looks_dermoscopic
+        if patient_ids is not None:
+            table.insert(1, "patient_id", patient_ids.to_numpy())
+            context = patient_context(patient_ids, scores.embeddings, risk)
+            for column in CONTEXT_COLUMNS:
+                table[column] = context[column].to_numpy()
+        return table
+
+    def predict_records(self, records: pd.DataFrame, batch_size: int = 32, progress: bool = True) -> tuple[pd.DataFrame, dict[str, str]]:
+        """Score every record (schema columns; image_ref required). Returns the prediction
+        table and {image_id: error} for images that could not be read."""
+        records = records.reset_index(drop=True)
+        metadata = encode_metadata(records)
+        refs = records["image_ref"].tolist()
+        parts: list[tuple[list[int], Scores]] = []
+        errors: dict[str, str] = {}
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"scoring {len(refs)} images", total=len(refs))
+            for batch in iter_batches(refs, self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task)):
+                errors.update({records["image_id"][i]: e for i, e in batch.errors.items()})
+                if batch.indices:
+                    parts.append((batch.indices, self.score(batch.images, metadata[batch.indices])))
+        rows = [i for indices, _ in parts for i in indices]
+        if not rows:
+            return pd.DataFrame(columns=list(PREDICTION_COLUMNS)), errors
+        scores = Scores(*(np.concatenate([getattr(s, f.name) for _, s in parts]) for f in fields(Scores)))
+        scored = records.iloc[rows].reset_index(drop=True)
+        has_patients = scored["patient_id"].notna().any()
+        return self.predict_table(scores, scored["image_id"], scored["patient_id"] if has_patients else None), errors

@@ -1,0 +1,1 @@
+"""Models: pretrained image backbones and the networks built on them."""

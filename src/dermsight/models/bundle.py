@@ -1,0 +1,101 @@
+"""A model bundle: one directory that carries everything needed to use a model.
+
+    bundle.json   classes, preprocessing, metadata features, TTA views, calibration,
+                  operating threshold, validation metrics, how it was trained
+    model.onnx    image + metadata -> logits, embedding, class activation maps
+    weights.pt    the torch weights (fp16), for fine-tuning further
+    MODEL_CARD.md provenance, intended use, limits
+
+Reading a bundle needs neither torch nor timm.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dermsight.imaging.preprocess import Preprocessing
+
+FORMAT_VERSION = 1
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[3] / "bundles" / "default"
+
+
+class BundleError(ValueError):
+    """A directory that is not a usable DermSight bundle."""
+
+
+@dataclass
+class Bundle:
+    path: Path
+    name: str
+    backbone: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    metadata_features: list[str]
+    views: list[str]
+    temperature: float = 1.0
+    threshold: dict = field(default_factory=dict)  # {"melanoma": t, "target_sensitivity": .., ...}
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def melanoma_threshold(self) -> float:
+        return float(self.threshold.get("melanoma", 0.5))
+
+    @property
+    def version(self) -> str:
+        return f"{self.name}@{self.training.get('created', 'unknown')}"
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "backbone": self.backbone,
+            "classes": self.classes,
+            "preprocessing": self.preprocessing.to_dict(),
+            "metadata_features": self.metadata_features,
+            "views": self.views,
+            "calibration": {"method": "temperature", "temperature": self.temperature},
+            "threshold": self.threshold,
+            "metrics": self.metrics,
+            "training": self.training,
+        }
+
+    def save(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "bundle.json").write_text(json.dumps(self.to_dict(), indent=1))
+
+
+def load_bundle(path: Path | str | None = None) -> Bundle:
+    """Read a bundle directory (the committed default when `path` is None)."""
+    path = Path(path) if path else DEFAULT_BUNDLE
+    config_path = path / "bundle.json"
+    if not config_path.exists():
+        raise BundleError(f"{path}: not a DermSight model bundle (no bundle.json)")
+    try:
+        data = json.loads(config_path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{path}: bundle format {data.get('format_version')} is not {FORMAT_VERSION}")
+        bundle = Bundle(
+            path=path,
+            name=data["name"],
+            backbone=data["backbone"],
+            classes=list(data["classes"]),
+            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+            metadata_features=list(data["metadata_features"]),
+            views=list(data["views"]),
+            temperature=float(data["calibration"]["temperature"]),
+            threshold=data.get("threshold", {}),
+            metrics=data.get("metrics", {}),
+            training=data.get("training", {}),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{config_path}: malformed bundle config ({err})") from None
+    if not bundle.onnx_path.exists():
+        raise BundleError(f"{path}: model.onnx is missing")
+    return bundle

@@ -1,0 +1,91 @@
+"""DermSightNet: backbone -> global average pool -> [embedding, metadata] -> linear head.
+
+The linear head over a global average pool makes the class activation map exact:
+``logit_k = mean_hw(cam_k) + w_meta_k . metadata + b_k``, so the heat map is a second
+output of the same forward pass (and of the ONNX graph), not an extra computation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dermsight.models.backbones import create_backbone
+
+
+class DermSightNet(nn.Module):
+    def __init__(self, backbone: nn.Module, n_metadata: int, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.n_features = backbone.num_features
+        self.head = nn.Linear(self.n_features + n_metadata, n_classes)
+
+    @classmethod
+    def create(cls, backbone_name: str, n_metadata: int, n_classes: int, pretrained: bool = True) -> DermSightNet:
+        return cls(create_backbone(backbone_name, pretrained=pretrained, num_classes=0), n_metadata, n_classes)
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """image (N,3,S,S), metadata (N,M) -> logits (N,K), embedding (N,F), cam (N,K,h,w)."""
+        feature_map = self.backbone.forward_features(image)
+        embedding = feature_map.mean(dim=(2, 3))
+        logits = self.head(torch.cat([embedding, metadata], dim=1))
+        image_weights = self.head.weight[:, : self.n_features]
+        cam = torch.einsum("kc,nchw->nkhw", image_weights, feature_map)
+        return logits, embedding, cam
+
+    def set_linear_head(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Install a head fitted elsewhere (the embed mode's logistic regression)."""
+        with torch.no_grad():
+            self.head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            self.head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+
+
+class _Embedder(nn.Module):
+    """Backbone + pool only: what embed mode runs over the training images."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(image).mean(dim=(2, 3))
+
+
+def export_onnx(net: DermSightNet, path: Path, image_size: int) -> None:
+    """The bundle's inference graph: inputs image, metadata; outputs logits, embedding, cam."""
+    net = net.eval()
+    image = torch.zeros(1, 3, image_size, image_size)
+    metadata = torch.zeros(1, net.head.in_features - net.n_features)
+    _export(
+        net,
+        (image, metadata),
+        path,
+        ["image", "metadata"],
+        ["logits", "embedding", "cam"],
+    )
+
+
+def export_embedder_onnx(backbone_name: str, path: Path, image_size: int) -> None:
+    """The frozen ImageNet backbone as an ONNX graph image -> embedding."""
+    embedder = _Embedder(create_backbone(backbone_name, pretrained=True, num_classes=0)).eval()
+    _export(embedder, (torch.zeros(1, 3, image_size, image_size),), path, ["image"], ["embedding"])
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in inputs + outputs},
+            opset_version=17,
+            dynamo=False,
+        )
+    tmp.replace(path)

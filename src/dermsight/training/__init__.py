@@ -1,0 +1,1 @@
+"""Training: embed mode (frozen backbone + cached embeddings + linear head) and finetune mode."""

@@ -1,0 +1,44 @@
+"""Every training setting in one typed place; the defaults run on a 2-core laptop."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dermsight.imaging.preprocess import Preprocessing
+from dermsight.training.embeddings import default_cache_dir
+
+
+@dataclass
+class TrainConfig:
+    sources: list[str]
+    output: Path = Path("runs/bundle")
+    mode: str = "embed"  # "embed" | "finetune"
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 224
+    views: tuple[str, ...] = ("identity", "hflip")
+    folds: int = 5
+    seed: int = 0
+    loss: str = "ce"  # "ce" | "focal"
+    class_weighting: bool = True
+    l2: float = 1e-3  # embed mode: L2 penalty on the standardised head weights
+    target_sensitivity: float = 0.90
+    # finetune mode
+    epochs: int = 3
+    batch_size: int = 48
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.1
+    patience: int = 2
+    max_images: int | None = None  # a subset, for smoke runs
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    progress: bool = True
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(size=self.image_size)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["output"], data["cache_dir"] = str(self.output), str(self.cache_dir)
+        data["views"] = list(self.views)
+        return data

@@ -1,0 +1,241 @@
+"""Finetune mode: the whole network trained end to end, in the torchvision-references
+style (args, data, model, loop, evaluate, save).
+
+CPU-first: images are decoded once into memory at the training resolution, the model
+runs channels-last, and AdamW with linear warm-up and cosine decay converges in a few
+epochs. Runs unchanged under ``torchrun`` (DDP, gloo on CPU, nccl on GPU): each rank
+sees its shard of every epoch; rank 0 alone writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import Progress
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from dermsight.imaging.batches import load_square
+from dermsight.imaging.decode import ImageError, read_image_bytes
+from dermsight.imaging.preprocess import Preprocessing, views
+from dermsight.models.metadata import METADATA_FEATURES, encode_metadata
+from dermsight.models.network import DermSightNet
+from dermsight.training.config import TrainConfig
+from dermsight.training.losses import balanced_class_weights, make_loss
+
+console = Console(stderr=True)
+
+
+def augmentation(size: int) -> A.Compose:
+    """Label-preserving for dermoscopy: crops, any flip or right-angle rotation, mild colour."""
+    return A.Compose(
+        [
+            A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0), ratio=(0.8, 1.25)),
+            A.HorizontalFlip(),
+            A.VerticalFlip(),
+            A.RandomRotate90(),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.7),
+        ]
+    )
+
+
+class LesionImages(Dataset):
+    """Pre-decoded uint8 squares + metadata + labels; augments on the fly when training."""
+
+    def __init__(self, squares: np.ndarray, metadata: np.ndarray, labels: np.ndarray, prep: Preprocessing, train: bool):
+        self.squares, self.metadata, self.labels, self.prep = squares, metadata, labels, prep
+        self.transform = augmentation(prep.size) if train else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        square = self.squares[i]
+        if self.transform is not None:
+            square = self.transform(image=square)["image"]
+        return torch.from_numpy(self.prep.normalise(square)), torch.from_numpy(self.metadata[i]), int(self.labels[i])
+
+
+def decode_all(records: pd.DataFrame, prep: Preprocessing, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """All images as uint8 squares (N, S, S, 3) and a mask of the readable ones."""
+    squares = np.zeros((len(records), prep.size, prep.size, 3), np.uint8)
+    ok = np.ones(len(records), bool)
+
+    def work(i: int) -> None:
+        ref = records["image_ref"].iloc[i]
+        try:
+            squares[i] = load_square(read_image_bytes(ref), prep, str(ref))
+        except ImageError:
+            ok[i] = False
+
+    with Progress(disable=not progress, transient=True) as bar, ThreadPoolExecutor(2) as pool:
+        task = bar.add_task("decoding images", total=len(records))
+        for _ in pool.map(work, range(len(records))):
+            bar.advance(task)
+    return squares, ok
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup_distributed() -> bool:
+    """Join the torchrun process group when launched by torchrun; True if distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.is_initialized()
+
+
+def train_one_model(
+    squares: np.ndarray,
+    metadata: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    config: TrainConfig,
+    checkpoint: Path,
+    validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[DermSightNet, int]:
+    """Train one network; early-stop on validation balanced accuracy when given.
+    Returns the best network (by validation, else the last) and its epoch count."""
+    torch.manual_seed(config.seed)
+    prep = config.preprocessing
+    distributed = setup_distributed()
+    net = DermSightNet.create(config.backbone, len(METADATA_FEATURES), len(classes)).to(memory_format=torch.channels_last)
+    model = DistributedDataParallel(net) if distributed else net
+    dataset = LesionImages(squares, metadata, labels, prep, train=True)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed) if distributed else None
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(dataset, config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator, drop_last=True)
+    weights = balanced_class_weights(labels, len(classes)) if config.class_weighting else None
+    criterion = make_loss(config.loss, weights)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    scheduler = warmup_cosine(optimizer, config.epochs * len(loader), config.warmup_fraction)
+    start_epoch, best_score, best_epoch, best_state = 0, -1.0, 0, None
+    if checkpoint.exists():  # resume
+        state = torch.load(checkpoint, weights_only=False)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_score, best_epoch, best_state = state["epoch"], state["best_score"], state["best_epoch"], state["best_state"]
+        torch.set_rng_state(state["rng"])
+    stale = 0
+    for epoch in range(start_epoch, config.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        with Progress(disable=not (config.progress and is_main_process()), transient=True) as bar:
+            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(loader))
+            for images, meta, target in loader:
+                loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0], target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
+        score = None
+        if validation is not None:
+            logits = predict_logits(net, *validation[:2], prep, config.views)
+            score = balanced_accuracy(validation[2], logits.argmax(1), len(classes))
+            if score > best_score:
+                best_score, best_epoch, best_state, stale = score, epoch + 1, _copy_state(net), 0
+            else:
+                stale += 1
+        else:
+            best_epoch, best_state = epoch + 1, None
+        if is_main_process():
+            console.print(f"epoch {epoch + 1}: loss {loss.item():.3f}" + (f", validation balanced accuracy {score:.3f}" if score is not None else ""))
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            state = {
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1, "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
+                "rng": torch.get_rng_state(),
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
+        if validation is not None and stale >= config.patience:
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return net.to(memory_format=torch.contiguous_format).eval(), best_epoch
+
+
+def predict_logits(net: DermSightNet, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> np.ndarray:
+    """Test-time-augmented logits (mean over views) for uint8 squares."""
+    return predict(net, squares, metadata, prep, view_names, batch_size)[0]
+
+
+def predict(net: DermSightNet, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Test-time-augmented logits and embeddings (means over views) for uint8 squares."""
+    net.eval()
+    logits, embeddings = [], []
+    with torch.no_grad():
+        for start in range(0, len(squares), batch_size):
+            batch = np.stack([prep.normalise(s) for s in squares[start : start + batch_size]])
+            meta = torch.from_numpy(metadata[start : start + batch_size])
+            outputs = [net(torch.from_numpy(v), meta) for v in views(batch, tuple(view_names))]
+            logits.append(np.mean([o[0].numpy() for o in outputs], axis=0))
+            embeddings.append(np.mean([o[1].numpy() for o in outputs], axis=0))
+    if not logits:
+        return np.zeros((0, net.head.out_features), np.float32), np.zeros((0, net.n_features), np.float32)
+    return np.concatenate(logits), np.concatenate(embeddings)
+
+
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
+    recalls = [np.mean(predicted[labels == c] == c) for c in range(n_classes) if np.any(labels == c)]
+    return float(np.mean(recalls))
+
+
+def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: TrainConfig):
+    """Out-of-fold logits from one network per grouped fold, then the final network on
+    every image for the median best epoch count. Returns (records, labels, oof, net,
+    the final network's embeddings of the training images)."""
+    prep = config.preprocessing
+    squares, ok = decode_all(records, prep, config.progress)
+    if not ok.all():
+        console.print(f"[yellow]{(~ok).sum()} unreadable images left out[/]")
+    records, squares = records[ok].reset_index(drop=True), squares[ok]
+    metadata = encode_metadata(records)
+    labels = records["diagnosis"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    folds = records["fold"].to_numpy()
+    oof = np.zeros((len(records), len(classes)), np.float32)
+    best_epochs = []
+    checkpoints = config.output / "checkpoints"
+    for fold in sorted(set(folds)):
+        train, held_out = folds != fold, folds == fold
+        console.print(f"fold {fold}: {train.sum()} training, {held_out.sum()} held-out images")
+        net, best_epoch = train_one_model(
+            squares[train], metadata[train], labels[train], classes, config, checkpoints / f"fold{fold}.pt",
+            validation=(squares[held_out], metadata[held_out], labels[held_out]),
+        )
+        oof[held_out] = predict_logits(net, squares[held_out], metadata[held_out], prep, config.views)
+        best_epochs.append(best_epoch)
+    final_config = TrainConfig(**{**config.__dict__, "epochs": int(np.median(best_epochs))})
+    console.print(f"final model on all {len(records)} images for {final_config.epochs} epochs")
+    net, _ = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt")
+    _, embeddings = predict(net, squares, metadata, prep, config.views)
+    return records, labels, oof, net, embeddings
+
+
+def _copy_state(net: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}

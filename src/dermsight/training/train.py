@@ -1,0 +1,141 @@
+"""`dermsight train`, top to bottom: data -> out-of-fold predictions -> calibration and
+threshold -> final model -> ONNX -> bundle. Read it in one sitting."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+
+from dermsight.data.dataset import build_dataset
+from dermsight.data.schema import DIAGNOSES
+from dermsight.evaluation.calibration import TemperatureScaler, choose_threshold
+from dermsight.evaluation.metrics import binary_summary, multiclass_summary
+from dermsight.inference.ood import fit_ood_gate
+from dermsight.models.bundle import Bundle
+from dermsight.models.metadata import METADATA_FEATURES
+from dermsight.models.model_card import write_model_card
+from dermsight.models.network import DermSightNet, export_onnx
+from dermsight.training import embed_mode
+from dermsight.training.config import TrainConfig
+
+console = Console(stderr=True)
+
+
+def load_training_records(config: TrainConfig) -> tuple[pd.DataFrame, list[str]]:
+    """Labelled records with an image file, in grouped folds, and the class list."""
+    loaded = build_dataset(config.sources, config.folds, config.seed)
+    records = loaded.records
+    records = records[records["image_ref"].notna() & records["diagnosis"].notna()].reset_index(drop=True)
+    if config.max_images and len(records) > config.max_images:
+        records = records.sample(config.max_images, random_state=config.seed).sort_index().reset_index(drop=True)
+    classes = [c for c in DIAGNOSES if (records["diagnosis"] == c).any()]
+    if "MEL" not in classes or len(classes) < 2:
+        raise ValueError("training needs labelled images of melanoma and at least one other class")
+    return records, classes
+
+
+def train(config: TrainConfig) -> Bundle:
+    started = time.time()
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    records, classes = load_training_records(config)
+    console.print(f"training on {len(records):,} images, classes {', '.join(classes)}, {config.folds} grouped folds")
+
+    # 1. Out-of-fold logits (every record predicted by a model that never saw its patient or lesion) and the final net.
+    if config.mode == "embed":
+        features, errors = embed_mode.embed_features(records, config)
+        keep = np.array([i not in errors for i in range(len(records))])
+        if errors:
+            console.print(f"[yellow]{len(errors)} unreadable images left out[/], e.g. {next(iter(errors.values()))}")
+        records, features = records[keep].reset_index(drop=True), features[:, keep]
+        labels = records["diagnosis"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+        oof_logits = embed_mode.out_of_fold_logits(features, labels, records["fold"].to_numpy(), len(classes), config)
+        head = embed_mode.fit_head(features, labels, len(classes), config)
+        net = DermSightNet.create(config.backbone, len(METADATA_FEATURES), len(classes))
+        net.set_linear_head(head.weight, head.bias)
+        embeddings = features[:, :, : net.n_features].mean(axis=0)
+    elif config.mode == "finetune":
+        from dermsight.training import finetune
+
+        records, labels, oof_logits, net, embeddings = finetune.cross_validate_and_fit(records, classes, config)
+    else:
+        raise ValueError(f"unknown mode {config.mode!r}; expected 'embed' or 'finetune'")
+
+    # 2. Calibration and the sensitivity-first operating threshold, both from out-of-fold predictions only.
+    scaler = TemperatureScaler().fit(oof_logits, labels)
+    probabilities = scaler.transform(oof_logits)
+    melanoma = (labels == classes.index("MEL")).astype(int)
+    risk = probabilities[:, classes.index("MEL")]
+    threshold = choose_threshold(melanoma, risk, config.target_sensitivity)
+    metrics = cross_validation_metrics(records, labels, probabilities, classes, threshold["threshold"])
+
+    # 3. The bundle.
+    bundle = Bundle(
+        path=config.output,
+        name=config.output.name,
+        backbone=config.backbone,
+        classes=classes,
+        preprocessing=config.preprocessing,
+        metadata_features=list(METADATA_FEATURES),
+        views=list(config.views),
+        temperature=float(scaler.temperature_),
+        threshold={"melanoma": float(threshold["threshold"]), "target_sensitivity": config.target_sensitivity, **threshold},
+        metrics=metrics,
+        training={
+            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": "dermsight " + shlex.join(sys.argv[1:]) if sys.argv and "dermsight" in sys.argv[0] else None,
+            "config": config.to_dict(),
+            "n_images": int(len(records)),
+            "class_counts": {c: int((records["diagnosis"] == c).sum()) for c in classes},
+            "sources": sorted(records["source"].unique()),
+            "duration_seconds": round(time.time() - started, 1),
+        },
+    )
+    export_onnx(net, bundle.onnx_path, config.image_size)
+    fit_ood_gate(embeddings, records["fold"].to_numpy()).save(bundle.path)
+    torch.save({k: v.half() for k, v in net.state_dict().items()}, bundle.path / "weights.pt")
+    save_out_of_fold(records, probabilities, classes, bundle)
+    bundle.training["duration_seconds"] = round(time.time() - started, 1)
+    bundle.save()
+    write_model_card(bundle)
+    return bundle
+
+
+def cross_validation_metrics(records, labels, probabilities, classes, threshold) -> dict:
+    """Pooled out-of-fold metrics plus per-fold mean and sd of the headline numbers."""
+    mel = classes.index("MEL")
+    truth = (labels == mel).astype(int)
+    codes = np.asarray(classes, dtype=object)[labels]
+    pooled = {
+        "melanoma": binary_summary(truth, probabilities[:, mel], threshold, groups=records["group"].to_numpy()),
+        "multiclass": multiclass_summary(codes, probabilities, classes),
+    }
+    per_fold = []
+    for fold in sorted(records["fold"].unique()):
+        rows = (records["fold"] == fold).to_numpy()
+        if truth[rows].min() == truth[rows].max():
+            continue
+        binary = binary_summary(truth[rows], probabilities[rows, mel], threshold, n_boot=0)
+        multi = multiclass_summary(codes[rows], probabilities[rows], classes)
+        per_fold.append({"fold": int(fold), "melanoma_auc": binary["auc"]["value"], "balanced_accuracy": multi["balanced_accuracy"]})
+    summary = {
+        key: {"mean": float(np.mean([f[key] for f in per_fold])), "sd": float(np.std([f[key] for f in per_fold]))}
+        for key in ("melanoma_auc", "balanced_accuracy")
+    }
+    return {"validation": "out-of-fold, patient/lesion-grouped", "pooled": pooled, "per_fold": per_fold, "fold_summary": summary}
+
+
+def save_out_of_fold(records: pd.DataFrame, probabilities: np.ndarray, classes: list[str], bundle: Bundle) -> None:
+    """The out-of-fold predictions, in the `predict` CSV layout, for `evaluate --cv`."""
+    table = records[["image_id", "patient_id", "lesion_id", "age", "sex", "site", "diagnosis", "source", "fold"]].copy()
+    for i, code in enumerate(classes):
+        table[code] = probabilities[:, i]
+    bundle.path.mkdir(parents=True, exist_ok=True)
+    table.to_csv(bundle.path / "out_of_fold.csv.gz", index=False, float_format="%.6f")

@@ -1,0 +1,197 @@
+"""Every reader on the real shared datasets: counts, labels, metadata, image paths."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dermsight.data import readers
+from dermsight.data.schema import RECORD_COLUMNS
+from dermsight.data.sources import detect_format, parse_source, read_source
+
+HAM_CLASSES = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
+HAM_CODES = {"nv": "NV", "mel": "MEL", "bkl": "BKL", "bcc": "BCC", "akiec": "AK", "vasc": "VASC", "df": "DF"}
+ISIC9_FOLDERS = {
+    "actinic keratosis": 114,
+    "basal cell carcinoma": 378,
+    "dermatofibroma": 95,
+    "melanoma": 438,
+    "nevus": 357,
+    "pigmented benign keratosis": 462,
+    "seborrheic keratosis": 77,
+    "squamous cell carcinoma": 181,
+    "vascular lesion": 139,
+}
+ISIC2019_CLASSES = {"MEL": 4522, "NV": 12875, "BCC": 3323, "AK": 867, "BKL": 2624, "DF": 239, "VASC": 253, "SCC": 628}
+
+
+def _schema_ok(records: pd.DataFrame) -> None:
+    assert list(records.columns) == list(RECORD_COLUMNS)
+    assert records["image_id"].notna().all()
+    assert records["age"].dtype == float and records["melanoma"].dtype == float
+
+
+# --- HAM10000 -------------------------------------------------------------------------
+
+
+def test_ham10000_counts(ham):
+    records = ham.records
+    _schema_ok(records)
+    assert len(records) == 10_015
+    assert records["image_id"].is_unique
+    assert records["lesion_id"].nunique() == 7_470
+    per_lesion = records.groupby("lesion_id").size()
+    assert (per_lesion >= 2).sum() == 1_956 and per_lesion.max() == 6
+    assert dict(Counter(records["original_label"])) == HAM_CLASSES
+    assert dict(Counter(records["diagnosis"])) == {HAM_CODES[k]: n for k, n in HAM_CLASSES.items()}
+    assert records["melanoma"].sum() == 1_113
+    assert (records["source"] == "ham10000").all()
+    assert ham.problems == []
+
+
+def test_ham10000_akiec_is_ak_and_keeps_its_label(ham):
+    akiec = ham.records[ham.records["original_label"] == "akiec"]
+    assert len(akiec) == 327 and set(akiec["diagnosis"]) == {"AK"} and (akiec["melanoma"] == 0).all()
+
+
+def test_ham10000_record_fields(ham, shared):
+    row = ham.records.set_index("image_id").loc["ISIC_0027419"]
+    assert row["lesion_id"] == "HAM_0000118"
+    assert (row["age"], row["sex"], row["site"], row["diagnosis"]) == (80.0, "male", "head/neck", "BKL")  # scalp
+    assert Path(row["image_ref"]) == shared / "ham10000" / "images" / "ISIC_0027419.jpg"
+    assert row["patient_id"] is None
+    # Every record points at its own real image file.
+    refs = ham.records["image_ref"]
+    assert all(Path(ref).stem == image_id for ref, image_id in zip(refs, ham.records["image_id"]))
+    assert all(Path(ref).is_file() for ref in refs.iloc[::500])
+    # 'unknown' sex/site and empty ages are missing values, not problems.
+    assert ham.records["age"].isna().sum() == 57 and ham.records["site"].isna().sum() == 234
+
+
+# --- 9-class teaching set ------------------------------------------------------------------
+
+
+def test_isic9_folder_counts(isic9):
+    records = isic9.records
+    _schema_ok(records)
+    assert len(records) == 2_241
+    assert dict(Counter(records["original_label"])) == ISIC9_FOLDERS
+    assert isic9.problems == []
+    assert all(Path(ref).parent.name == label for ref, label in zip(records["image_ref"], records["original_label"]))
+
+
+def test_isic9_both_keratoses_are_bkl_with_their_folder_name_kept(isic9):
+    records = isic9.records
+    bkl = records[records["diagnosis"] == "BKL"]
+    assert Counter(bkl["original_label"]) == {"pigmented benign keratosis": 462, "seborrheic keratosis": 77}
+    assert dict(Counter(records["diagnosis"])) == {
+        "AK": 114, "BCC": 378, "DF": 95, "MEL": 438, "NV": 357, "BKL": 539, "SCC": 181, "VASC": 139,
+    }
+    assert records.loc[records["diagnosis"] == "MEL", "melanoma"].eq(1).all()
+    assert records.loc[records["diagnosis"] != "MEL", "melanoma"].eq(0).all()
+
+
+# --- SIIM-ISIC 2020 -----------------------------------------------------------------------
+
+
+def test_isic2020_folder_reads_the_csvs_that_have_images(isic2020, shared):
+    records = isic2020.records
+    _schema_ok(records)
+    part = records["image_ref"].map(lambda ref: Path(ref).parent.name)
+    assert Counter(part) == {"train_sample": 203, "test_128": 5_545}
+    assert records.loc[part == "train_sample", "patient_id"].nunique() == 183
+    assert records.loc[part == "test_128", "patient_id"].nunique() == 344
+    assert records["patient_id"].nunique() == 527
+    assert records["patient_id"].str.startswith("IP_").all()
+    assert records["melanoma"].sum() == 3
+    assert set(records.loc[records["melanoma"] == 1, "diagnosis"]) == {"MEL"}
+    train = records[part == "train_sample"]
+    assert train["diagnosis"].notna().all() and set(train["melanoma"]) == {0.0, 1.0}
+    test = records[part == "test_128"]
+    assert test["diagnosis"].isna().all() and test["melanoma"].isna().all()
+    assert (records["source"] == "isic2020").all()
+
+
+def test_isic2020_csvs_without_images_are_reported(isic2020, shared):
+    no_images = {Path(p.where).name: p for p in isic2020.problems if p.kind == "no_images"}
+    assert {"train.csv", "test.csv"} <= set(no_images)
+    assert "33126 rows" in no_images["train.csv"].message and "10982 rows" in no_images["test.csv"].message
+    assert all(p.skipped for p in no_images.values())
+    assert {p.kind for p in isic2020.problems} == {"no_images"}  # no missing-image noise from the subsets
+    # Exactly the images of the two subsets on disk; nothing from train.csv/test.csv only.
+    subsets = [pd.read_csv(shared / "isic2020" / f"{name}.csv", dtype=str) for name in ("train_sample", "test_128")]
+    assert set(isic2020.records["image_id"]) == set(pd.concat(subsets)["image_name"])
+
+
+def test_isic2020_record_fields(isic2020):
+    row = isic2020.records.set_index("image_id").loc["ISIC_0015719"]
+    assert (row["patient_id"], row["sex"], row["age"], row["site"]) == ("IP_3075186", "female", 45.0, "upper extremity")
+    assert (row["diagnosis"], row["original_label"], row["melanoma"]) == ("UNK", "unknown", 0.0)
+    test_row = isic2020.records.set_index("image_id").loc["ISIC_0052349"]
+    assert (test_row["patient_id"], test_row["sex"], test_row["age"], test_row["site"]) == (
+        "IP_7782715", "male", 40.0, "lower extremity",
+    )
+    assert test_row["diagnosis"] is None and math.isnan(test_row["melanoma"])
+
+
+# --- label-only sources ---------------------------------------------------------------------
+
+
+def test_isic2019_is_labels_and_metadata_only(shared):
+    loaded = readers.read_isic2019(shared / "isic2019")
+    records = loaded.records
+    _schema_ok(records)
+    assert len(records) == 25_331
+    assert records["image_ref"].isna().all()
+    assert dict(Counter(records["diagnosis"])) == ISIC2019_CLASSES
+    assert [(p.kind, Path(p.where).name) for p in loaded.problems] == [("no_images", "ISIC_2019_Training_GroundTruth.csv")]
+    row = records.set_index("image_id").loc["ISIC_0000000"]
+    assert (row["age"], row["sex"], row["site"], row["diagnosis"]) == (55.0, "female", "torso", "NV")  # anterior torso
+
+
+def test_isic2018_is_labels_only_with_lesion_groups(shared, ham):
+    loaded = readers.read_isic2018(shared / "isic2018")
+    records = loaded.records
+    _schema_ok(records)
+    assert len(records) == 10_015 + 193
+    assert records["image_ref"].isna().all()
+    assert sorted(Path(p.where).name for p in loaded.problems if p.kind == "no_images") == [
+        "ISIC2018_Task3_Training_GroundTruth.csv",
+        "ISIC2018_Task3_Validation_GroundTruth.csv",
+    ]
+    # The training set is HAM10000: same labels, same lesion groups.
+    training = records.iloc[:10_015].set_index("image_id")
+    ham_records = ham.records.set_index("image_id").loc[training.index]
+    assert (training["diagnosis"] == ham_records["diagnosis"]).all()
+    assert (training["lesion_id"] == ham_records["lesion_id"]).all()
+    assert records.iloc[10_015:]["lesion_id"].isna().all()
+
+
+# --- format detection -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("relative", "expected"),
+    [
+        ("ham10000", "ham10000"),
+        ("ham10000/HAM10000_metadata.csv", "ham10000"),
+        ("isic9/train", "folders"),
+        ("isic2020", "isic2020"),
+        ("isic2020/train_sample.csv", "isic2020"),
+        ("isic2019", "isic2019"),
+        ("isic2018", "isic2018"),
+    ],
+)
+def test_detect_format(shared, relative, expected):
+    assert detect_format(shared / relative) == expected
+
+
+def test_read_source_with_explicit_format_and_single_csv(shared):
+    assert parse_source(f"folders:{shared / 'isic9' / 'train'}") == ("folders", shared / "isic9" / "train")
+    loaded = read_source(str(shared / "isic2020" / "train_sample.csv"))
+    assert len(loaded.records) == 203 and loaded.records["image_ref"].notna().all()
+    assert loaded.records["patient_id"].nunique() == 183 and loaded.records["melanoma"].sum() == 3

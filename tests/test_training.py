@@ -1,0 +1,126 @@
+"""Embed-mode training end to end on a small real subset: bundle, ONNX, cache, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermsight.inference.predictor import PREDICTION_COLUMNS, Predictor
+from dermsight.models.bundle import load_bundle
+from dermsight.models.metadata import METADATA_FEATURES, encode_metadata
+from dermsight.training import embeddings as embeddings_module
+from dermsight.training.config import TrainConfig
+from dermsight.training.train import train
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def small_config(shared, cache_dir, tmp_path_factory):
+    return TrainConfig(
+        sources=[str(shared / "ham10000"), str(shared / "isic9" / "train")],
+        output=tmp_path_factory.mktemp("bundles") / "small",
+        max_images=400,
+        folds=3,
+        cache_dir=cache_dir,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def small_bundle(small_config):
+    return train(small_config)
+
+
+def test_bundle_is_complete_and_loads_without_torch_objects(small_bundle):
+    bundle = load_bundle(small_bundle.path)
+    for name in ("bundle.json", "model.onnx", "weights.pt", "MODEL_CARD.md", "out_of_fold.csv.gz"):
+        assert (bundle.path / name).exists(), name
+    assert "MEL" in bundle.classes and bundle.metadata_features == list(METADATA_FEATURES)
+    assert 0.0 < bundle.melanoma_threshold < 1.0
+    assert bundle.temperature > 0
+    melanoma = bundle.metrics["pooled"]["melanoma"]
+    # A frozen ImageNet backbone on 400 images still separates melanoma far better than chance.
+    assert melanoma["auc"]["value"] > 0.65
+    assert set(bundle.metrics["pooled"]["multiclass"]["per_class"]) == set(bundle.classes)
+    card = (bundle.path / "MODEL_CARD.md").read_text()
+    assert "not a diagnosis" in card and "HAM10000" in card and "dermsight train" in card
+
+
+def test_out_of_fold_predictions_never_share_groups_across_folds(small_bundle):
+    oof = pd.read_csv(small_bundle.path / "out_of_fold.csv.gz")
+    assert len(oof) == small_bundle.training["n_images"]
+    lesion_folds = oof.dropna(subset=["lesion_id"]).groupby("lesion_id")["fold"].nunique()
+    assert (lesion_folds == 1).all()
+    probabilities = oof[small_bundle.classes].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_threshold_reaches_target_sensitivity_out_of_fold(small_bundle):
+    oof = pd.read_csv(small_bundle.path / "out_of_fold.csv.gz")
+    melanoma = oof["diagnosis"] == "MEL"
+    sensitivity = (oof.loc[melanoma, "MEL"] >= small_bundle.melanoma_threshold).mean()
+    assert sensitivity >= 0.90
+
+
+def test_onnx_predictor_reproduces_training_predictions(small_bundle, shared):
+    """The exported graph must score the training images like the fitted head did:
+    the final model was fitted on them, so it should classify most of them right."""
+    oof = pd.read_csv(small_bundle.path / "out_of_fold.csv.gz")
+    from dermsight.data.dataset import build_dataset
+
+    records = build_dataset([str(shared / "ham10000"), str(shared / "isic9" / "train")]).records
+    subset = records.set_index("image_id").loc[oof["image_id"][:64]].reset_index()
+    table, errors = Predictor(small_bundle.path).predict_records(subset, progress=False)
+    assert not errors
+    assert list(table.columns[: len(PREDICTION_COLUMNS)]) == list(PREDICTION_COLUMNS)
+    agreement = (table["predicted_class"].to_numpy() == subset["diagnosis"].to_numpy()).mean()
+    assert agreement > 0.6
+
+
+def test_cam_is_exact_decomposition_of_the_melanoma_logit(small_bundle, shared):
+    """mean(cam) + metadata part + bias equals the melanoma logit, for one view."""
+    import onnxruntime as ort
+
+    from dermsight.imaging.decode import decode_file
+
+    bundle = load_bundle(small_bundle.path)
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    image = bundle.preprocessing(decode_file(next((shared / "ham10000" / "images").glob("*.jpg"))))[None]
+    metadata = np.zeros((1, len(METADATA_FEATURES)), np.float32)
+    logits, _, cam = session.run(None, {"image": image, "metadata": metadata})
+    import torch
+
+    state = torch.load(bundle.path / "weights.pt")
+    mel = bundle.classes.index("MEL")
+    bias = state["head.bias"].float().numpy()[mel]
+    assert logits[0, mel] == pytest.approx(cam[0, mel].mean() + bias, abs=2e-2)
+
+
+def test_missing_metadata_is_encoded_not_dropped(shared):
+    frame = pd.DataFrame(
+        {"age": [50.0, np.nan], "sex": ["female", None], "site": ["torso", None], "patient_id": ["p1", None], "image_id": ["a", "b"]}
+    )
+    encoded = pd.DataFrame(encode_metadata(frame), columns=METADATA_FEATURES)
+    assert encoded.loc[0, "age_over_100"] == pytest.approx(0.5) and encoded.loc[0, "age_missing"] == 0
+    assert encoded.loc[1, ["age_missing", "sex_missing", "site_missing", "patient_images_missing"]].tolist() == [1, 1, 1, 1]
+    assert encoded.loc[0, "site_torso"] == 1 and encoded.loc[0, "sex_female"] == 1
+
+
+def test_retraining_reuses_the_embedding_cache_and_is_deterministic(small_config, small_bundle, monkeypatch, tmp_path):
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("a second run must not re-embed cached images")
+
+    monkeypatch.setattr(embeddings_module, "_embed_uncached", no_embedding)
+    again = train(TrainConfig(**{**small_config.__dict__, "output": tmp_path / "again"}))
+    first = json.loads((small_bundle.path / "bundle.json").read_text())
+    second = json.loads((again.path / "bundle.json").read_text())
+    assert first["metrics"] == second["metrics"]
+    assert first["threshold"] == second["threshold"]
+    assert first["calibration"] == second["calibration"]
