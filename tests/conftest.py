@@ -3,11 +3,17 @@ and the readers' output on them, loaded once per test worker."""
 
 from __future__ import annotations
 
+import fcntl
+import io
+import json
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image, ImageDraw
 
 from dermsight.data import readers
 from dermsight.data.records import Loaded
@@ -68,3 +74,76 @@ def combine(*parts: Loaded) -> Loaded:
     for part in parts:
         out.extend(Loaded(part.records.copy(), list(part.problems)))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(shared, tmp_path_factory) -> Path:
+    """A real model bundle: $DERMSIGHT_TEST_BUNDLE, else the committed default when present,
+    else a tiny one trained once per test run on 300 real images (xdist workers share it
+    through a file lock)."""
+    from dermsight.models.bundle import DEFAULT_BUNDLE
+
+    for candidate in (os.environ.get("DERMSIGHT_TEST_BUNDLE"), DEFAULT_BUNDLE):
+        if candidate and (Path(candidate) / "bundle.json").exists():
+            return Path(candidate)
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    target = root / "tiny_bundle"
+    with open(root / "tiny_bundle.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "bundle.json").exists():
+            from dermsight.training.config import TrainConfig
+            from dermsight.training.train import train
+
+            sources = [str(shared / "ham10000"), str(shared / "isic9" / "train")]
+            train(TrainConfig(sources=sources, max_images=300, folds=3, output=target,
+                              cache_dir=root / "tiny_bundle_cache", progress=False))
+    return target
+
+
+@pytest.fixture(scope="session")
+def document_png() -> bytes:
+    """A rendered page of text: an image, but nothing like a dermoscopic one."""
+    page = Image.new("RGB", (600, 800), "white")
+    draw = ImageDraw.Draw(page)
+    widths = np.random.default_rng(0).integers(200, 520, size=26)
+    for line, width in enumerate(widths):
+        draw.rectangle([40, 40 + 28 * line, 40 + int(width), 50 + 28 * line], fill="black")
+    out = io.BytesIO()
+    page.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def lesion_images(shared) -> list[Path]:
+    """Six real HAM10000 images for the web app tests: two melanomas, three nevi, one
+    benign keratosis."""
+    metadata = pd.read_csv(shared / "ham10000" / "HAM10000_metadata.csv").sort_values("image_id")
+    chosen = [*metadata[metadata.dx == "mel"].image_id[:2], *metadata[metadata.dx == "nv"].image_id[:3],
+              *metadata[metadata.dx == "bkl"].image_id[:1]]
+    return [shared / "ham10000" / "images" / f"{image_id}.jpg" for image_id in chosen]
+
+
+@pytest.fixture(scope="session")
+def serving_bundle(trained_bundle, lesion_images, document_png, tmp_path_factory) -> Path:
+    """A copy of `trained_bundle` for the web app tests whose out-of-distribution gate
+    certainly refuses `document_png` and accepts `lesion_images` (a tiny bundle's own gate
+    may be too loose): its threshold is set between their distances, measured with the
+    Predictor."""
+    from dermsight.inference.ood import OOD_FILE
+    from dermsight.inference.predictor import Predictor
+
+    copy = tmp_path_factory.mktemp("serving") / "bundle"
+    shutil.copytree(trained_bundle, copy, ignore=shutil.ignore_patterns("weights.pt", "out_of_fold.csv.gz"))
+    predictor = Predictor(copy)
+    images = [*(path.read_bytes() for path in lesion_images), document_png]
+    _, scores, _ = predictor.predict_images(images, pd.DataFrame({"age": [None] * len(images)}))
+    distances = predictor.ood_gate.distance(scores.embeddings)
+    assert distances[-1] > distances[:-1].max(), "the document is no farther from the lesions than they are"
+    gate = dict(np.load(copy / OOD_FILE))
+    gate["threshold"] = np.float32((distances[-1] + distances[:-1].max()) / 2)
+    np.savez_compressed(copy / OOD_FILE, **gate)
+    config = json.loads((copy / "bundle.json").read_text())
+    config["name"] = "serving-test"
+    (copy / "bundle.json").write_text(json.dumps(config, indent=1))
+    return copy

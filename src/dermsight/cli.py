@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dermsight.data.dataset import build_dataset, deduplicate, load_sources, save_manifest
-from dermsight.data.records import Loaded
+from dermsight.data.records import Loaded, SourceError
 from dermsight.data.schema import DIAGNOSES
 from dermsight.data.sources import READERS
 from dermsight.data.summary import problem_examples, summarise
@@ -173,6 +175,184 @@ def predict_command(
         f"{len(table):,} images scored with {predictor.bundle.name} -> {output}; "
         f"{flagged:,} at or above the melanoma threshold {predictor.threshold:.4f}; {len(errors) + len(problems):,} skipped"
     )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    data: list[str] = typer.Argument(None, help="Labelled data: dataset sources ([FORMAT:]PATH) or DermSight manifest CSVs."),
+    model: Path = typer.Option(None, "--model", "-m", help="Bundle directory (default: the committed default bundle)."),
+    predictions: Path = typer.Option(None, "--predictions", "-p", help="Evaluate this `dermsight predict` CSV against DATA instead of scoring DATA."),
+    cv: bool = typer.Option(False, "--cv", help="Report the bundle's grouped cross-validation (its out_of_fold.csv.gz); no images needed."),
+    output: Path = typer.Option(Path("runs/evaluation"), "--output", "-o", help="Folder for report.json, report.html (and predictions.csv)."),
+    batch_size: int = typer.Option(32, min=1),
+    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the 95% intervals."),
+    min_count: int = typer.Option(30, min=1, help="Subgroups with fewer images are flagged too small."),
+    min_positives: int = typer.Option(5, min=0, help="Subgroups with fewer melanomas are flagged too small."),
+) -> None:
+    """Evaluate a bundle on labelled data (scoring it, or an existing predict CSV), or report its
+    cross-validation: official ISIC scores, melanoma AUC and sensitivity/specificity at the
+    threshold with cluster-bootstrap intervals, calibration, subgroups -> report.json + report.html."""
+    from dermsight.evaluation.evaluate import EvaluationError, evaluate_cv, evaluate_predictions
+    from dermsight.evaluation.report import write_report
+    from dermsight.models.bundle import BundleError, load_bundle
+
+    data = data or []
+    options = dict(n_boot=bootstrap, min_count=min_count, min_positives=min_positives)
+    try:
+        if cv and predictions is not None:
+            raise EvaluationError("--cv reports the bundle's own out-of-fold predictions; it takes no --predictions")
+        if not cv and not data:
+            raise EvaluationError("give the labelled DATA to evaluate on (dataset sources or a manifest), or --cv")
+        bundle = load_bundle(model)
+        if cv:
+            refs = _image_refs(data or bundle.training.get("config", {}).get("sources", []), quiet=not data)
+            with console.status("computing cross-validation metrics"):
+                result = evaluate_cv(bundle, image_refs=refs, **options)
+        else:
+            truth = _truth_records(data)
+            if predictions is not None:
+                table, unscored = _read_predictions(predictions), {}
+            else:
+                table, unscored = _score(bundle, truth.records, batch_size, output)
+            with console.status("computing metrics"):
+                result = evaluate_predictions(
+                    table, truth.records, bundle, unscored=unscored, reading_problems=truth.problems, **options
+                )
+        with console.status("writing the report"):
+            paths = write_report(result, output)
+    except (EvaluationError, BundleError, SourceError, OSError) as err:
+        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    _print_evaluation(result)
+    console.print(f"report -> {paths['html']} (numbers: {paths['json']})", highlight=False)
+
+
+def _truth_records(data: list[str]) -> Loaded:
+    """Labelled records from dataset sources or manifests, deduplicated; unreadable sources exit 1."""
+    from dermsight.data.dataset import load_manifest
+
+    loaded = Loaded()
+    for spec in data:
+        path = Path(spec)
+        if path.is_file() and path.suffix.lower() == ".csv" and _is_manifest(path):
+            loaded.extend(Loaded(load_manifest(path), []))
+        else:
+            loaded.extend(load_sources([spec]))
+    loaded = deduplicate(loaded)
+    _exit_if_unreadable_sources(loaded)
+    skipped = [p for p in loaded.problems if p.skipped and p.kind != "unreadable_source"]
+    if skipped:
+        kinds = ", ".join(f"{n:,} {kind}" for kind, n in Counter(p.kind for p in skipped).items())
+        console.print(f"[yellow]skipped while reading the sources:[/] {kinds} (listed in the report)", highlight=False)
+    if loaded.records.empty:
+        raise SourceError("the DATA sources hold no records")
+    return loaded
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        return {"image_id", "image_ref", "source", "diagnosis"} <= set(pd.read_csv(path, nrows=0).columns)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    from dermsight.evaluation.evaluate import EvaluationError
+
+    try:
+        return pd.read_csv(path, dtype={"image": str, "image_id": str, "patient_id": str})
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: no such predictions file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IsADirectoryError) as err:
+        raise EvaluationError(f"{path}: not a readable predictions CSV ({err})") from None
+
+
+def _score(bundle, records: pd.DataFrame, batch_size: int, output: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Run the Predictor on the labelled records with an image; the table is also saved as
+    OUTPUT/predictions.csv (the `predict` layout) for re-evaluation with --predictions."""
+    from dermsight.evaluation.evaluate import EvaluationError
+    from dermsight.inference.predictor import Predictor
+
+    labelled = records[records["image_ref"].notna() & records["diagnosis"].notna()].reset_index(drop=True)
+    if labelled.empty:
+        raise EvaluationError("DATA holds no labelled record with an image file to score")
+    predictor = Predictor(bundle)
+    table, unscored = predictor.predict_records(labelled, batch_size=batch_size)
+    for image_id, message in list(unscored.items())[:5]:
+        console.print(f"[yellow]unreadable[/] {image_id}: {message}", highlight=False)
+    output.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output / "predictions.csv", index=False, float_format="%.6f")
+    console.print(f"{len(table):,} labelled images scored ({len(unscored):,} unreadable) -> {output / 'predictions.csv'}")
+    return table, unscored
+
+
+def _image_refs(specs: list[str], quiet: bool) -> dict[str, str]:
+    """image_id -> image file, for the report's thumbnails in --cv mode (best effort)."""
+    found: dict[str, str] = {}
+    for spec in specs:
+        try:
+            records = load_sources([spec]).records
+        except (OSError, ValueError):
+            continue
+        with_image = records[records["image_ref"].notna()]
+        found.update({k: v for k, v in zip(with_image["image_id"], with_image["image_ref"]) if k not in found})
+    if not found and not quiet:
+        console.print("[yellow]no images found in DATA: the report has no thumbnails[/]")
+    return found
+
+
+def _print_evaluation(result: dict) -> None:
+    def _pct(value: float) -> str:
+        return f"{100 * value:.1f}%"
+
+    def ci(entry: dict, fmt=lambda v: f"{v:.3f}") -> str:
+        if entry.get("value") is None:
+            return "-"
+        interval = f" ({fmt(entry['ci_low'])}-{fmt(entry['ci_high'])})" if entry.get("ci_low") is not None else ""
+        return fmt(entry["value"]) + interval
+
+    data, melanoma, ignored = result["data"], result["melanoma"], result["ignored"]
+    title = "Cross-validation (out-of-fold)" if result["mode"] == "cross-validation" else "Evaluation"
+    table = Table(title=f"{title}: {result['bundle']['name']}", show_header=False)
+    table.add_column("")
+    table.add_column("", justify="right")
+    table.add_row("images evaluated", f"{data['images']:,} ({data['melanomas']:,} melanomas)")
+    table.add_row("rows left out", f"{ignored['rows']:,} of {ignored['prediction_rows']:,}")
+    table.add_row("melanoma AUC (95% CI)", ci(melanoma["auc"]))
+    table.add_row(f"sensitivity at {result['threshold_check']['threshold']:.4f}", ci(melanoma["sensitivity"], _pct))
+    table.add_row("specificity", ci(melanoma["specificity"], _pct))
+    table.add_row("balanced accuracy (ISIC)", f"{result['official']['balanced_accuracy']:.3f}")
+    table.add_row("ECE (melanoma risk)", f"{result['calibration']['ece_melanoma']:.3f}")
+    cv = result.get("cross_validation")
+    if cv:
+        for key, label in (("melanoma_auc", "fold AUC mean ± sd"), ("balanced_accuracy", "fold bal. acc. mean ± sd")):
+            if cv["fold_summary"].get(key):
+                table.add_row(label, f"{cv['fold_summary'][key]['mean']:.3f} ± {cv['fold_summary'][key]['sd']:.3f}")
+    console.print(table)
+    check = result["threshold_check"]
+    console.print(f"[{'green' if check['holds'] else 'yellow'}]threshold {check['verdict']}[/]", highlight=False)
+    for entry in ignored["reasons"]:
+        console.print(f"[yellow]left out[/] {entry['rows']:,} {entry['reason']}: {entry['description']}", highlight=False)
+    for warning in result["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+@app.command("serve")
+def serve_command(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    model: Path = typer.Option(None, "--model", "-m", help="Bundle directory (default: the committed default bundle)."),
+    data_dir: Path = typer.Option(
+        None, "--data-dir", help="Where images, heat maps and the SQLite database go (default: $DERMSIGHT_DATA_DIR or ./.dermsight)."
+    ),
+) -> None:
+    """The web app and JSON API (docs at /docs). PostgreSQL instead of SQLite: set DERMSIGHT_DATABASE_URL."""
+    import uvicorn
+
+    from dermsight.serving.app import create_app
+
+    console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)")
+    uvicorn.run(create_app(model, storage_dir=data_dir), host=host, port=port)
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def read_isic2020_csv(
     if patient_images is None:
         patient_images = frame["patient_id"].value_counts().to_dict()
     if image_folders is None:
-        image_folders = [csv_path.parent / csv_path.stem, csv_path.parent / "jpeg" / csv_path.stem]
+        image_folders = _isic2020_image_folders(csv_path)
     builder = RecordBuilder("isic2020")
     refs = attach_images(builder, frame, "image_name", image_index(image_folders), csv_path)
     labelled = "target" in frame.columns
@@ -85,6 +85,10 @@ def read_isic2020_csv(
     return builder.loaded()
 
 
+def _isic2020_image_folders(csv_path: Path) -> list[Path]:
+    return [csv_path.parent / csv_path.stem, csv_path.parent / "jpeg" / csv_path.stem]
+
+
 def read_isic2020_folder(folder: Path) -> Loaded:
     """Every ISIC 2020 CSV in `folder` that has its images beside it (e.g. train_sample.csv
     + train_sample/). CSVs with no images anywhere are reported and skipped, since the
@@ -104,14 +108,15 @@ def read_isic2020_folder(folder: Path) -> Loaded:
     for _, frame in csvs:
         for patient, count in frame["patient_id"].value_counts().items():
             patient_images[patient] = max(count, patient_images.get(patient, 0))
-    for csv_path, _ in csvs:
-        part = read_isic2020_csv(csv_path, patient_images=patient_images)
-        if part.records["image_ref"].notna().any():
-            loaded.extend(part)
-        else:
+    for csv_path, frame in csvs:
+        # Look for images before harmonising rows: train.csv, test.csv and the v2 ground
+        # truth are 77k rows that would be parsed only to be thrown away.
+        if set(image_index(_isic2020_image_folders(csv_path))).isdisjoint(frame["image_name"]):
             loaded.problems.append(
-                Problem("no_images", str(csv_path), f"no image files beside it for its {len(part.records)} rows; CSV not used", skipped=True)
+                Problem("no_images", str(csv_path), f"no image files beside it for its {len(frame)} rows; CSV not used", skipped=True)
             )
+            continue
+        loaded.extend(read_isic2020_csv(csv_path, patient_images=patient_images))
     if loaded.records.empty:
         dicom_folder = next((f for f in (folder, folder / "train") if any(f.glob("*.dcm"))), None)
         if dicom_folder is not None:

@@ -111,8 +111,9 @@ def choose_threshold(y_true, score, target_sensitivity: float = 0.90) -> dict:
     positive_scores = np.sort(s[y == 1])
     if positive_scores.size == 0:
         raise ValueError("choose_threshold needs at least one positive in y_true")
+    n_positive = positive_scores.size
     candidates = np.unique(positive_scores)[::-1]
-    sensitivity = (positive_scores.size - np.searchsorted(positive_scores, candidates, side="left")) / positive_scores.size
+    sensitivity = (n_positive - np.searchsorted(positive_scores, candidates, side="left")) / n_positive
     threshold = float(candidates[np.argmax(sensitivity >= target_sensitivity)])
     return {
         "threshold": threshold,

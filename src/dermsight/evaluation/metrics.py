@@ -87,7 +87,7 @@ def official_scores(truth: pd.DataFrame, probabilities: pd.DataFrame) -> dict:
         raise ValueError("no class has both positive and negative images in truth")
     weights = pd.DataFrame({"score_weight": 1.0, "validation_weight": 1.0}, index=truth.index)
     score = ClassificationScore(truth[kept], probabilities[kept], weights, ClassificationMetric.BALANCED_ACCURACY)
-    balanced = isic_metrics.balanced_multiclass_accuracy(truth[kept], probabilities[kept], weights["score_weight"])
+    balanced = isic_metrics.balanced_multiclass_accuracy(truth, probabilities, weights["score_weight"])
     return {
         "images": len(truth),
         "classes": kept,

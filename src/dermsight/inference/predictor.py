@@ -17,7 +17,7 @@ from rich.progress import Progress
 from scipy.special import softmax
 
 from dermsight.data.schema import CLASSES
-from dermsight.imaging.batches import iter_batches
+from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.preprocess import view, views
 from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
 from dermsight.inference.ood import OODGate
@@ -93,6 +93,24 @@ class Predictor:
             for column in CONTEXT_COLUMNS:
                 table[column] = context[column].to_numpy()
         return table
+
+    def predict_images(self, images: Sequence[bytes], metadata: pd.DataFrame) -> tuple[pd.DataFrame, Scores, np.ndarray]:
+        """Score encoded images (the API's path). `metadata` has one row per image with
+        age, sex, site (schema vocabulary) and optionally patient_id, patient_images and
+        image_id. Raises ImageError naming the first unreadable image. Returns the
+        prediction table, the raw Scores, and the model-input squares (N, S, S, 3) uint8
+        on which the heat maps lie."""
+        prep = self.bundle.preprocessing
+        squares = np.stack([load_square(data, prep, f"image {i + 1}") for i, data in enumerate(images)])
+        frame = metadata.reset_index(drop=True).copy()
+        for column in ("age", "sex", "site", "patient_id"):
+            if column not in frame.columns:
+                frame[column] = None
+        frame["image_id"] = frame["image_id"] if "image_id" in frame.columns else [f"image {i + 1}" for i in range(len(frame))]
+        scores = self.score(np.stack([prep.normalise(s) for s in squares]), encode_metadata(frame))
+        has_patients = frame["patient_id"].notna().any()
+        table = self.predict_table(scores, frame["image_id"], frame["patient_id"] if has_patients else None)
+        return table, scores, squares
 
     def predict_records(self, records: pd.DataFrame, batch_size: int = 32, progress: bool = True) -> tuple[pd.DataFrame, dict[str, str]]:
         """Score every record (schema columns; image_ref required). Returns the prediction
