@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# The browser tests drive Debian's Chromium (Playwright never downloads a browser here).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+    || echo "warning: could not install chromium; the browser tests will be skipped" >&2
+fi
 source scripts/env.sh
 if [ "${1:-}" = "--slow" ]; then shift; exec .venv/bin/pytest -n 2 -m "" "$@"; fi
 exec .venv/bin/pytest -n 2 -m "not slow" "$@"

@@ -47,6 +47,28 @@ class Scores:
     looks_dermoscopic: np.ndarray
 
 
+def prediction_table(
+    scores: Scores, image_ids: Sequence[str], patient_ids: pd.Series | None, classes: Sequence[str], threshold: float
+) -> pd.DataFrame:
+    """`Predictor.predict_table` without a Predictor (no ONNX session): what the Ray engine's
+    group-by tasks run on one patient's scores. `classes` are the bundle's, in its order."""
+    classes = list(classes)
+    table = pd.DataFrame({"image": list(image_ids)})
+    for code in CLASSES:
+        table[code] = scores.probabilities[:, classes.index(code)] if code in classes else 0.0
+    risk = scores.probabilities[:, classes.index("MEL")]
+    table["melanoma_risk"] = risk
+    table["predicted_class"] = np.asarray(classes, dtype=object)[scores.probabilities.argmax(axis=1)]
+    table["above_threshold"] = risk >= threshold
+    table["looks_dermoscopic"] = scores.looks_dermoscopic
+    if patient_ids is not None:
+        table.insert(1, "patient_id", patient_ids.to_numpy())
+        context = patient_context(patient_ids, scores.embeddings, risk)
+        for column in CONTEXT_COLUMNS:
+            table[column] = context[column].to_numpy()
+    return table
+
+
 class Predictor:
     def __init__(self, bundle: Bundle | Path | str | None = None, threads: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -79,20 +101,7 @@ class Predictor:
     def predict_table(self, scores: Scores, image_ids: Sequence[str], patient_ids: pd.Series | None = None) -> pd.DataFrame:
         """The documented prediction table: one row per image, in PREDICTION_COLUMNS order,
         plus patient-context columns when patient ids are given."""
-        table = pd.DataFrame({"image": list(image_ids)})
-        for code in CLASSES:
-            table[code] = scores.probabilities[:, self.classes.index(code)] if code in self.classes else 0.0
-        risk = scores.probabilities[:, self.melanoma_index]
-        table["melanoma_risk"] = risk
-        table["predicted_class"] = np.asarray(self.classes, dtype=object)[scores.probabilities.argmax(axis=1)]
-        table["above_threshold"] = risk >= self.threshold
-        table["looks_dermoscopic"] = scores.looks_dermoscopic
-        if patient_ids is not None:
-            table.insert(1, "patient_id", patient_ids.to_numpy())
-            context = patient_context(patient_ids, scores.embeddings, risk)
-            for column in CONTEXT_COLUMNS:
-                table[column] = context[column].to_numpy()
-        return table
+        return prediction_table(scores, image_ids, patient_ids, self.classes, self.threshold)
 
     def predict_images(self, images: Sequence[bytes], metadata: pd.DataFrame) -> tuple[pd.DataFrame, Scores, np.ndarray]:
         """Score encoded images (the API's path). `metadata` has one row per image with

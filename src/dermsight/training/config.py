@@ -21,7 +21,7 @@ class TrainConfig:
     seed: int = 0
     loss: str = "ce"  # "ce" | "focal"
     class_weighting: bool = True
-    l2: float = 1e-3  # embed mode: L2 penalty on the standardised head weights
+    l2: float = 0.1  # embed mode: L2 penalty on the standardised head weights
     target_sensitivity: float = 0.90
     # finetune mode
     epochs: int = 3

@@ -1,0 +1,1 @@
+"""The web app: JSON API, pages, and the store of patients, images and predictions."""

@@ -1,0 +1,146 @@
+"""Uploads and patients -> the Predictor -> stored predictions with heat maps.
+
+A patient is always scored whole: the newest image of each of their lesions goes
+through the Predictor together with any new upload, so the ugly-duckling context (and
+the patient's image count the model sees) covers all their lesions. One scoring run at
+a time, off the event loop, stored in one transaction.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import threading
+from dataclasses import dataclass
+
+import pandas as pd
+from PIL import ExifTags
+from PIL import Image as PILImage
+
+from dermsight.data import harmonise
+from dermsight.imaging.decode import ImageError, decode_image, sniff_format
+from dermsight.inference.context import CONTEXT_COLUMNS
+from dermsight.inference.heatmap import heatmap_png
+from dermsight.inference.predictor import Predictor
+from dermsight.serving.storage import NewImage, NewPrediction, Prediction, Storage
+
+MAX_FILES = 20  # images per upload
+
+
+class InputError(ValueError):
+    """A request the user can fix: the message says how."""
+
+
+@dataclass
+class Upload:
+    filename: str
+    data: bytes
+
+
+@dataclass
+class LesionMetadata:
+    age: float | None
+    sex: str | None
+    site: str | None
+
+
+def parse_metadata(age: str | None, sex: str | None, site: str | None) -> LesionMetadata:
+    """Form text -> schema vocabulary (harmonise's synonyms accepted); InputError otherwise."""
+    age_value, age_problem = harmonise.age(age)
+    sex_value, sex_problem = harmonise.sex(sex)
+    site_value, site_problem = harmonise.site(site)
+    problems = [p for p in (age_problem, sex_problem, site_problem) if p]
+    if problems:
+        raise InputError("; ".join(problems))
+    return LesionMetadata(None if math.isnan(age_value) else age_value, sex_value, site_value)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Upright (width, height) of an image the Predictor has accepted, from its header."""
+    if sniff_format(data) == "dicom":
+        height, width = decode_image(data).shape[:2]
+        return width, height
+    with PILImage.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        rotated = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (height, width) if rotated else (width, height)
+
+
+class Scorer:
+    def __init__(self, predictor: Predictor, storage: Storage):
+        self.predictor = predictor
+        self.storage = storage
+        self._one_at_a_time = threading.BoundedSemaphore(1)
+
+    def upload(self, uploads: list[Upload], metadata: LesionMetadata, patient_id: int | None) -> list[Prediction]:
+        """Score and store new images (of a patient, or anonymous one-offs); returns
+        their predictions. Raises InputError for unusable images, NotFound for an unknown
+        patient; nothing is stored then."""
+        if not uploads:
+            raise InputError("no image uploaded")
+        if len(uploads) > MAX_FILES:
+            raise InputError(f"{len(uploads)} images in one upload; at most {MAX_FILES}")
+        new = [(upload.filename, upload.data, metadata) for upload in uploads]
+        return self._run(patient_id, new)[-len(uploads):]
+
+    def rescore(self, patient_id: int) -> list[Prediction]:
+        """Score the newest image of each of the patient's lesions with the current model."""
+        return self._run(patient_id, [])
+
+    def _run(self, patient_id: int | None, new: list[tuple[str, bytes, LesionMetadata]]) -> list[Prediction]:
+        with self._one_at_a_time:
+            lesions = self.storage.get_patient(patient_id).lesions if patient_id is not None else []
+            stored = [(lesion.images[-1], lesion.site) for lesion in lesions if lesion.images]
+            if not stored and not new:
+                return []
+            names = [f"stored image {image.id}" for image, _ in stored] + [name for name, _, _ in new]
+            data = [self.storage.file(image.path).read_bytes() for image, _ in stored] + [d for _, d, _ in new]
+            rows = [(image.age, image.sex, site) for image, site in stored]
+            rows += [(meta.age, meta.sex, meta.site) for _, _, meta in new]
+            frame = pd.DataFrame(rows, columns=["age", "sex", "site"])
+            if patient_id is not None:
+                frame["patient_id"] = str(patient_id)
+                frame["patient_images"] = float(len(frame))
+            try:
+                table, scores, squares = self.predictor.predict_images(data, frame)
+            except ImageError as err:
+                raise InputError(_named(str(err), names)) from None
+            items: list[int | NewImage] = [image.id for image, _ in stored]
+            items += [
+                NewImage(d, sniff_format(d), *image_size(d), meta.age, meta.sex, meta.site) for _, d, meta in new
+            ]
+            predictions = [
+                self._prediction(row, heatmap_png(scores.melanoma_cam[i], squares[i]))
+                for i, row in enumerate(table.to_dict("records"))
+            ]
+            return self.storage.save_scoring(patient_id, list(zip(items, predictions)))
+
+    def _prediction(self, row: dict, heatmap: bytes) -> NewPrediction:
+        bundle = self.predictor.bundle
+        context = {c: _number(row[c]) for c in CONTEXT_COLUMNS} if "patient_id" in row else None
+        return NewPrediction(
+            model_version=bundle.version,
+            probabilities={code: float(row[code]) for code in bundle.classes},
+            predicted_class=str(row["predicted_class"]),
+            melanoma_risk=float(row["melanoma_risk"]),
+            threshold=bundle.melanoma_threshold,
+            above_threshold=bool(row["above_threshold"]),
+            looks_dermoscopic=bool(row["looks_dermoscopic"]),
+            context=context,
+            heatmap_png=heatmap,
+        )
+
+
+def _number(value) -> float | None:
+    """JSON-safe: NaN (no context for a lone lesion) becomes None."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _named(message: str, names: list[str]) -> str:
+    """The Predictor names inputs "image N"; say which file that was."""
+    match = re.match(r"image (\d+): ", message)
+    if match and 1 <= int(match.group(1)) <= len(names):
+        return f"{names[int(match.group(1)) - 1]}: {message[match.end():]}"
+    return message

@@ -1,0 +1,311 @@
+"""The JSON API and the pages it serves, in process (TestClient), on real ISIC images:
+every endpoint, and every bad input answered with a 4xx sentence and an unchanged store."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import dermsight.serving.app as app_module
+from dermsight.inference.heatmap import heatmap_png
+from dermsight.inference.predictor import Predictor
+from dermsight.serving.app import create_app
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("app")
+
+
+@pytest.fixture(scope="module")
+def client(serving_bundle, data_dir):
+    with TestClient(create_app(serving_bundle, storage_dir=data_dir)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def storage(client):
+    return client.app.state.scorer.storage
+
+
+def upload(client, images, **form):
+    """POST /api/images with image paths or (name, bytes) pairs, and form fields."""
+    pairs = [(i.name, i.read_bytes()) if hasattr(i, "read_bytes") else i for i in images]
+    files = [("files", (name, data, "application/octet-stream")) for name, data in pairs]
+    return client.post("/api/images", files=files, data={k: str(v) for k, v in form.items()})
+
+
+def new_patient(client, reference=None) -> int:
+    response = client.post("/api/patients", json={"reference": reference})
+    assert response.status_code == 201
+    return response.json()["id"]
+
+
+def stored_files(storage) -> set[str]:
+    return {f"{folder}/{p.name}" for folder in ("images", "heatmaps") for p in (storage.files_dir / folder).iterdir()}
+
+
+# -- heat maps -----------------------------------------------------------------------
+
+
+def test_heatmap_marks_activation_and_leaves_cold_regions_alone():
+    square = np.full((64, 64, 3), 120, np.uint8)
+    cam = np.full((7, 7), -1.0, np.float32)
+    cam[0, 0] = 5.0  # one hot cell in the top-left corner
+    image = np.asarray(Image.open(io.BytesIO(heatmap_png(cam, square))))
+    assert image.shape == (64, 64, 3)
+    assert np.abs(image[:4, :4].astype(int) - 120).max() > 40  # coloured where the model looked
+    assert (image[40:, 40:] == 120).all()  # negative evidence is not drawn
+    flat = np.asarray(Image.open(io.BytesIO(heatmap_png(np.zeros((7, 7), np.float32), square))))
+    assert (flat == square).all()
+
+
+# -- service endpoints ---------------------------------------------------------------
+
+
+def test_health_model_and_docs(client, serving_bundle):
+    health = client.get("/api/health").json()
+    assert health == {"status": "ok", "model_version": health["model_version"], "database": "sqlite"}
+    model = client.get("/api/model").json()
+    bundle = Predictor(serving_bundle).bundle
+    assert model["name"] == bundle.name and model["version"] == health["model_version"]
+    assert model["classes"] == bundle.classes and model["class_names"]["MEL"] == "melanoma"
+    assert model["melanoma_threshold"] == pytest.approx(bundle.melanoma_threshold)
+    assert model["metrics"] == json.loads(json.dumps(bundle.metrics))
+    assert "swagger" in client.get("/docs").text.lower()
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths) == {
+        "/api/health", "/api/model",
+        "/api/patients", "/api/patients/{patient_id}", "/api/patients/{patient_id}/rescore",
+        "/api/images", "/api/images/{image_id}", "/api/images/{image_id}/file",
+        "/api/predictions/{prediction_id}", "/api/predictions/{prediction_id}/heatmap",
+    }
+
+
+# -- predictions ---------------------------------------------------------------------
+
+
+def test_one_off_prediction_matches_the_predictor(client, storage, serving_bundle, lesion_images):
+    before = storage.counts()
+    response = upload(client, lesion_images[:1], age="55", sex="male", site="back")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["patient_id"] is None and body["patient_url"] is None
+    assert body["disclaimer"] == "Decision support, not a diagnosis."
+    (prediction,) = body["predictions"]
+    # The API goes through the one Predictor: same bytes and metadata, same numbers.
+    metadata = pd.DataFrame({"age": [55.0], "sex": ["male"], "site": ["torso"]})  # "back" is harmonised to torso
+    table, _, _ = Predictor(serving_bundle).predict_images([lesion_images[0].read_bytes()], metadata)
+    assert prediction["melanoma_risk"] == pytest.approx(table["melanoma_risk"][0], rel=1e-5)
+    assert prediction["predicted_class"] == table["predicted_class"][0]
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert prediction["above_threshold"] == (prediction["melanoma_risk"] >= prediction["threshold"])
+    assert prediction["looks_dermoscopic"] is True and prediction["context"] is None
+    expected = "Above the referral threshold" if prediction["above_threshold"] else "Below the threshold"
+    assert prediction["decision"].startswith(expected)
+    assert storage.counts()["predictions"] == before["predictions"] + 1
+
+    image = client.get(prediction["image_url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert image.content == lesion_images[0].read_bytes()
+    heat = client.get(prediction["heatmap_url"])
+    size = Predictor(serving_bundle).bundle.preprocessing.size
+    assert heat.headers["content-type"] == "image/png" and Image.open(io.BytesIO(heat.content)).size == (size, size)
+    assert client.get(f"/api/predictions/{prediction['id']}").json() == prediction
+    detail = client.get(f"/api/images/{prediction['image_id']}").json()
+    assert (detail["age"], detail["sex"], detail["site"]) == (55.0, "male", "torso")
+    assert (detail["width"], detail["height"]) == (200, 150)
+    assert detail["predictions"] == [prediction] and detail["patient_id"] is None
+
+    assert client.delete(f"/api/images/{prediction['image_id']}").status_code == 204
+    assert storage.counts() == before
+    assert client.get(prediction["image_url"]).status_code == 404
+
+
+def test_non_dermoscopic_image_gets_no_risk(client, document_png):
+    (prediction,) = upload(client, [("page.png", document_png)]).json()["predictions"]
+    assert prediction["looks_dermoscopic"] is False
+    assert "does not look like a dermoscopic image" in prediction["decision"]
+
+
+def test_patient_lesions_ranked_with_ugly_duckling_context(client, lesion_images):
+    patient = new_patient(client, "P-rank")
+    first = upload(client, lesion_images[:3], age=61, sex="female", site="torso", patient_id=patient)
+    assert first.status_code == 201 and first.json()["patient_url"] == f"/patients/{patient}"
+    second = upload(client, lesion_images[3:5], age=61, sex="female", site="lower extremity", patient_id=patient).json()
+    # The second upload re-scored the whole patient: context covers all five lesions.
+    assert [p["context"]["patient_lesions"] for p in second["predictions"]] == [5.0, 5.0]
+    by_risk = client.get(f"/api/patients/{patient}").json()
+    assert by_risk["order"] == "risk" and by_risk["lesion_count"] == 5 and by_risk["reference"] == "P-rank"
+    risks = [lesion["prediction"]["melanoma_risk"] for lesion in by_risk["lesions"]]
+    assert risks == sorted(risks, reverse=True) and [lesion["rank"] for lesion in by_risk["lesions"]] == [1, 2, 3, 4, 5]
+    assert [lesion["prediction"]["context"]["risk_rank"] for lesion in by_risk["lesions"]] == [1, 2, 3, 4, 5]
+    by_duckling = client.get(f"/api/patients/{patient}", params={"order": "ugly_duckling"}).json()
+    scores = [lesion["ugly_duckling_score"] for lesion in by_duckling["lesions"]]
+    assert scores == sorted(scores, reverse=True) and all(s is not None for s in scores)
+    assert {lesion["site"] for lesion in by_duckling["lesions"]} == {"torso", "lower extremity"}
+    assert client.get(f"/api/patients/{patient}", params={"order": "size"}).status_code == 422
+
+
+def test_rescore_with_a_new_model_keeps_history(client, serving_bundle, data_dir, lesion_images, tmp_path):
+    patient = new_patient(client)
+    upload(client, lesion_images[:2], age=40, patient_id=patient)
+    # A new model: restart the app on the same store with another bundle.
+    newer = tmp_path / "newer"
+    shutil.copytree(serving_bundle, newer)
+    config = json.loads((newer / "bundle.json").read_text())
+    config["name"] = "newer-model"
+    (newer / "bundle.json").write_text(json.dumps(config))
+    with TestClient(create_app(newer, storage_dir=data_dir)) as restarted:
+        result = restarted.post(f"/api/patients/{patient}/rescore")
+        assert result.status_code == 200, result.text
+        body = result.json()
+        assert body["model_version"].startswith("newer-model@") and len(body["predictions"]) == 2
+        assert all(p["model_version"] == body["model_version"] for p in body["predictions"])
+        image = restarted.get(f"/api/images/{body['predictions'][0]['image_id']}").json()
+        assert [p["model_version"].split("@")[0] for p in image["predictions"]] == ["serving-test", "newer-model"]
+        lesions = restarted.get(f"/api/patients/{patient}").json()["lesions"]
+        assert all(lesion["prediction"]["model_version"].startswith("newer-model@") for lesion in lesions)
+    assert client.post(f"/api/patients/{new_patient(client)}/rescore").json()["predictions"] == []
+
+
+def test_patients_create_list_get_delete(client, storage, lesion_images):
+    before, before_files = storage.counts(), stored_files(storage)
+    patient = new_patient(client, "  P-del  ")
+    listed = {p["id"]: p for p in client.get("/api/patients").json()}
+    assert listed[patient]["reference"] == "P-del" and listed[patient]["lesion_count"] == 0
+    upload(client, lesion_images[:2], patient_id=patient)
+    client.post(f"/api/patients/{patient}/rescore")
+    assert client.get("/api/patients").json()[0]["lesion_count"] == 2
+    assert client.delete(f"/api/patients/{patient}").status_code == 204
+    assert storage.counts() == before and stored_files(storage) == before_files
+    for method, url in (("get", f"/api/patients/{patient}"), ("delete", f"/api/patients/{patient}"),
+                        ("post", f"/api/patients/{patient}/rescore")):
+        response = client.request(method, url)
+        assert response.status_code == 404 and response.json() == {"detail": f"patient {patient} does not exist"}
+
+
+def test_unknown_ids_are_404(client):
+    for url in ("/api/images/999999", "/api/images/999999/file",
+                "/api/predictions/999999", "/api/predictions/999999/heatmap"):
+        response = client.get(url)
+        assert response.status_code == 404 and "does not exist" in response.json()["detail"], url
+    assert client.delete("/api/images/999999").status_code == 404
+    assert client.get("/patients/999999").status_code == 404
+
+
+def test_bad_patient_bodies(client):
+    for body in ({"reference": "x" * 201}, {"reference": 5}):
+        response = client.post("/api/patients", json=body)
+        assert response.status_code == 422 and response.json()["detail"].startswith("reference:")
+    response = client.post("/api/patients", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and isinstance(response.json()["detail"], str)
+
+
+# -- bad uploads: a 4xx sentence, and nothing half-written -----------------------------
+
+
+@pytest.fixture(scope="module")
+def huge_png() -> bytes:
+    """20000 x 20000 pixels (400 MP) in a few KB."""
+    out = io.BytesIO()
+    Image.new("P", (20000, 20000)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (150, 90, 70)).save(out, format="PNG")
+    return out.getvalue()
+
+
+BAD_UPLOADS = {
+    # name: (files as (name, bytes) or "lesion", form fields, status, words the detail must contain)
+    "text file": ([("notes.txt", b"patient has a mole on the back\n")], {}, 422, "notes.txt: not an image"),
+    "empty file": ([("empty.jpg", b"")], {}, 422, "empty.jpg: file is empty"),
+    "truncated jpeg": (["truncated"], {}, 422, "cut.jpg: corrupt or truncated JPEG"),
+    "20000x20000 png": (["huge"], {}, 422, "huge.png: image is too large"),
+    "1x1 png": ([("dot.png", png(1, 1))], {}, 422, "dot.png: image is only 1x1 pixels"),
+    "age abc": (["lesion"], {"age": "abc"}, 422, "age 'abc' is not a number"),
+    "age -5": (["lesion"], {"age": "-5"}, 422, "age '-5' is outside 0-120 years"),
+    "unknown site": (["lesion"], {"site": "moon"}, 422, "unknown anatomical site 'moon'"),
+    "unknown sex": (["lesion"], {"sex": "robot"}, 422, "unknown sex 'robot'"),
+    "patient id text": (["lesion"], {"patient_id": "x"}, 422, "patient_id: Input should be a valid integer"),
+    "unknown patient": (["lesion"], {"patient_id": "999999"}, 404, "patient 999999 does not exist"),
+    "no files": ([], {"age": "40"}, 422, "files: Field required"),
+    "too many files": (["lesion"] * 21, {}, 422, "21 images in one upload; at most 20"),
+    "second file bad": (["lesion", ("notes.txt", b"hello")], {}, 422, "notes.txt: not an image"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_UPLOADS, ids=list(BAD_UPLOADS))
+def test_bad_upload_is_refused_and_stores_nothing(case, client, storage, lesion_images, huge_png):
+    items, form, status, words = BAD_UPLOADS[case]
+    lesion = lesion_images[0].read_bytes()
+    named = {
+        "lesion": ("lesion.jpg", lesion),
+        "truncated": ("cut.jpg", lesion[: len(lesion) // 2]),
+        "huge": ("huge.png", huge_png),
+    }
+    files = [named[item] if isinstance(item, str) else item for item in items]
+    if "patient_id" not in form and case != "no files":
+        form = {**form, "patient_id": str(new_patient(client))}
+    before, before_files = storage.counts(), stored_files(storage)
+    response = upload(client, files, **form)
+    assert response.status_code == status, response.text
+    assert response.json() == {"detail": response.json()["detail"]} and words in response.json()["detail"]
+    assert storage.counts() == before and stored_files(storage) == before_files
+
+
+def test_oversized_file_is_413(client, storage, lesion_images, monkeypatch):
+    monkeypatch.setattr(app_module, "MAX_FILE_BYTES", 1024)
+    before = storage.counts()
+    response = upload(client, lesion_images[:1])
+    assert response.status_code == 413 and "over the" in response.json()["detail"]
+    assert storage.counts() == before
+
+
+# -- pages ---------------------------------------------------------------------------
+
+
+def test_pages_render_with_bundle_numbers(client, serving_bundle):
+    bundle = Predictor(serving_bundle).bundle
+    patient = new_patient(client, "P-page")
+    for url in ("/", "/patients", f"/patients/{patient}", "/learn"):
+        page = client.get(url)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), url
+        assert 'name="viewport"' in page.text and "Decision support, not a diagnosis." in page.text
+    index = client.get("/").text
+    assert 'name="site"' in index and "palms/soles" in index and "P-page" in index
+    learn = client.get("/learn").text
+    melanoma = bundle.metrics["pooled"]["melanoma"]
+    assert f"{melanoma['auc']['value']:.2f}" in learn
+    assert f"{100 * melanoma['sensitivity']['value']:.0f}%" in learn
+    assert f"{100 * melanoma['specificity']['value']:.0f}%" in learn
+    assert f"{100 * bundle.metrics['pooled']['multiclass']['balanced_accuracy']:.0f}%" in learn
+    assert "ABCDE" in learn and "dermatologist" in learn
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/app.css").status_code == 200
+
+
+def test_serve_command_starts_the_app(serving_bundle, tmp_path, monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from dermsight.cli import app as cli
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
+    arguments = ["serve", "--model", str(serving_bundle), "--data-dir", str(tmp_path), "--port", "8123"]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 0, result.output
+    assert (started["host"], started["port"]) == ("127.0.0.1", 8123) and started["app"].title == "DermSight"
+    assert (tmp_path / "dermsight.db").exists()
+    missing = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "nothing")])
+    assert missing.exit_code == 1 and "not a DermSight model bundle" in missing.output

@@ -1,0 +1,210 @@
+"""The web app's store on SQLite and (where installed) PostgreSQL: migrations, files named
+by content, one transaction per scoring run, rankings, and deletes that leave nothing."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from PIL import Image as PILImage
+from sqlalchemy import create_engine, inspect
+
+from dermsight.serving.storage import Base, NewImage, NewPrediction, NotFound, Storage, ranked_lesions
+
+
+def _initdb() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port; yields its base URL."""
+    initdb = _initdb()
+    if initdb is None:
+        pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
+    bin_dir = Path(initdb).parent
+    root = Path(tempfile.mkdtemp(prefix="dermsight-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = root / "data"
+    run = lambda *args: subprocess.run([*as_postgres, *args], check=True, capture_output=True)  # noqa: E731
+    run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o", options, "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request, tmp_path) -> Storage:
+    """A fresh Storage on an empty database of each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+    else:
+        base = request.getfixturevalue("postgres_server")
+        name = f"t_{abs(hash(request.node.nodeid)) % 10**9}"
+        admin = create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+        admin.dispose()
+        url = f"{base}/{name}"
+    store = Storage(url, tmp_path / "files")
+    yield store
+    store.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def jpegs(shared) -> list[bytes]:
+    return [path.read_bytes() for path in sorted((shared / "ham10000" / "images").glob("*.jpg"))[:4]]
+
+
+def new_image(data: bytes, site: str | None = "torso") -> NewImage:
+    width, height = PILImage.open(io.BytesIO(data)).size
+    return NewImage(data, "jpeg", width, height, 52.0, "female", site)
+
+
+def new_prediction(
+    risk: float, duckling: float | None = None, heatmap: bytes | None = None, dermoscopic: bool = True
+) -> NewPrediction:
+    """A prediction as the Scorer builds it; the heat map bytes are unique per risk."""
+    context = None if duckling is None else {"ugly_duckling_score": duckling, "risk_rank": 1.0}
+    return NewPrediction(
+        model_version="test@1", probabilities={"MEL": risk, "NV": 1 - risk},
+        predicted_class="NV" if risk < 0.5 else "MEL",
+        melanoma_risk=risk, threshold=0.3, above_threshold=risk >= 0.3, looks_dermoscopic=dermoscopic,
+        context=context, heatmap_png=heatmap if heatmap is not None else f"png {risk}".encode(),
+    )
+
+
+def counts(patients, lesions, images, predictions, image_files, heatmap_files) -> dict[str, int]:
+    return {"patients": patients, "lesions": lesions, "images": images, "predictions": predictions,
+            "images files": image_files, "heatmaps files": heatmap_files}
+
+
+def files(store: Storage) -> set[str]:
+    return {str(p.relative_to(store.files_dir)) for p in store.files_dir.rglob("*") if p.is_file()}
+
+
+def test_migrations_build_the_orm_schema(storage):
+    with storage.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        assert MigrationContext.configure(connection).get_current_revision() == "0001"
+        if storage.backend == "sqlite":
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    assert {"patients", "lesions", "images", "predictions"} <= set(inspect(storage.engine).get_table_names())
+    # Starting again on the same database is a no-op upgrade that keeps the data.
+    patient = storage.create_patient("P-1")
+    again = Storage(storage.engine.url.render_as_string(hide_password=False), storage.files_dir)
+    assert again.get_patient(patient.id).reference == "P-1"
+    again.engine.dispose()
+
+
+def test_files_are_named_by_content_and_shared(storage, jpegs):
+    patient = storage.create_patient()
+    heat = b"\x89PNG same heat map"
+    rows = storage.save_scoring(patient.id, [(new_image(jpegs[0]), new_prediction(0.1, heatmap=heat)),
+                                             (new_image(jpegs[0]), new_prediction(0.2, heatmap=heat))])
+    digest = hashlib.sha256(jpegs[0]).hexdigest()
+    assert [r.image.path for r in rows] == [f"images/{digest}"] * 2
+    assert rows[0].image.sha256 == digest and (rows[0].image.width, rows[0].image.height) == (200, 150)
+    assert storage.file(rows[0].image.path).read_bytes() == jpegs[0]
+    assert files(storage) == {f"images/{digest}", f"heatmaps/{hashlib.sha256(heat).hexdigest()}.png"}
+    assert storage.counts() == counts(1, 2, 2, 2, 1, 1)
+
+
+def test_a_failed_scoring_run_leaves_nothing(storage, jpegs, monkeypatch):
+    patient = storage.create_patient()
+    storage.save_scoring(patient.id, [(new_image(jpegs[0]), new_prediction(0.1))])
+    before, before_files = storage.counts(), files(storage)
+    # An image deleted meanwhile: the new image's files were written, then the transaction fails.
+    with pytest.raises(NotFound):
+        storage.save_scoring(patient.id, [(new_image(jpegs[1]), new_prediction(0.2)), (10_000, new_prediction(0.3))])
+    assert storage.counts() == before and files(storage) == before_files
+    # An unknown patient.
+    with pytest.raises(NotFound):
+        storage.save_scoring(patient.id + 1, [(new_image(jpegs[1]), new_prediction(0.2))])
+    assert storage.counts() == before and files(storage) == before_files
+    # A disk failure while a file is moved into place: no temporary file stays behind.
+    monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        storage.save_scoring(patient.id, [(new_image(jpegs[2]), new_prediction(0.4))])
+    assert storage.counts() == before and files(storage) == before_files
+
+
+def test_lesions_ranked_by_risk_and_by_ugly_duckling(storage, jpegs):
+    patient = storage.create_patient()
+    storage.save_scoring(patient.id, [
+        (new_image(jpegs[0]), new_prediction(0.10, duckling=1.5)),
+        (new_image(jpegs[1]), new_prediction(0.60, duckling=-0.5)),
+        (new_image(jpegs[2]), new_prediction(0.30, duckling=0.2)),
+        (new_image(jpegs[3]), new_prediction(0.90, duckling=2.0, dermoscopic=False)),
+    ])
+    loaded = storage.get_patient(patient.id)
+    by_risk = [r.prediction.melanoma_risk for r in ranked_lesions(loaded, "risk")]
+    by_duckling = [r.ugly_duckling_score for r in ranked_lesions(loaded, "ugly_duckling")]
+    assert by_risk == [0.60, 0.30, 0.10, 0.90]  # not dermoscopic: no meaningful risk, last
+    assert by_duckling == [1.5, 0.2, -0.5, 2.0]
+    # A newer prediction of a lesion (a re-score) replaces the older one in the ranking.
+    first_image = loaded.lesions[0].images[0].id
+    storage.save_scoring(patient.id, [(first_image, new_prediction(0.95, duckling=0.0))])
+    assert ranked_lesions(storage.get_patient(patient.id), "risk")[0].image.id == first_image
+    with pytest.raises(ValueError, match="unknown ranking"):
+        ranked_lesions(loaded, "size")
+
+
+def test_deleting_a_patient_removes_rows_and_only_their_files(storage, jpegs):
+    keep = storage.create_patient("keep")
+    storage.save_scoring(keep.id, [(new_image(jpegs[0]), new_prediction(0.1))])
+    kept_files = files(storage)
+    gone = storage.create_patient("gone")
+    storage.save_scoring(gone.id, [(new_image(jpegs[0]), new_prediction(0.1)),
+                                   (new_image(jpegs[1]), new_prediction(0.5))])
+    image_id = storage.get_patient(gone.id).lesions[1].images[0].id
+    storage.save_scoring(gone.id, [(image_id, new_prediction(0.7))])  # history: two predictions of one image
+    storage.delete_patient(gone.id)
+    assert storage.counts() == counts(1, 1, 1, 1, 1, 1)
+    assert files(storage) == kept_files  # the shared image file stays for "keep"
+    assert [p.reference for p, _ in storage.list_patients()] == ["keep"]
+    with pytest.raises(NotFound):
+        storage.get_patient(gone.id)
+    with pytest.raises(NotFound):
+        storage.delete_patient(gone.id)
+
+
+def test_deleting_a_one_off_image_removes_its_lesion(storage, jpegs):
+    (row,) = storage.save_scoring(None, [(new_image(jpegs[0], site=None), new_prediction(0.2))])
+    assert row.image.lesion.patient_id is None
+    assert storage.get_prediction(row.id).image.lesion.site is None
+    storage.delete_image(row.image.id)
+    assert storage.counts() == counts(0, 0, 0, 0, 0, 0)
+    with pytest.raises(NotFound):
+        storage.get_image(row.image.id)
+
+
+def test_list_patients_counts_lesions(storage, jpegs):
+    first, second = storage.create_patient("a"), storage.create_patient(None)
+    storage.save_scoring(first.id, [(new_image(jpegs[0]), new_prediction(0.1)),
+                                    (new_image(jpegs[1]), new_prediction(0.2))])
+    assert [(p.id, n) for p, n in storage.list_patients()] == [(second.id, 0), (first.id, 2)]
+    assert np.isclose(storage.get_image(storage.get_patient(first.id).lesions[0].images[0].id).age, 52.0)
