@@ -124,3 +124,43 @@ def test_retraining_reuses_the_embedding_cache_and_is_deterministic(small_config
     assert first["metrics"] == second["metrics"]
     assert first["threshold"] == second["threshold"]
     assert first["calibration"] == second["calibration"]
+
+
+def test_binary_label_space_uses_the_same_path(small_config, tmp_path):
+    bundle = train(TrainConfig(**{**small_config.__dict__, "binary": True, "output": tmp_path / "binary"}))
+    assert bundle.classes == ["MEL", "UNK"]
+    assert bundle.metrics["pooled"]["melanoma"]["auc"]["value"] > 0.65
+
+
+def test_focal_loss_down_weights_easy_examples():
+    import torch
+
+    from dermsight.training.losses import FocalLoss, balanced_class_weights
+
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0]])
+    target = torch.tensor([0, 0])
+    per_example = [FocalLoss(gamma=2.0)(logits[i : i + 1], target[i : i + 1]).item() for i in range(2)]
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    assert per_example[0] / ce[0].item() < 0.001  # confident and right: almost no loss
+    assert per_example[1] / ce[1].item() > 0.2
+    weights = balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+    assert weights.tolist() == pytest.approx([2 / 3, 2.0, 0.0])
+
+
+@pytest.mark.slow
+def test_finetune_mode_trains_resumes_and_exports(shared, cache_dir, tmp_path):
+    config = TrainConfig(
+        sources=[str(shared / "ham10000")], output=tmp_path / "ft", mode="finetune", image_size=64, epochs=1,
+        batch_size=16, folds=2, max_images=96, cache_dir=cache_dir, progress=False, views=("identity",),
+    )
+    bundle = train(config)
+    assert (tmp_path / "ft.checkpoints" / "final.pt").exists()
+    assert not (bundle.path / "checkpoints").exists()
+    assert bundle.training["config"]["mode"] == "finetune"
+    table, errors = Predictor(bundle.path).predict_records(
+        pd.read_csv(bundle.path / "out_of_fold.csv.gz").head(4).assign(
+            image_ref=lambda f: [str(shared / "ham10000" / "images" / f"{i}.jpg") for i in f["image_id"]]
+        ),
+        progress=False,
+    )
+    assert not errors and len(table) == 4

@@ -1,4 +1,4 @@
-"""The `dermsight` command: data | train | evaluate | predict | serve."""
+"""The `dermsight` command: data | train | evaluate | predict | serve | keys."""
 
 from __future__ import annotations
 
@@ -119,6 +119,7 @@ def train_command(
     views: str = typer.Option("identity,hflip", help="Test-time views, comma-separated: identity,hflip,vflip,rot180."),
     folds: int = typer.Option(5, min=2, help="Patient/lesion-grouped folds for out-of-fold validation."),
     seed: int = typer.Option(0),
+    binary: bool = typer.Option(False, help="Melanoma vs everything else (MEL / UNK) instead of the ISIC classes."),
     loss: str = typer.Option("ce", help="ce (class-weighted cross-entropy) or focal."),
     l2: float = typer.Option(0.1, help="Embed mode: L2 penalty of the linear head (0.1 was best of 0.001-1 in grouped CV)."),
     target_sensitivity: float = typer.Option(0.90, min=0.5, max=0.999, help="Melanoma sensitivity the threshold aims for."),
@@ -128,12 +129,15 @@ def train_command(
     max_images: int = typer.Option(None, help="Train on a random subset of this many images (smoke runs)."),
 ) -> None:
     """Train a model bundle: out-of-fold validation, calibration, threshold, ONNX export."""
+    from dermsight.allocator import tune_for_torch
+
+    tune_for_torch()  # glibc malloc as scripts/env.sh sets it: CPU torch is much faster so
     from dermsight.training.config import TrainConfig
     from dermsight.training.train import train
 
     config = TrainConfig(
         sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
-        views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, loss=loss, l2=l2,
+        views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
         target_sensitivity=target_sensitivity, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         max_images=max_images,
     )
@@ -380,30 +384,122 @@ def _print_evaluation(result: dict) -> None:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 @app.command("serve")
 def serve_command(
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; put TLS in front)."),
     port: int = typer.Option(8000, min=1, max=65535),
     model: Path = typer.Option(None, "--model", "-m", help="Bundle directory (default: the committed default bundle)."),
     data_dir: Path = typer.Option(
         None, "--data-dir",
         help="Where images, heat maps and the SQLite database go (default: $DERMSIGHT_DATA_DIR or ./.dermsight).",
     ),
+    dev: bool = typer.Option(False, "--dev", help="No API keys (and no rate limits): only on a loopback address."),
+    cors_origin: list[str] = typer.Option(
+        None, "--cors-origin", help="Let pages of this origin (https://host[:port]) call the API; repeatable. Default: none."
+    ),
+    rate_limit: float = typer.Option(20.0, min=0.1, help="Requests a second per API key (token bucket rate)."),
+    burst: int = typer.Option(120, min=1, help="Requests per API key allowed in a burst (token bucket size)."),
+    max_active: int = typer.Option(2, min=1, help="Uploads or re-scorings run at once."),
+    max_queue: int = typer.Option(16, min=0, help="Uploads waiting for a slot; beyond that: 503 + Retry-After."),
+    max_connections: int = typer.Option(128, min=1, help="Open connections; beyond that uvicorn answers 503."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error (no request bodies are ever logged)."),
 ) -> None:
-    """The web app and JSON API (docs at /docs). PostgreSQL instead of SQLite: set DERMSIGHT_DATABASE_URL."""
+    """The web app and JSON API (docs at /docs). PostgreSQL instead of SQLite: set DERMSIGHT_DATABASE_URL.
+
+    Needs an API key (`dermsight keys create NAME`) for everything but /learn and /api/health,
+    unless --dev."""
     import uvicorn
 
     from dermsight.models.bundle import BundleError
     from dermsight.serving.app import create_app
+    from dermsight.serving.limits import Settings
+    from dermsight.serving.security import configure_logging, log_config
 
+    if dev and host not in LOOPBACK:
+        errors.print(f"[bold red]error:[/] --dev serves without API keys: only on {', '.join(LOOPBACK)}, not {host}",
+                     highlight=False)
+        raise typer.Exit(2)
+    configure_logging(log_level)
+    settings = Settings(dev=dev, rate=rate_limit, burst=burst, max_active=max_active, max_queue=max_queue,
+                        cors_origins=tuple(cors_origin or ()))
     try:
-        web_app = create_app(model, storage_dir=data_dir)
+        web_app = create_app(model, storage_dir=data_dir, settings=settings)
     except BundleError as err:
         errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)")
-    uvicorn.run(web_app, host=host, port=port)
+    if dev:
+        console.print("[yellow]dev mode: no API keys needed[/] (loopback only)")
+    elif not any(key.revoked_at is None for key in web_app.state.scorer.storage.list_api_keys()):
+        console.print("[yellow]no API key yet:[/] create one with `dermsight keys create NAME` (same --data-dir)")
+    console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)", highlight=False)
+    uvicorn.run(
+        web_app, host=host, port=port, log_config=log_config(log_level), limit_concurrency=max_connections,
+        timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
+    )
+
+
+keys_app = typer.Typer(help="API keys of the web app (stored as SHA-256 hashes in its database).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+DATA_DIR_HELP = "The server's --data-dir (default: $DERMSIGHT_DATA_DIR or ./.dermsight); $DERMSIGHT_DATABASE_URL applies."
+
+
+def _key_storage(data_dir: Path | None):
+    from dermsight.serving.app import resolve_locations
+    from dermsight.serving.storage import Storage
+
+    storage_dir, database_url = resolve_locations(data_dir)
+    return Storage(database_url, storage_dir)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="Who or what the key is for (a person, a clinic system)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+) -> None:
+    """Create a key and print it once: only its hash is kept, so it cannot be shown again."""
+    from dermsight.serving.security import create_api_key
+
+    try:
+        key = create_api_key(_key_storage(data_dir), name)
+    except ValueError as err:
+        errors.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    print(key)
+    errors.print(f"API key for {name.strip()!r} created; it is shown only this once.", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+    """Every key: id, name, public prefix, when created and revoked (never the key)."""
+    table = Table(title="API keys")
+    for column in ("id", "name", "prefix", "created", "revoked"):
+        table.add_column(column)
+    for key in _key_storage(data_dir).list_api_keys():
+        revoked = key.revoked_at.strftime("%Y-%m-%d %H:%M") if key.revoked_at else ""
+        table.add_row(str(key.id), key.name, key.prefix, key.created_at.strftime("%Y-%m-%d %H:%M"), revoked)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    which: str = typer.Argument(..., help="The key's id, prefix or name (a name revokes all its active keys)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+) -> None:
+    """Revoke keys: they stop working within seconds, browser sessions signed in with them too."""
+    revoked = _key_storage(data_dir).revoke_api_keys(which)
+    if not revoked:
+        errors.print(f"[bold red]error:[/] no active key with id, prefix or name {which!r}", highlight=False)
+        raise typer.Exit(1)
+    for key in revoked:
+        console.print(f"revoked key {key.id} ({key.name}, {key.prefix})", highlight=False)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -85,12 +85,18 @@ class Predictor:
         """Preprocessed images (N, 3, S, S) + encoded metadata (N, M) -> Scores.
         Logits are averaged over the bundle's views; each view's heat map is mapped
         back to the original orientation before averaging."""
+        return self.score_views(views(images, tuple(self.bundle.views)), metadata)
+
+    def score_views(self, stacked: np.ndarray, metadata: np.ndarray) -> Scores:
+        """`score` on images already stacked in every bundle view: (V, N, 3, S, S), as
+        `iter_batches(..., views=bundle.views)` delivers them."""
         names = tuple(self.bundle.views)
-        stacked = views(images, names)
+        if stacked.shape[0] != len(names):
+            raise ValueError(f"expected {len(names)} views ({', '.join(names)}), got {stacked.shape[0]}")
+        n = stacked.shape[1]
         flat = stacked.reshape(-1, *stacked.shape[2:])
         meta = np.tile(metadata.astype(np.float32), (len(names), 1))
         logits, embeddings, cams = self.session.run(["logits", "embedding", "cam"], {"image": flat, "metadata": meta})
-        n = len(images)
         logits = logits.reshape(len(names), n, -1).mean(axis=0)
         embeddings = embeddings.reshape(len(names), n, -1).mean(axis=0)
         mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])
@@ -131,10 +137,13 @@ class Predictor:
         errors: dict[str, str] = {}
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task(f"scoring {len(refs)} images", total=len(refs))
-            for batch in iter_batches(refs, self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task)):
+            batches = iter_batches(
+                refs, self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task), views=self.bundle.views
+            )
+            for batch in batches:
                 errors.update({records["image_id"][i]: e for i, e in batch.errors.items()})
                 if batch.indices:
-                    parts.append((batch.indices, self.score(batch.images, metadata[batch.indices])))
+                    parts.append((batch.indices, self.score_views(batch.images, metadata[batch.indices])))
         rows = [i for indices, _ in parts for i in indices]
         if not rows:
             return pd.DataFrame(columns=list(PREDICTION_COLUMNS)), errors

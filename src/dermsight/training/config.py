@@ -19,6 +19,7 @@ class TrainConfig:
     views: tuple[str, ...] = ("identity", "hflip")
     folds: int = 5
     seed: int = 0
+    binary: bool = False  # melanoma vs everything else (reported as MEL / UNK) instead of the ISIC classes
     loss: str = "ce"  # "ce" | "focal"
     class_weighting: bool = True
     l2: float = 0.1  # embed mode: L2 penalty on the standardised head weights

@@ -115,16 +115,29 @@ def train_one_model(
     config: TrainConfig,
     checkpoint: Path,
     validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    *,
+    augment: bool = True,
+    global_order: bool = False,
+    micro_batches: int = 1,
 ) -> tuple[DermSightNet, int]:
     """Train one network; early-stop on validation balanced accuracy when given.
-    Returns the best network (by validation, else the last) and its epoch count."""
+    Returns the best network (by validation, else the last) and its epoch count.
+
+    For checking DDP against one process (`dermsight.training.ddp_check`): `augment=False`
+    trains on the plain squares; `global_order=True` makes a single process draw its
+    batches in DistributedSampler order, where batch k is the union of the ranks' k-th
+    batches under torchrun; `micro_batches=R` then splits each batch into the R ranks'
+    shares, each batch-normalised on its own, and averages their gradients: what R DDP
+    ranks compute. Training itself leaves all three at their defaults."""
     torch.manual_seed(config.seed)
     prep = config.preprocessing
     distributed = setup_distributed()
     net = DermSightNet.create(config.backbone, len(METADATA_FEATURES), len(classes)).to(memory_format=torch.channels_last)
     model = DistributedDataParallel(net) if distributed else net
-    dataset = LesionImages(squares, metadata, labels, prep, train=True)
+    dataset = LesionImages(squares, metadata, labels, prep, train=augment)
     sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed) if distributed else None
+    if sampler is None and global_order:
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator, drop_last=True)
     weights = balanced_class_weights(labels, len(classes)) if config.class_weighting else None
@@ -147,9 +160,12 @@ def train_one_model(
         with Progress(disable=not (config.progress and is_main_process()), transient=True) as bar:
             task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(loader))
             for images, meta, target in loader:
-                loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0], target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if micro_batches == 1:
+                    loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0], target)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                else:
+                    loss = _accumulate_micro_batches(model, criterion, optimizer, images, meta, target, micro_batches)
                 optimizer.step()
                 scheduler.step()
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
@@ -178,6 +194,17 @@ def train_one_model(
     if best_state is not None:
         net.load_state_dict(best_state)
     return net.to(memory_format=torch.contiguous_format).eval(), best_epoch
+
+
+def _accumulate_micro_batches(model, criterion, optimizer, images, meta, target, parts: int) -> torch.Tensor:
+    """Gradients of one batch computed as `parts` DDP ranks would: share r is rows r::parts
+    (DistributedSampler's interleaving), batch-normalised alone; the gradients are averaged."""
+    optimizer.zero_grad(set_to_none=True)
+    for part in range(parts):
+        rows = slice(part, None, parts)
+        loss = criterion(model(images[rows].contiguous(memory_format=torch.channels_last), meta[rows])[0], target[rows])
+        (loss / parts).backward()
+    return loss
 
 
 def predict_logits(net: DermSightNet, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> np.ndarray:
@@ -220,7 +247,7 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     folds = records["fold"].to_numpy()
     oof = np.zeros((len(records), len(classes)), np.float32)
     best_epochs = []
-    checkpoints = config.output / "checkpoints"
+    checkpoints = config.output.with_name(config.output.name + ".checkpoints")  # beside the bundle, not in it
     for fold in sorted(set(folds)):
         train, held_out = folds != fold, folds == fold
         console.print(f"fold {fold}: {train.sum()} training, {held_out.sum()} held-out images")

@@ -33,6 +33,8 @@ def load_training_records(config: TrainConfig) -> tuple[pd.DataFrame, list[str]]
     loaded = build_dataset(config.sources, config.folds, config.seed)
     records = loaded.records
     records = records[records["image_ref"].notna() & records["diagnosis"].notna()].reset_index(drop=True)
+    if config.binary:  # the same code path, with a two-class label space
+        records["diagnosis"] = records["diagnosis"].where(records["diagnosis"] == "MEL", "UNK")
     if config.max_images and len(records) > config.max_images:
         records = records.sample(config.max_images, random_state=config.seed).sort_index().reset_index(drop=True)
     classes = [c for c in DIAGNOSES if (records["diagnosis"] == c).any()]

@@ -1,0 +1,109 @@
+"""The Ray Data engine (`dermsight predict --engine ray`) on a local 2-CPU Ray: its table
+equals the single-process Predictor's row for row, on real SIIM-ISIC 2020 test images with
+their real patients (test_128: 5,545 images of 344 complete patients)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("ray", reason="the Ray engine needs the scale extra")
+
+from dermsight.cli import app  # noqa: E402
+from dermsight.inference.context import CONTEXT_COLUMNS  # noqa: E402
+from dermsight.inference.inputs import records_from_inputs  # noqa: E402
+from dermsight.inference.predictor import Predictor  # noqa: E402
+from dermsight.inference.ray_engine import predict_ray  # noqa: E402
+
+PROBABILITIES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "melanoma_risk"]
+
+
+@pytest.fixture(scope="module")
+def test_128(shared) -> pd.DataFrame:
+    """Records of the 5,545 test_128 images, with patients, age, sex and site."""
+    records, _ = records_from_inputs([str(shared / "isic2020")])
+    records = records[records["image_ref"].str.contains("/test_128/", regex=False)].reset_index(drop=True)
+    assert len(records) == 5545 and records["patient_id"].nunique() == 344
+    return records
+
+
+def complete_patients(records: pd.DataFrame, n_images: int, seed: int = 0) -> pd.DataFrame:
+    """Every image of randomly chosen patients, about n_images in all, in the input order."""
+    sizes = records.groupby("patient_id").size().sample(frac=1, random_state=seed)
+    chosen = sizes.index[sizes.cumsum() <= n_images]
+    return records[records["patient_id"].isin(chosen)].reset_index(drop=True)
+
+
+def assert_same_table(ray_table: pd.DataFrame, local_table: pd.DataFrame) -> None:
+    assert list(ray_table.columns) == list(local_table.columns)
+    assert ray_table.dtypes.equals(local_table.dtypes)
+    assert ray_table["image"].tolist() == local_table["image"].tolist()  # the same rows, in the same order
+    np.testing.assert_allclose(ray_table[PROBABILITIES], local_table[PROBABILITIES], rtol=0, atol=1e-5)
+    for column in ("patient_id", "predicted_class", "above_threshold", "looks_dermoscopic"):
+        if column in local_table:
+            assert ray_table[column].fillna("-").tolist() == local_table[column].fillna("-").tolist(), column
+    context = [c for c in CONTEXT_COLUMNS if c in local_table]
+    np.testing.assert_allclose(ray_table[context], local_table[context], rtol=0, atol=1e-4)
+
+
+def test_ray_engine_equals_the_single_process_predictor(test_128, trained_bundle, tmp_path):
+    """~300 images of complete real patients, a few without a patient id, one truncated and
+    one missing file; patient image counts left for the engines to count (the Ray engine
+    must count over the whole input, not per piece)."""
+    records = complete_patients(test_128, 300).copy()
+    records["patient_images"] = np.nan
+    records.loc[records.index[:4], "patient_id"] = None
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(open(records["image_ref"][0], "rb").read()[:600])
+    broken = records.iloc[:2].assign(image_id=["truncated", "missing"], image_ref=[str(truncated), str(tmp_path / "no.jpg")])
+    records = pd.concat([records.iloc[:100], broken, records.iloc[100:]], ignore_index=True)
+
+    local_table, local_errors = Predictor(trained_bundle).predict_records(records, progress=False)
+    ray_table, ray_errors = predict_ray(records, trained_bundle, workers=2, num_cpus=2)
+
+    assert ray_errors == local_errors and set(ray_errors) == {"truncated", "missing"}
+    assert len(ray_table) == len(records) - 2 and ray_table["patient_id"].isna().sum() == 4
+    assert_same_table(ray_table, local_table)
+    known = ray_table["patient_id"].notna()
+    counts = ray_table.loc[known, "patient_id"].map(ray_table["patient_id"].value_counts())
+    assert (ray_table.loc[known, "patient_lesions"] == counts).all() and (ray_table.loc[~known, "patient_lesions"] == 1).all()
+
+
+def test_predict_command_with_the_ray_engine(test_128, trained_bundle, tmp_path):
+    """`dermsight predict --engine ray` on a folder of real images (no patients) writes the
+    table the local engine writes, as Parquet."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for ref in test_128["image_ref"][:48]:  # symlinks: the images stay in the shared folder
+        (folder / Path(ref).name).symlink_to(Path(ref).resolve())
+    runner = CliRunner()
+    local = runner.invoke(app, ["predict", str(folder), "-m", str(trained_bundle), "-o", str(tmp_path / "local.csv")])
+    assert local.exit_code == 0, local.output
+    distributed = runner.invoke(app, ["predict", str(folder), "-m", str(trained_bundle), "-o", str(tmp_path / "ray.parquet"),
+                                      "--engine", "ray", "--workers", "2", "--num-cpus", "2"])
+    assert distributed.exit_code == 0, distributed.output
+    assert "48 images scored" in distributed.output
+    local_table = pd.read_csv(tmp_path / "local.csv")
+    ray_table = pd.read_parquet(tmp_path / "ray.parquet")
+    assert "patient_id" not in ray_table and list(ray_table.columns) == list(local_table.columns)
+    assert ray_table["image"].tolist() == local_table["image"].tolist()
+    np.testing.assert_allclose(ray_table[PROBABILITIES], local_table[PROBABILITIES], rtol=0, atol=1e-5)
+
+
+def test_ray_options_need_the_ray_engine(tmp_path):
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), "--workers", "2"])
+    assert result.exit_code == 2 and "apply to --engine ray" in result.output
+
+
+@pytest.mark.slow
+def test_ray_engine_on_all_of_test_128(test_128, trained_bundle):
+    """All 5,545 images of 344 real patients, 2 scoring actors on a local 2-CPU Ray."""
+    local_table, local_errors = Predictor(trained_bundle).predict_records(test_128, progress=False)
+    ray_table, ray_errors = predict_ray(test_128, trained_bundle, workers=2, num_cpus=2)
+    assert ray_errors == local_errors == {}
+    assert len(ray_table) == 5545 and ray_table["patient_id"].nunique() == 344
+    assert_same_table(ray_table, local_table)
