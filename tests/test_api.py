@@ -26,7 +26,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(serving_bundle, data_dir):
-    with TestClient(create_app(serving_bundle, storage_dir=data_dir)) as client:
+    with TestClient(create_app(serving_bundle, storage_dir=data_dir, dev=True)) as client:
         yield client
 
 
@@ -163,7 +163,7 @@ def test_rescore_with_a_new_model_keeps_history(client, serving_bundle, data_dir
     config = json.loads((newer / "bundle.json").read_text())
     config["name"] = "newer-model"
     (newer / "bundle.json").write_text(json.dumps(config))
-    with TestClient(create_app(newer, storage_dir=data_dir)) as restarted:
+    with TestClient(create_app(newer, storage_dir=data_dir, dev=True)) as restarted:
         result = restarted.post(f"/api/patients/{patient}/rescore")
         assert result.status_code == 200, result.text
         body = result.json()

@@ -26,8 +26,9 @@ def small_config(shared, cache_dir, tmp_path_factory):
     return TrainConfig(
         sources=[str(shared / "ham10000"), str(shared / "isic9" / "train")],
         output=tmp_path_factory.mktemp("bundles") / "small",
-        max_images=400,
+        max_images=300,
         folds=3,
+        views=("identity",),
         cache_dir=cache_dir,
         progress=False,
     )

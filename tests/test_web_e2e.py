@@ -30,7 +30,7 @@ def server(serving_bundle, tmp_path_factory):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = create_app(serving_bundle, storage_dir=tmp_path_factory.mktemp("web"))
+    app = create_app(serving_bundle, storage_dir=tmp_path_factory.mktemp("web"), dev=True)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -79,6 +79,15 @@ def submit_upload(page, status: int = 201) -> None:
     page.wait_for_selector("#busy", state="hidden")
 
 
+def wait_until(page, expression: str, timeout: float = 20.0) -> None:
+    """Poll a JavaScript expression until it is truthy. (Playwright's wait_for_function
+    polls with eval inside the page, which the app's Content-Security-Policy forbids.)"""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
+
+
 def images_loaded(page, selector: str) -> bool:
     script = "imgs => imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)"
     return page.eval_on_selector_all(selector, script)
@@ -98,7 +107,7 @@ def test_desktop_upload_patient_view_and_education(
     # A new patient from the upload form (the button asks for a pseudonymous reference).
     page.once("dialog", lambda dialog: dialog.accept("E2E-desktop"))
     page.click("#new-patient")
-    page.wait_for_function("document.querySelector('select[name=patient_id]').value !== ''")
+    wait_until(page, "document.querySelector('select[name=patient_id]').value !== ''")
     patient_id = page.input_value("select[name=patient_id]")
 
     # Three real lesions with metadata.
@@ -116,7 +125,7 @@ def test_desktop_upload_patient_view_and_education(
         above = "Above the referral threshold: have a dermatologist examine this lesion."
         assert above in text or "Below the threshold" in text
         assert "Most similar to:" in text
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+    wait_until(page, "[...document.querySelectorAll('#results img')].every(i => i.complete)")
     assert images_loaded(page, "#results img") and len(page.query_selector_all("#results img[alt*='heat map']")) == 3
     page.screenshot(path=screenshots / "desktop-results.png", full_page=True)
 
@@ -147,7 +156,7 @@ def test_desktop_upload_patient_view_and_education(
     assert all("ugly-duckling score " in card.inner_text() for card in lesions[:-1])
     risks = [float(re.search(r"([\d.]+)%\s+melanoma risk", card.inner_text()).group(1)) for card in lesions[:-1]]
     assert risks == sorted(risks, reverse=True)
-    page.wait_for_function("[...document.querySelectorAll('#lesions img')].every(i => i.complete)")
+    wait_until(page, "[...document.querySelectorAll('#lesions img')].every(i => i.complete)")
     assert images_loaded(page, "#lesions img")
     page.screenshot(path=screenshots / "desktop-patient.png", full_page=True)
     page.click("button[data-order=ugly_duckling]")
@@ -187,14 +196,14 @@ def test_phone_sized_screen(browser, server, lesion_images, screenshots):
     page.fill("input[name=age]", "35")
     page.select_option("select[name=site]", "lower extremity")
     submit_upload(page)
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+    wait_until(page, "[...document.querySelectorAll('#results img')].every(i => i.complete)")
     assert images_loaded(page, "#results img") and DISCLAIMER in page.inner_text("#results .card")
     assert fits_width(page)
     page.screenshot(path=screenshots / "phone-results.png", full_page=True)
 
     page.click("#patient-link a")
     page.wait_for_selector("#lesions .card >> nth=1")
-    page.wait_for_function("[...document.querySelectorAll('#lesions img')].every(i => i.complete)")
+    wait_until(page, "[...document.querySelectorAll('#lesions img')].every(i => i.complete)")
     assert fits_width(page)
     page.screenshot(path=screenshots / "phone-patient.png", full_page=True)
 

@@ -126,6 +126,7 @@ def train_command(
     epochs: int = typer.Option(3, min=1, help="Finetune mode: epochs."),
     batch_size: int = typer.Option(48, min=2, help="Finetune mode: batch size."),
     learning_rate: float = typer.Option(1e-3, help="Finetune mode: peak AdamW learning rate."),
+    validation_folds: int = typer.Option(None, min=1, help="Finetune mode: hold out only the first N folds (CPU budget)."),
     max_images: int = typer.Option(None, help="Train on a random subset of this many images (smoke runs)."),
 ) -> None:
     """Train a model bundle: out-of-fold validation, calibration, threshold, ONNX export."""
@@ -138,7 +139,7 @@ def train_command(
     config = TrainConfig(
         sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
         views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
-        target_sensitivity=target_sensitivity, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        target_sensitivity=target_sensitivity, epochs=epochs, validation_folds=validation_folds, batch_size=batch_size, learning_rate=learning_rate,
         max_images=max_images,
     )
     bundle = train(config)
@@ -436,7 +437,8 @@ def serve_command(
         console.print("[yellow]no API key yet:[/] create one with `dermsight keys create NAME` (same --data-dir)")
     console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)", highlight=False)
     uvicorn.run(
-        web_app, host=host, port=port, log_config=log_config(log_level), limit_concurrency=max_connections,
+        web_app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,
+        limit_concurrency=max_connections,
         timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
     )
 

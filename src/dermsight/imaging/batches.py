@@ -1,7 +1,8 @@
 """Decode and preprocess images in a small thread pool, feeding fixed-size batches.
 
 Decoding (Pillow releases the GIL) overlaps with inference on the previous batch, so
-on two cores the model rarely waits for JPEGs.
+on two cores the model rarely waits for JPEGs; the batch arrays (every test-time view
+included) are filled by the decode threads, never copied by the consumer.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from dermsight.imaging.decode import ImageError, decode_image, read_image_bytes
-from dermsight.imaging.preprocess import Preprocessing
+from dermsight.imaging.preprocess import Preprocessing, view
 
 
 @dataclass
 class Batch:
     indices: list[int]  # positions in the input sequence
-    images: np.ndarray  # float32 (n, 3, S, S), preprocessed
+    images: np.ndarray  # float32 (n, 3, S, S), preprocessed; (V, n, 3, S, S) when views were asked for
     errors: dict[int, str]  # input position -> why it could not be read
 
 
@@ -34,32 +35,70 @@ def iter_batches(
     batch_size: int = 32,
     workers: int = 2,
     on_item: Callable[[], None] | None = None,
+    views: Sequence[str] | None = None,
+    lookahead: int = 2,
 ) -> Iterator[Batch]:
     """Batches of preprocessed images for `items` (image_refs or encoded bytes), in order.
-    Unreadable items are reported in `Batch.errors`, never raised."""
+    Unreadable items are reported in `Batch.errors`, never raised.
 
-    def work(position: int) -> tuple[int, np.ndarray | None, str | None]:
+    The decode threads write each image, normalised, straight into its slot of the batch
+    array, and with `views` (test-time view names) every view of it too: `Batch.images` is
+    then (V, n, 3, S, S). So the consumer's thread does nothing but run the model while
+    the next `lookahead` batches are decoded (Pillow and numpy release the GIL). The first
+    batches ramp up (4, 8, 16, ... images) so that the model starts after a few decodes,
+    not a whole batch of them: it matters for a handful of big photos."""
+    names = tuple(views) if views else None
+    size = prep.size
+    leading = (len(names),) if names else ()
+
+    def work(position: int, slot: int, out: np.ndarray) -> str | None:
         item = items[position]
         name = f"image {position}" if isinstance(item, bytes) else str(item)
         try:
             data = item if isinstance(item, bytes) else read_image_bytes(item)
-            return position, prep.normalise(load_square(data, prep, name)), None
+            square = load_square(data, prep, name)
         except ImageError as err:
-            return position, None, str(err)
+            return str(err)
+        if names is None:
+            prep.normalise_into(square, out[slot])
+            return None
+        base = out[names.index("identity"), slot] if "identity" in names else np.empty((3, size, size), np.float32)
+        prep.normalise_into(square, base)
+        for v, view_name in enumerate(names):
+            if view_name != "identity":
+                out[v, slot] = view(base, view_name)
+        return None
 
+    chunks = _chunks(len(items), batch_size)
     with ThreadPoolExecutor(workers) as pool:
-        # Bounded look-ahead: at most two batches decoded ahead of the consumer.
-        chunks = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
-        pending = [pool.map(work, chunk) for chunk in chunks[:2]]
-        for next_chunk in [*chunks[2:], None, None]:
-            if not pending:
-                break
-            results = list(pending.pop(0))
-            if next_chunk is not None:
-                pending.append(pool.map(work, next_chunk))
-            if on_item:
-                for _ in results:
+
+        def submit(chunk: range):
+            out = np.empty((*leading, len(chunk), 3, size, size), np.float32)  # image slots: axis -4
+            return chunk, out, [pool.submit(work, position, slot, out) for slot, position in enumerate(chunk)]
+
+        pending = [submit(chunk) for chunk in chunks[:lookahead]]
+        for k in range(len(chunks)):
+            if k + lookahead < len(chunks):
+                pending.append(submit(chunks[k + lookahead]))
+            chunk, out, futures = pending.pop(0)
+            errors: dict[int, str] = {}
+            for position, future in zip(chunk, futures):
+                message = future.result()
+                if message is not None:
+                    errors[position] = message
+                if on_item:
                     on_item()
-            ok = [(i, a) for i, a, _ in results if a is not None]
-            images = np.stack([a for _, a in ok]) if ok else np.zeros((0, 3, prep.size, prep.size), np.float32)
-            yield Batch([i for i, _ in ok], images, {i: e for i, _, e in results if e is not None})
+            ok = [slot for slot, position in enumerate(chunk) if position not in errors]
+            if len(ok) < len(chunk):
+                out = out[..., ok, :, :, :] if ok else out[..., :0, :, :, :]
+            yield Batch([chunk[slot] for slot in ok], out, errors)
+
+
+def _chunks(n: int, batch_size: int, first: int = 4) -> list[range]:
+    """Consecutive ranges covering 0..n: sizes first, 2 x first, ... up to batch_size."""
+    chunks, start, size = [], 0, min(first, batch_size)
+    while start < n:
+        chunks.append(range(start, min(start + size, n)))
+        start += size
+        size = min(2 * size, batch_size)
+    return chunks

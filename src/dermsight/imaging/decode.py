@@ -92,7 +92,9 @@ def decode_image(data: bytes, *, name: str = "image", min_side: int | None = Non
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: image is too large to decode safely") from None
+        raise ImageError(
+            f"{name}: image is too large to decode safely (over the {MAX_PIXELS / 1e6:.0f} megapixel limit)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{name}: corrupt or truncated {kind.upper()} ({err})") from None
     return to_rgb_array(image)

@@ -28,6 +28,8 @@ def read_dataset(data: bytes, name: str) -> pydicom.Dataset:
         return pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, OSError) as err:
         raise ImageError(f"{name}: unreadable DICOM ({err})") from None
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types on malformed headers (fuzzing found them)
+        raise ImageError(f"{name}: unreadable DICOM ({type(err).__name__} in its header)") from None
 
 
 def dicom_tags(dataset: pydicom.Dataset) -> dict[str, str]:
@@ -37,23 +39,34 @@ def dicom_tags(dataset: pydicom.Dataset) -> dict[str, str]:
 
 def decode_dicom(data: bytes, *, name: str = "image") -> np.ndarray:
     """Pixels of a single-frame DICOM as RGB uint8 (H, W, 3)."""
-    dataset = read_dataset(data, name)
-    if "PixelData" not in dataset:
+    return dataset_pixels(read_dataset(data, name), name)
+
+
+def dataset_pixels(dataset: pydicom.Dataset, name: str = "image") -> np.ndarray:
+    """Pixels of a read DICOM dataset (the first frame) as RGB uint8 (H, W, 3)."""
+    try:  # header elements are parsed lazily: a malformed one raises on first access
+        has_pixels = "PixelData" in dataset
+        rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        photometric = str(dataset.get("PhotometricInterpretation", ""))
+    except Exception as err:  # noqa: BLE001
+        raise ImageError(f"{name}: unreadable DICOM ({type(err).__name__} in its header)") from None
+    if not has_pixels:
         raise ImageError(f"{name}: DICOM has no pixel data")
-    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     if rows * columns > MAX_PIXELS:
         raise ImageError(f"{name}: image is {columns}x{rows} pixels, over the {MAX_PIXELS / 1e6:.0f} megapixel limit")
     if min(rows, columns) < MIN_SIDE:
         raise ImageError(f"{name}: image is only {columns}x{rows} pixels; at least {MIN_SIDE} per side needed")
     try:
+        if frames > 1:  # only the first frame is decoded: 1,000 compressed frames would not fit in memory
+            dataset.pixel_array_options(index=0)
         pixels = dataset.pixel_array
     except Exception as err:  # pydicom raises many types for broken or unsupported pixel data
         raise ImageError(f"{name}: cannot decode DICOM pixel data ({err})") from None
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+    if frames > 1 and pixels.ndim == (4 if int(dataset.get("SamplesPerPixel", 1) or 1) > 1 else 3):
         pixels = pixels[0]
     # pydicom 3 already returns YBR_FULL / YBR_FULL_422 (the JPEG Baseline photometric)
     # as RGB (`as_rgb=True` by default): converting again would scramble the colours.
-    photometric = str(dataset.get("PhotometricInterpretation", ""))
     if pixels.ndim == 2 or pixels.dtype != np.uint8:
         if photometric == "MONOCHROME1":
             pixels = pixels.max() - pixels

@@ -39,6 +39,14 @@ class Preprocessing:
         std = np.asarray(self.std, dtype=np.float32) * 255.0
         return ((square.astype(np.float32) - mean) / std).transpose(2, 0, 1)
 
+    def normalise_into(self, square: np.ndarray, out: np.ndarray) -> None:
+        """`normalise` written straight into `out` (a float32 (3, S, S) slot of a batch,
+        channels first): the same numbers, without the temporaries and the later copy."""
+        mean = (np.asarray(self.mean, dtype=np.float32) * 255.0).reshape(3, 1, 1)
+        std = (np.asarray(self.std, dtype=np.float32) * 255.0).reshape(3, 1, 1)
+        np.subtract(square.transpose(2, 0, 1), mean, out=out, dtype=np.float32)
+        np.divide(out, std, out=out)
+
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         return self.normalise(self.resize(rgb))
 

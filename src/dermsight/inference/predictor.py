@@ -16,7 +16,7 @@ import pandas as pd
 from rich.progress import Progress
 from scipy.special import softmax
 
-from dermsight.data.schema import CLASSES
+from dermsight.data.schema import DIAGNOSES
 from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.preprocess import view, views
 from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
@@ -25,9 +25,11 @@ from dermsight.inference.onnx_session import create_session
 from dermsight.models.bundle import Bundle, load_bundle
 from dermsight.models.metadata import encode_metadata
 
+# One probability column per ISIC 2019 code, UNK ("benign, other") included, whatever
+# subset a bundle predicts (absent classes are 0): the layout never changes.
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "image",
-    *CLASSES,
+    *DIAGNOSES,
     "melanoma_risk",
     "predicted_class",
     "above_threshold",
@@ -54,7 +56,7 @@ def prediction_table(
     group-by tasks run on one patient's scores. `classes` are the bundle's, in its order."""
     classes = list(classes)
     table = pd.DataFrame({"image": list(image_ids)})
-    for code in CLASSES:
+    for code in DIAGNOSES:
         table[code] = scores.probabilities[:, classes.index(code)] if code in classes else 0.0
     risk = scores.probabilities[:, classes.index("MEL")]
     table["melanoma_risk"] = risk

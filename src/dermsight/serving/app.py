@@ -6,27 +6,45 @@ melanoma risk, its referral threshold and a plain-words decision.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
 from dermsight.data.schema import CLASS_NAMES, SEXES, SITES
-from dermsight.imaging.decode import MAX_FILE_BYTES
 from dermsight.inference.predictor import Predictor
+from dermsight.serving.limits import MB, Admission, Overloaded, RequestLimits, Settings
 from dermsight.serving.scoring import MAX_FILES, InputError, Scorer, Upload, parse_metadata
+from dermsight.serving.security import (
+    SESSION_COOKIE,
+    AccessControl,
+    Authenticator,
+    SecurityHeaders,
+    TokenBucket,
+    foreign_origin,
+    quiet_libraries,
+    safe_next,
+    session_token,
+)
 from dermsight.serving.storage import Image, NotFound, Patient, Prediction, RankedLesion, Storage, ranked_lesions
 
 HERE = Path(__file__).parent
 DEFAULT_DATA_DIR = Path(".dermsight")
+MAX_FILE_BYTES = 20 * MB  # per uploaded file (the whole request: Settings.max_request_bytes)
+log = logging.getLogger("dermsight.serving")
+ID_MAX = 2**31 - 1  # ids are INTEGER (32 bits on PostgreSQL); 2**63 overflowed SQLite: a 500 found by fuzzing
+RowId = Annotated[int, PathParam(ge=1, le=ID_MAX, description="A row id.")]
 DISCLAIMER = "Decision support, not a diagnosis."
 MEDIA_TYPES = {
     "jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "tiff": "image/tiff",
@@ -218,22 +236,46 @@ def accuracy(metrics: dict) -> dict[str, str | int | None]:
 # -- the app --------------------------------------------------------------------------
 
 
-def create_app(
-    bundle_path: Path | str | None = None,
-    database_url: str | None = None,
-    storage_dir: Path | str | None = None,
-) -> FastAPI:
-    """The app on `bundle_path` (default: the committed bundle). Files go to `storage_dir`
-    ($DERMSIGHT_DATA_DIR, else ./.dermsight); rows to `database_url`
-    ($DERMSIGHT_DATABASE_URL, else SQLite in the storage directory). Migrates the
-    database to the newest schema."""
+def resolve_locations(storage_dir: Path | str | None = None, database_url: str | None = None) -> tuple[Path, str]:
+    """(storage directory, database URL): the arguments, else $DERMSIGHT_DATA_DIR (else
+    ./.dermsight) and $DERMSIGHT_DATABASE_URL (else SQLite in the storage directory)."""
     storage_dir = Path(storage_dir or os.environ.get("DERMSIGHT_DATA_DIR") or DEFAULT_DATA_DIR)
     database_url = (
         database_url or os.environ.get("DERMSIGHT_DATABASE_URL") or f"sqlite:///{storage_dir / 'dermsight.db'}"
     )
+    return storage_dir, database_url
+
+
+def create_app(
+    bundle_path: Path | str | None = None,
+    database_url: str | None = None,
+    storage_dir: Path | str | None = None,
+    *,
+    dev: bool = False,
+    settings: Settings | None = None,
+) -> FastAPI:
+    """The app on `bundle_path` (default: the committed bundle). Files go to `storage_dir`
+    ($DERMSIGHT_DATA_DIR, else ./.dermsight); rows to `database_url`
+    ($DERMSIGHT_DATABASE_URL, else SQLite in the storage directory). Migrates the
+    database to the newest schema, then checks the files against the rows (orphans
+    removed, missing files reported in the log).
+
+    Every path but the sign-in page, /learn, /api/health, the API docs and static files
+    needs an API key or a signed-in browser session, unless `dev` (or `settings.dev`)."""
+    settings = settings or Settings()
+    dev = dev or settings.dev
+    storage_dir, database_url = resolve_locations(storage_dir, database_url)
+    quiet_libraries()
     predictor = Predictor(bundle_path)
     storage = Storage(database_url, storage_dir)
+    check = storage.check_files(remove=True)
+    (log.info if check.clean else log.warning)(check.summary())
+    for relative in check.missing:
+        log.warning("storage check: stored row refers to missing file %s", relative)
     scorer = Scorer(predictor, storage)
+    admission = Admission(settings.max_active, settings.max_queue, settings.queue_timeout)
+    auth = None if dev else Authenticator(storage)
+    login_limiter = TokenBucket(settings.login_rate, settings.login_burst)
     templates = Jinja2Templates(HERE / "templates")
 
     app = FastAPI(
@@ -242,7 +284,25 @@ def create_app(
         description=f"Melanoma decision support from dermoscopic images. {DISCLAIMER}",
     )
     app.state.scorer = scorer
+    app.state.admission = admission
+    app.state.auth = auth
+    app.state.settings = settings
+    app.state.storage_check = check
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    # Outermost last: headers on every answer, then CORS (only with an allow-list), then
+    # size and time limits, then keys, sessions, rate limits and the busy check.
+    app.state.rate_limiter = None if dev else TokenBucket(settings.rate, settings.burst)
+    app.state.login_limiter = login_limiter
+    app.add_middleware(AccessControl, auth=auth, limiter=app.state.rate_limiter, admission=admission)
+    app.add_middleware(RequestLimits, settings=settings)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"], allow_credentials=False, max_age=600,
+        )
+    app.add_middleware(SecurityHeaders)
+    if auth is not None:
+        _document_security(app)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
@@ -260,6 +320,10 @@ def create_app(
     @app.exception_handler(InputError)
     async def bad_input(_request: Request, err: InputError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_request: Request, err: Overloaded) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": str(err.retry_after)})
 
     # -- API ------------------------------------------------------------------------
 
@@ -288,7 +352,7 @@ def create_app(
 
     @app.get("/api/patients/{patient_id}", response_model=PatientDetail, tags=["patients"])
     def get_patient(
-        patient_id: int,
+        patient_id: RowId,
         order: Annotated[Literal["risk", "ugly_duckling"], Query(description="Rank lesions by this.")] = "risk",
     ) -> PatientDetail:
         patient = storage.get_patient(patient_id)
@@ -299,15 +363,15 @@ def create_app(
         )
 
     @app.delete("/api/patients/{patient_id}", status_code=204, tags=["patients"])
-    def delete_patient(patient_id: int) -> Response:
+    def delete_patient(patient_id: RowId) -> Response:
         storage.delete_patient(patient_id)
         return Response(status_code=204)
 
     @app.post("/api/patients/{patient_id}/rescore", response_model=ScoringOut, tags=["patients"])
-    async def rescore_patient(patient_id: int) -> ScoringOut:
+    async def rescore_patient(patient_id: RowId) -> ScoringOut:
         """Score the newest image of each lesion again with the model now loaded; older
         predictions stay as history."""
-        predictions = await run_in_threadpool(scorer.rescore, patient_id)
+        predictions = await admission.run(scorer.rescore, patient_id)
         return scoring_out(patient_id, predictions)
 
     @app.post("/api/images", response_model=ScoringOut, status_code=201, tags=["images"])
@@ -316,19 +380,30 @@ def create_app(
         age: Annotated[str | None, Form(description="Years, 0-120; empty if unknown.")] = None,
         sex: Annotated[str | None, Form(description=f"{' or '.join(SEXES)}; empty if unknown.")] = None,
         site: Annotated[str | None, Form(description=f"One of: {', '.join(SITES)}; empty if unknown.")] = None,
-        patient_id: Annotated[int | None, Form(description="Add the lesions to this patient; empty: one-off.")] = None,
+        patient_id: Annotated[
+            int | None, Form(ge=1, le=ID_MAX, description="Add the lesions to this patient; empty: one-off.")
+        ] = None,
     ) -> ScoringOut:
         """Score one or more lesion images of one body site and store them with their
         predictions and heat maps; with a patient, all their lesions are scored again
         together so the ugly-duckling context covers them."""
+        started = time.monotonic()
         metadata = parse_metadata(age, sex, site)
+        if len(files) > MAX_FILES:
+            raise InputError(f"{len(files)} images in one upload; at most {MAX_FILES}")
         uploads = []
         for number, upload in enumerate(files, start=1):
-            name = upload.filename or f"file {number}"
+            name = _display_name(upload.filename, number)
             if upload.size is not None and upload.size > MAX_FILE_BYTES:
-                raise HTTPException(413, f"{name}: file is over the {MAX_FILE_BYTES // 2**20} MB limit")
+                raise HTTPException(413, f"{name}: file is over the {MAX_FILE_BYTES // MB} MB limit")
             uploads.append(Upload(name, await upload.read()))
-        predictions = await run_in_threadpool(scorer.upload, uploads, metadata, patient_id)
+        predictions = await admission.run(scorer.upload, uploads, metadata, patient_id)
+        # Counts, sizes and ids only: never names, bytes or metadata values.
+        log.info(
+            "upload scored: %d image(s), %d bytes, %s, images %s, %.2f s", len(uploads),
+            sum(len(u.data) for u in uploads), "patient" if patient_id is not None else "one-off",
+            ",".join(str(p.image.id) for p in predictions), time.monotonic() - started,
+        )
         return scoring_out(patient_id, predictions)
 
     def scoring_out(patient_id: int | None, predictions: list[Prediction]) -> ScoringOut:
@@ -340,26 +415,26 @@ def create_app(
         )
 
     @app.get("/api/images/{image_id}", response_model=ImageOut, tags=["images"])
-    def get_image(image_id: int) -> ImageOut:
+    def get_image(image_id: RowId) -> ImageOut:
         return image_out(storage.get_image(image_id))
 
     @app.get("/api/images/{image_id}/file", tags=["images"], response_class=FileResponse)
-    def image_file(image_id: int) -> FileResponse:
+    def image_file(image_id: RowId) -> FileResponse:
         image = storage.get_image(image_id)
         return FileResponse(storage.file(image.path), media_type=MEDIA_TYPES[image.format], headers=PRIVATE)
 
     @app.delete("/api/images/{image_id}", status_code=204, tags=["images"])
-    def delete_image(image_id: int) -> Response:
+    def delete_image(image_id: RowId) -> Response:
         """Remove an image with its predictions (and its lesion when nothing else is left)."""
         storage.delete_image(image_id)
         return Response(status_code=204)
 
     @app.get("/api/predictions/{prediction_id}", response_model=PredictionOut, tags=["predictions"])
-    def get_prediction(prediction_id: int) -> PredictionOut:
+    def get_prediction(prediction_id: RowId) -> PredictionOut:
         return prediction_out(storage.get_prediction(prediction_id))
 
     @app.get("/api/predictions/{prediction_id}/heatmap", tags=["predictions"], response_class=FileResponse)
-    def heatmap(prediction_id: int) -> FileResponse:
+    def heatmap(prediction_id: RowId) -> FileResponse:
         """The melanoma heat map over the model's input square (PNG)."""
         prediction = storage.get_prediction(prediction_id)
         return FileResponse(storage.file(prediction.heatmap_path), media_type="image/png", headers=PRIVATE)
@@ -367,7 +442,53 @@ def create_app(
     # -- pages ----------------------------------------------------------------------
 
     def page(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {"disclaimer": DISCLAIMER, **context}, status_code=status_code)
+        principal = request.state.principal if hasattr(request.state, "principal") else None
+        context = {"disclaimer": DISCLAIMER, "signed_in": principal is not None and principal.via == "session",
+                   "auth": auth is not None, **context}
+        return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_page(request: Request, next: str = "/") -> Response:
+        if auth is None:
+            return RedirectResponse(safe_next(next), status_code=303)
+        return page(request, "login.html", next=safe_next(next), error=None)
+
+    @app.post("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login(request: Request, key: Annotated[str, Form(max_length=200)] = "",
+              next: Annotated[str, Form(max_length=2000)] = "/") -> Response:
+        if auth is None:
+            return RedirectResponse(safe_next(next), status_code=303)
+        if foreign_origin({k.lower(): v for k, v in request.headers.items()}):
+            return page(request, "login.html", status_code=403, next="/", error="Sign in from this page itself.")
+        client = request.client.host if request.client else "unknown"
+        wait = login_limiter.take(client)
+        if wait > 0:
+            retry = max(1, int(wait + 0.999))
+            response = page(request, "login.html", status_code=429, next=safe_next(next),
+                            error=f"Too many attempts: wait {retry} s and try again.")
+            response.headers["Retry-After"] = str(retry)
+            return response
+        principal = auth.verify(key)
+        if principal is None:
+            log.warning("sign-in refused (unknown or revoked key)")
+            return page(request, "login.html", status_code=401, next=safe_next(next),
+                        error="That key is not valid (or it was revoked).")
+        response = RedirectResponse(safe_next(next), status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE, auth.start_session(principal), httponly=True, samesite="lax", path="/",
+            secure=request.url.scheme == "https",
+        )
+        log.info("signed in with key %s (%s)", principal.prefix, principal.name)
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    def logout(request: Request) -> Response:
+        token = session_token({k.lower(): v for k, v in request.headers.items()})
+        if auth is not None and token:
+            auth.end_session(token)
+        response = RedirectResponse("/login" if auth is not None else "/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax")
+        return response
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index(request: Request) -> HTMLResponse:
@@ -379,7 +500,7 @@ def create_app(
         return page(request, "patients.html", patients=[patient_out(p, n) for p, n in storage.list_patients()])
 
     @app.get("/patients/{patient_id}", response_class=HTMLResponse, include_in_schema=False)
-    def patient_page(request: Request, patient_id: int) -> HTMLResponse:
+    def patient_page(request: Request, patient_id: RowId) -> HTMLResponse:
         try:
             patient = patient_out(storage.get_patient(patient_id), 0)
         except NotFound as err:
@@ -396,3 +517,31 @@ def create_app(
 
     return app
 
+
+def _display_name(filename: str | None, number: int) -> str:
+    """The file's name for messages back to the uploader (never logged or stored): its
+    last path component, printable, at most 100 characters."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable())[:100].strip()
+    return name or f"file {number}"
+
+
+def _document_security(app: FastAPI) -> None:
+    """Declare the API-key schemes in the OpenAPI schema (the docs' Authorize button)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An API key: dermsight keys create NAME"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        for path, operations in schema.get("paths", {}).items():
+            if path != "/api/health":
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}, {"apiKey": []}]
+        return schema
+
+    app.openapi = openapi

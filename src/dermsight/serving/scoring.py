@@ -4,6 +4,10 @@ A patient is always scored whole: the newest image of each of their lesions goes
 through the Predictor together with any new upload, so the ugly-duckling context (and
 the patient's image count the model sees) covers all their lesions. One scoring run at
 a time, off the event loop, stored in one transaction.
+
+Every upload is first reduced to what may be stored (:func:`sanitize_image`: a complete
+image without metadata, DICOM de-identified to its pixels); the Predictor scores exactly
+those bytes, so what is stored is what was scored.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from PIL import Image as PILImage
 
 from dermsight.data import harmonise
 from dermsight.imaging.decode import ImageError, decode_image, sniff_format
+from dermsight.imaging.sanitize import sanitize_image
 from dermsight.inference.context import CONTEXT_COLUMNS
 from dermsight.inference.heatmap import heatmap_png
 from dermsight.inference.predictor import Predictor
-from dermsight.serving.storage import NewImage, NewPrediction, Prediction, Storage
+from dermsight.serving.storage import NewImage, NewPrediction, NotFound, Prediction, Storage
 
 MAX_FILES = 20  # images per upload
 
@@ -81,8 +86,15 @@ class Scorer:
             raise InputError("no image uploaded")
         if len(uploads) > MAX_FILES:
             raise InputError(f"{len(uploads)} images in one upload; at most {MAX_FILES}")
-        new = [(upload.filename, upload.data, metadata) for upload in uploads]
+        new = [(upload.filename, self._sanitized(upload), metadata) for upload in uploads]
         return self._run(patient_id, new)[-len(uploads):]
+
+    @staticmethod
+    def _sanitized(upload: Upload) -> bytes:
+        try:
+            return sanitize_image(upload.data, name=upload.filename).data
+        except ImageError as err:
+            raise InputError(str(err)) from None
 
     def rescore(self, patient_id: int) -> list[Prediction]:
         """Score the newest image of each of the patient's lesions with the current model."""
@@ -95,7 +107,11 @@ class Scorer:
             if not stored and not new:
                 return []
             names = [f"stored image {image.id}" for image, _ in stored] + [name for name, _, _ in new]
-            data = [self.storage.file(image.path).read_bytes() for image, _ in stored] + [d for _, d, _ in new]
+            try:
+                data = [self.storage.file(image.path).read_bytes() for image, _ in stored] + [d for _, d, _ in new]
+            except FileNotFoundError:
+                missing = f"a stored image of patient {patient_id} is missing (deleted while being scored?)"
+                raise NotFound(missing) from None
             rows = [(image.age, image.sex, site) for image, site in stored]
             rows += [(meta.age, meta.sex, meta.site) for _, _, meta in new]
             frame = pd.DataFrame(rows, columns=["age", "sex", "site"])

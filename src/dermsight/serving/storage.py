@@ -3,30 +3,51 @@
 Rows live in a SQL database: embedded SQLite (WAL, foreign keys on) by default, or
 PostgreSQL by URL. Image and heat-map files live under a storage directory, named by
 the SHA-256 of their content only, so identical uploads share one file. Files are
-written atomically (temporary file + ``os.replace``) before the rows that point to
-them commit; one call = one transaction; a file is removed once no row refers to it.
+written atomically (temporary file + ``os.replace``, fsynced) before the rows that
+point to them commit; one call = one transaction; a file is removed once no row refers
+to it. A crash between a file's write and its row's commit leaves an orphan file, never
+a row without its file: :meth:`Storage.check_files` (run when the app starts) removes
+orphans and reports rows whose file has gone missing. Writers in several processes on
+one storage directory serialise on a lock of that directory.
+
+API keys live here too, as SHA-256 hashes only (:class:`ApiKey`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
-    JSON, Boolean, DateTime, Engine, Float, ForeignKey, Integer, String, create_engine, event, func, select,
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
 )
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+FOLDERS = ("images", "heatmaps")
+TEMPORARY_PREFIX = ".incoming-"
 
 
 def _now() -> datetime:
@@ -108,6 +129,43 @@ class Prediction(Base):
     heatmap_path: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=_now)
     image: Mapped[Image] = relationship(back_populates="predictions")
+
+
+class ApiKey(Base):
+    """An API key: its public prefix (how a presented key finds its row) and the SHA-256
+    of the whole key. The key itself is shown once, when created, and never stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+@dataclass
+class FileCheck:
+    """What :meth:`Storage.check_files` found: files no row refers to (removed when asked),
+    leftover temporary files of interrupted writes (removed likewise), and files that rows
+    refer to but that are missing (reported; nothing can bring them back)."""
+
+    orphans: list[str] = field(default_factory=list)
+    temporary: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    removed: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not (self.orphans or self.temporary or self.missing)
+
+    def summary(self) -> str:
+        verb = "removed" if self.removed else "found"
+        return (
+            f"storage check: {len(self.orphans)} orphan file(s) {verb}, {len(self.temporary)} temporary file(s) "
+            f"{verb}, {len(self.missing)} file(s) missing for stored rows"
+        )
 
 
 @dataclass
@@ -213,13 +271,15 @@ def upgrade_database(engine: Engine) -> None:
 class Storage:
     def __init__(self, database_url: str, files_dir: Path | str):
         self.files_dir = Path(files_dir)
-        for folder in ("images", "heatmaps"):
+        for folder in FOLDERS:
             (self.files_dir / folder).mkdir(parents=True, exist_ok=True)
+        self._root = self.files_dir.resolve()
         self.engine = make_engine(database_url)
         upgrade_database(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Held while files are written and their rows commit, and while rows are deleted
         # and unreferenced files removed: a file is never removed under a committing row.
+        # (`_files_locked` adds a lock file for other processes on the same directory.)
         self._files_lock = threading.Lock()
 
     @property
@@ -263,7 +323,7 @@ class Storage:
 
     def delete_patient(self, patient_id: int) -> None:
         """Remove the patient, every row below it and every file only they referred to."""
-        with self._files_lock:
+        with self._files_locked():
             with self.sessions.begin() as session:
                 patient = session.get(Patient, patient_id)
                 if patient is None:
@@ -284,7 +344,7 @@ class Storage:
 
     def delete_image(self, image_id: int) -> None:
         """Remove the image, its predictions, its lesion if that is left empty, and files."""
-        with self._files_lock:
+        with self._files_locked():
             with self.sessions.begin() as session:
                 image = session.get(Image, image_id)
                 if image is None:
@@ -311,7 +371,7 @@ class Storage:
         """Store one scoring run in one transaction: for each (stored image id or new
         image, prediction) pair, the new image's lesion and image rows, and the prediction.
         Returns the predictions in input order (image and lesion loaded)."""
-        with self._files_lock:
+        with self._files_locked():
             created: list[Path] = []
             try:
                 stored = [
@@ -338,7 +398,69 @@ class Storage:
         return rows
 
     def file(self, relative: str) -> Path:
-        return self.files_dir / relative
+        """The file at `relative` (a path from a row), never outside the storage directory."""
+        path = (self.files_dir / relative).resolve()
+        if not path.is_relative_to(self._root) or path == self._root:
+            raise NotFound(f"stored file {relative!r} is outside the storage directory")
+        return path
+
+    def check_files(self, remove: bool = True) -> FileCheck:
+        """Compare the files on disk with the rows: remove (when `remove`) files no row refers
+        to and temporary files of interrupted writes; report rows whose file is missing."""
+        check = FileCheck(removed=remove)
+        with self._files_locked():
+            with self.sessions() as session:
+                referenced = set(session.scalars(select(Image.path))) | set(
+                    session.scalars(select(Prediction.heatmap_path))
+                )
+            on_disk = set()
+            for folder in FOLDERS:
+                for path in sorted((self.files_dir / folder).iterdir()):
+                    relative = f"{folder}/{path.name}"
+                    if path.name.startswith(TEMPORARY_PREFIX):
+                        check.temporary.append(relative)
+                    elif path.is_file():
+                        on_disk.add(relative)
+                        if relative not in referenced:
+                            check.orphans.append(relative)
+            check.missing = sorted(referenced - on_disk)
+            if remove:
+                for relative in check.orphans + check.temporary:
+                    (self.files_dir / relative).unlink(missing_ok=True)
+        return check
+
+    # -- API keys ---------------------------------------------------------------------
+
+    def add_api_key(self, name: str, prefix: str, key_hash: str) -> ApiKey:
+        with self.sessions.begin() as session:
+            key = ApiKey(name=name, prefix=prefix, key_hash=key_hash)
+            session.add(key)
+        return key
+
+    def api_key(self, prefix: str) -> ApiKey | None:
+        """The key row with this prefix, revoked or not; None if there is none."""
+        with self.sessions() as session:
+            return session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+
+    def api_key_active(self, key_id: int) -> bool:
+        with self.sessions() as session:
+            key = session.get(ApiKey, key_id)
+            return key is not None and key.revoked_at is None
+
+    def list_api_keys(self) -> list[ApiKey]:
+        with self.sessions() as session:
+            return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+    def revoke_api_keys(self, which: str) -> list[ApiKey]:
+        """Revoke the active keys whose id, name or prefix is `which`; returns them."""
+        with self.sessions.begin() as session:
+            matches = [
+                key for key in session.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None)))
+                if which in (str(key.id), key.name, key.prefix)
+            ]
+            for key in matches:
+                key.revoked_at = _now()
+        return matches
 
     def counts(self) -> dict[str, int]:
         """Rows per table and files on disk (what a failed request must leave unchanged)."""
@@ -347,10 +469,21 @@ class Storage:
                 model.__tablename__: session.scalar(select(func.count()).select_from(model))
                 for model in (Patient, Lesion, Image, Prediction)
             }
-        folders = ("images", "heatmaps")
-        return rows | {f"{folder} files": len(list((self.files_dir / folder).iterdir())) for folder in folders}
+        return rows | {f"{folder} files": len(list((self.files_dir / folder).iterdir())) for folder in FOLDERS}
 
     # -- internals ----------------------------------------------------------------------
+
+    @contextmanager
+    def _files_locked(self):
+        """The thread lock, then an exclusive lock on the storage directory itself for
+        other processes using it (flock on the directory: no lock file to leave behind)."""
+        with self._files_lock:
+            descriptor = os.open(self.files_dir, os.O_RDONLY)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(descriptor)  # closing releases the lock
 
     def _add(
         self, session, patient_id: int | None, item: int | NewImage, prediction: NewPrediction,
@@ -389,13 +522,14 @@ class Storage:
         relative = f"{folder}/{digest}{suffix}"
         target = self.files_dir / relative
         if not target.exists():
-            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=TEMPORARY_PREFIX)
             try:
                 with os.fdopen(handle, "wb") as out:
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
                 os.replace(temporary, target)
+                _fsync_directory(target.parent)  # the rename itself survives a power cut
             except BaseException:
                 Path(temporary).unlink(missing_ok=True)
                 raise
@@ -416,3 +550,11 @@ class Storage:
             still |= set(session.scalars(select(Prediction.heatmap_path).where(Prediction.heatmap_path.in_(paths))))
         for relative in paths - still:
             self.file(relative).unlink(missing_ok=True)
+
+
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

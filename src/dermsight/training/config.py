@@ -30,6 +30,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1
     patience: int = 2
+    validation_folds: int | None = None  # finetune: train only this many of the folds for validation (None = all)
     max_images: int | None = None  # a subset, for smoke runs
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 
 from dermsight.imaging.batches import iter_batches
 from dermsight.imaging.decode import ImageError, read_image_bytes
-from dermsight.imaging.preprocess import Preprocessing, views
+from dermsight.imaging.preprocess import Preprocessing
 from dermsight.inference.onnx_session import create_session
 
 
@@ -98,13 +98,12 @@ def _embed_uncached(cache, refs, digests, backbone, prep, view_names, batch_size
     columns = [BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*Progress.get_default_columns()[:1], *columns, disable=not progress) as bar:
         task = bar.add_task(f"embedding {len(refs)} images x {len(view_names)} views", total=len(refs))
-        for batch in iter_batches(refs, prep, batch_size, on_item=lambda: bar.advance(task)):
+        for batch in iter_batches(refs, prep, batch_size, on_item=lambda: bar.advance(task), views=view_names):
             for position, message in batch.errors.items():
                 errors[rows[position]] = message
             if not batch.indices:
                 continue
-            stacked = views(batch.images, view_names)
-            flat = stacked.reshape(-1, *stacked.shape[2:])
+            flat = batch.images.reshape(-1, *batch.images.shape[2:])  # (V, n, 3, S, S): every view, view-major
             embeddings = session.run(["embedding"], {"image": flat})[0].reshape(len(view_names), len(batch.indices), -1)
             for v, name in enumerate(view_names):
                 for j, position in enumerate(batch.indices):

@@ -234,9 +234,10 @@ def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int)
 
 
 def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: TrainConfig):
-    """Out-of-fold logits from one network per grouped fold, then the final network on
-    every image for the median best epoch count. Returns (records, labels, oof, net,
-    the final network's embeddings of the training images)."""
+    """Out-of-fold logits from one network per grouped fold (only the first
+    `config.validation_folds` folds when set: a CPU-sized budget; other rows stay NaN),
+    then the final network on every image for the median best epoch count. Returns
+    (records, labels, oof, net, the final network's embeddings of the training images)."""
     prep = config.preprocessing
     squares, ok = decode_all(records, prep, config.progress)
     if not ok.all():
@@ -245,10 +246,10 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     metadata = encode_metadata(records)
     labels = records["diagnosis"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     folds = records["fold"].to_numpy()
-    oof = np.zeros((len(records), len(classes)), np.float32)
+    oof = np.full((len(records), len(classes)), np.nan, np.float32)
     best_epochs = []
     checkpoints = config.output.with_name(config.output.name + ".checkpoints")  # beside the bundle, not in it
-    for fold in sorted(set(folds)):
+    for fold in sorted(set(folds))[: config.validation_folds]:
         train, held_out = folds != fold, folds == fold
         console.print(f"fold {fold}: {train.sum()} training, {held_out.sum()} held-out images")
         net, best_epoch = train_one_model(

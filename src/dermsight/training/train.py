@@ -71,12 +71,15 @@ def train(config: TrainConfig) -> Bundle:
         raise ValueError(f"unknown mode {config.mode!r}; expected 'embed' or 'finetune'")
 
     # 2. Calibration and the sensitivity-first operating threshold, both from out-of-fold predictions only.
+    all_records = records
+    validated = ~np.isnan(oof_logits).any(axis=1)  # finetune may validate on fewer folds than it has
+    records, labels, oof_logits = records[validated].reset_index(drop=True), labels[validated], oof_logits[validated]
     scaler = TemperatureScaler().fit(oof_logits, labels)
     probabilities = scaler.transform(oof_logits)
     melanoma = (labels == classes.index("MEL")).astype(int)
     risk = probabilities[:, classes.index("MEL")]
     threshold = choose_threshold(melanoma, risk, config.target_sensitivity)
-    metrics = cross_validation_metrics(records, labels, probabilities, classes, threshold["threshold"])
+    metrics = cross_validation_metrics(records, labels, probabilities, classes, threshold["threshold"], config.folds)
 
     # 3. The bundle.
     bundle = Bundle(
@@ -94,14 +97,14 @@ def train(config: TrainConfig) -> Bundle:
             "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": "dermsight " + shlex.join(sys.argv[1:]) if sys.argv and "dermsight" in sys.argv[0] else None,
             "config": config.to_dict(),
-            "n_images": int(len(records)),
-            "class_counts": {c: int((records["diagnosis"] == c).sum()) for c in classes},
-            "sources": sorted(records["source"].unique()),
+            "n_images": int(len(all_records)),
+            "class_counts": {c: int((all_records["diagnosis"] == c).sum()) for c in classes},
+            "sources": sorted(all_records["source"].unique()),
             "duration_seconds": round(time.time() - started, 1),
         },
     )
     export_onnx(net, bundle.onnx_path, config.image_size)
-    fit_ood_gate(embeddings, records["fold"].to_numpy()).save(bundle.path)
+    fit_ood_gate(embeddings, all_records["fold"].to_numpy()).save(bundle.path)
     torch.save({k: v.half() for k, v in net.state_dict().items()}, bundle.path / "weights.pt")
     save_out_of_fold(records, probabilities, classes, bundle)
     bundle.training["duration_seconds"] = round(time.time() - started, 1)
@@ -110,7 +113,7 @@ def train(config: TrainConfig) -> Bundle:
     return bundle
 
 
-def cross_validation_metrics(records, labels, probabilities, classes, threshold) -> dict:
+def cross_validation_metrics(records, labels, probabilities, classes, threshold, n_folds: int) -> dict:
     """Pooled out-of-fold metrics plus per-fold mean and sd of the headline numbers."""
     mel = classes.index("MEL")
     truth = (labels == mel).astype(int)
@@ -131,7 +134,11 @@ def cross_validation_metrics(records, labels, probabilities, classes, threshold)
         key: {"mean": float(np.mean([f[key] for f in per_fold])), "sd": float(np.std([f[key] for f in per_fold]))}
         for key in ("melanoma_auc", "balanced_accuracy")
     }
-    return {"validation": "out-of-fold, patient/lesion-grouped", "pooled": pooled, "per_fold": per_fold, "fold_summary": summary}
+    validated = sorted(records["fold"].unique())
+    validation = "out-of-fold, patient/lesion-grouped"
+    if len(validated) < n_folds:
+        validation += f" (only fold {', '.join(map(str, validated))} of {n_folds} held out)"
+    return {"validation": validation, "pooled": pooled, "per_fold": per_fold, "fold_summary": summary}
 
 
 def save_out_of_fold(records: pd.DataFrame, probabilities: np.ndarray, classes: list[str], bundle: Bundle) -> None:

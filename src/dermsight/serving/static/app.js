@@ -3,7 +3,14 @@
 
 /** fetch() that returns parsed JSON (or null for 204) and throws the API's `detail` on 4xx/5xx. */
 async function api(url, options = {}) {
-  const response = await fetch(url, options);
+  // The custom header is the signed-in page's proof against cross-site request forgery.
+  const headers = { ...(options.headers || {}), "X-Requested-With": "DermSight" };
+  const response = await fetch(url, { ...options, headers });
+  if (response.status === 401 && document.body.dataset.auth === "on") {
+    // The session ended (expired, key revoked, server restarted): sign in again, then come back.
+    location.href = `/login?next=${encodeURIComponent(location.pathname + location.search)}`;
+    throw new Error("Your session has ended: sign in again.");
+  }
   if (response.status === 204) return null;
   const text = await response.text();
   let body = null;

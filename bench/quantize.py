@@ -1,0 +1,282 @@
+"""Should the bundle's backbone run in int8? Static quantization (ONNX Runtime's
+quantize_static, per-channel weights, calibrated on real shared images), judged by the
+rule of the performance issue: keep int8 only if the melanoma AUC drops by at most 0.005.
+Prints one JSON object; never changes the bundle (the int8 graph goes to a temporary
+folder unless --save names a file).
+
+    .venv/bin/python bench/quantize.py                       # fold 0 of HAM10000, both formats
+    .venv/bin/python bench/quantize.py --quick               # small sets: checks the code; rough numbers
+    .venv/bin/python bench/quantize.py --formats qoperator --methods percentile --save /tmp/model.int8.onnx
+
+Data, grouped so that no lesion is on both sides:
+* evaluation: the real HAM10000 images of the bundle's out-of-fold fold `--fold` (folds are
+  patient/lesion-grouped), scored the way `dermsight predict` scores them (every view,
+  metadata, calibration). The bundle's final head was fitted on every fold, so the absolute
+  AUC here is optimistic; the fp32 - int8 *difference* is what is judged (a paired, lesion-
+  clustered bootstrap gives its interval). The bundle's own out-of-fold AUC on the same
+  images is reported beside it.
+* calibration: HAM10000 images of the other folds, in every view of the bundle.
+Only the backbone is quantized (Conv with its ReLU6 Clip, so each conv's output is quantized
+over 0-6, not over its raw range, and the residual Adds); the head (pool, metadata concat,
+linear layer, class activation maps) stays float. Every format x calibration method given
+is tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DERMSIGHT_DATA", REPO.parent / "shared" / "datasets"))
+MAX_AUC_DROP = 0.005
+
+
+def held_out_split(bundle, fold: int, n_eval: int | None, n_calibration: int, seed: int = 0):
+    """HAM10000 records of `fold` (evaluation) and of the other folds (calibration),
+    sampled by whole lesions."""
+    from dermsight.data import readers
+
+    oof = pd.read_csv(bundle.path / "out_of_fold.csv.gz", dtype={"image_id": str, "lesion_id": str})
+    ham = readers.read_ham10000(DATA / "ham10000").records
+    ham = ham[ham["image_ref"].notna()].merge(
+        oof[oof["source"] == "ham10000"][["image_id", "fold", "MEL"]].rename(columns={"MEL": "oof_mel"}), on="image_id"
+    )
+    rng = np.random.default_rng(seed)
+
+    def by_lesion(frame: pd.DataFrame, n: int | None) -> pd.DataFrame:
+        if not n or n >= len(frame):
+            return frame.reset_index(drop=True)
+        lesions = frame["lesion_id"].unique()
+        rng.shuffle(lesions)
+        counts = frame.groupby("lesion_id").size()
+        keep = lesions[: int(np.searchsorted(np.cumsum(counts.loc[lesions].to_numpy()), n)) + 1]
+        return frame[frame["lesion_id"].isin(keep)].reset_index(drop=True)
+
+    evaluation = by_lesion(ham[ham["fold"] == fold], n_eval)
+    calibration = by_lesion(ham[ham["fold"] != fold], n_calibration)
+    assert not set(evaluation["lesion_id"]) & set(calibration["lesion_id"])
+    return evaluation, calibration
+
+
+class Reader:
+    """CalibrationDataReader over preprocessed real images in every bundle view."""
+
+    def __init__(self, records: pd.DataFrame, bundle, batch: int = 16):
+        from dermsight.imaging.batches import iter_batches
+        from dermsight.models.metadata import encode_metadata
+
+        metadata = encode_metadata(records)
+        images, meta = [], []
+        for b in iter_batches(records["image_ref"].tolist(), bundle.preprocessing, batch, views=bundle.views):
+            images.append(b.images.reshape(-1, *b.images.shape[2:]))
+            meta.append(np.tile(metadata[b.indices].astype(np.float32), (len(bundle.views), 1)))
+        images, meta = np.concatenate(images), np.concatenate(meta)
+        rows = len(images) - len(images) % batch  # equal batches: the histogram calibrators stack them
+        self.feeds = [{"image": images[i : i + batch], "metadata": meta[i : i + batch]} for i in range(0, rows, batch)]
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize(fp32: Path, out: Path, reader: Reader, fmt: str, method: str, keep_float: list[str]) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_suffix(".prep.onnx")
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    graph = onnx.load(str(prepared)).graph
+    # The backbone ends at the last Conv's activation; everything after (pool, concat, head, CAM) stays float.
+    head_types = {"ReduceMean", "Concat", "Gemm", "Einsum", "MatMul"}
+    exclude = [n.name for n in graph.node if n.op_type in head_types or any(p in n.name for p in keep_float)]
+    quantize_static(
+        str(prepared),
+        str(out),
+        reader,
+        quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+        op_types_to_quantize=["Conv", "Clip", "Add"],  # Clip: each conv is quantized over its ReLU6 range
+        nodes_to_exclude=exclude,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                          "entropy": CalibrationMethod.Entropy}[method],
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+    prepared.unlink(missing_ok=True)
+
+
+def melanoma_auc(truth: np.ndarray, risk: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(truth, risk))
+
+
+def paired_bootstrap(truth, a, b, groups, n_boot: int, seed: int = 0) -> tuple[float, float]:
+    """95% interval of AUC(a) - AUC(b), resampling whole lesions."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    diffs = []
+    for _ in range(n_boot):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+        if truth[rows].min() == truth[rows].max():
+            continue
+        diffs.append(roc_auc_score(truth[rows], a[rows]) - roc_auc_score(truth[rows], b[rows]))
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def forward_speed(sessions: dict, size: int, n_meta: int, runs: int, batch: int = 32) -> dict:
+    """Images/s of a batch-32 forward (random input), sessions interleaved against noise."""
+    rng = np.random.default_rng(0)
+    feeds = {"image": rng.standard_normal((batch, 3, size, size)).astype(np.float32),
+             "metadata": np.zeros((batch, n_meta), np.float32)}
+    for session in sessions.values():
+        session.run(None, feeds)
+    times = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append(time.perf_counter() - started)
+    return {name: round(batch / statistics.median(t), 1) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="int8 static quantization check (prints JSON).")
+    parser.add_argument("--quick", action="store_true", help="~300 evaluation and 48 calibration images.")
+    parser.add_argument("--model", type=Path, default=None, help="Bundle (default: bundles/default).")
+    parser.add_argument("--fold", type=int, default=0, help="The out-of-fold fold to evaluate on.")
+    parser.add_argument("--eval-images", type=int, default=None, help="Evaluation images (default: the whole fold; quick: 300).")
+    parser.add_argument("--calibration", type=int, default=None, help="Calibration images (default 256; quick 48).")
+    parser.add_argument("--formats", default="qdq,qoperator", help="qdq and/or qoperator, comma-separated.")
+    parser.add_argument("--methods", default="minmax,percentile", help="Calibration methods to try: minmax, percentile, entropy.")
+    parser.add_argument("--keep-float", default="", help="Also keep nodes whose name contains any of these (comma-separated) float, e.g. /conv_head/.")
+    parser.add_argument("--save", type=Path, default=None, help="Keep the (first format's) int8 graph here.")
+    parser.add_argument("--output", type=Path, default=None, help="Also write the JSON here.")
+    args = parser.parse_args()
+
+    from dermsight.inference.onnx_session import optimised_model_path, session_options
+    from dermsight.inference.predictor import Predictor
+    from dermsight.models.bundle import load_bundle
+
+    import onnxruntime as ort
+
+    bundle = load_bundle(args.model)
+    n_eval = args.eval_images or (300 if args.quick else None)
+    n_cal = args.calibration or (48 if args.quick else 256)
+    evaluation, calibration = held_out_split(bundle, args.fold, n_eval, n_cal)
+    truth = (evaluation["diagnosis"] == "MEL").to_numpy().astype(int)
+    fp32_path = optimised_model_path(bundle.onnx_path)
+
+    predictor = Predictor(bundle)
+    started = time.perf_counter()
+    fp32_table, errors = predictor.predict_records(evaluation, progress=False)
+    fp32_seconds = time.perf_counter() - started
+    assert not errors and list(fp32_table["image"]) == list(evaluation["image_id"])
+    fp32_risk = fp32_table["melanoma_risk"].to_numpy()
+    report = {
+        "bundle": bundle.name,
+        "quick": args.quick,
+        "evaluation": {
+            "source": f"HAM10000 images of out-of-fold fold {args.fold} (lesion-grouped)",
+            "images": len(evaluation), "lesions": int(evaluation["lesion_id"].nunique()), "melanomas": int(truth.sum()),
+        },
+        "calibration": {"images": len(calibration), "views": list(bundle.views),
+                        "kept_float": ["pool, metadata concat, linear head, CAM", *[p for p in args.keep_float.split(",") if p]],
+                        "source": "HAM10000 images of the other folds"},
+        "auc_fp32": round(melanoma_auc(truth, fp32_risk), 4),
+        "auc_bundle_out_of_fold_same_images": round(melanoma_auc(truth, evaluation["oof_mel"].to_numpy()), 4),
+        "fp32_end_to_end_images_per_second": round(len(evaluation) / fp32_seconds, 1),
+        "max_auc_drop_allowed": MAX_AUC_DROP,
+        "int8": {},
+    }
+    started = time.perf_counter()
+    reader = Reader(calibration, bundle)
+    report["calibration"]["prepare_seconds"] = round(time.perf_counter() - started, 1)
+    sessions = {"fp32": predictor.session}
+    workdir = Path(tempfile.mkdtemp(prefix="dermsight-int8-"))
+    variants = [(f.strip(), m.strip()) for m in args.methods.split(",") if m.strip() for f in args.formats.split(",") if f.strip()]
+    threshold = bundle.melanoma_threshold
+
+    def at_threshold(risk: np.ndarray) -> dict:
+        flagged = risk >= threshold
+        return {"sensitivity": round(float(flagged[truth == 1].mean()), 4), "specificity": round(float((~flagged[truth == 0]).mean()), 4)}
+
+    report["fp32_at_threshold"] = at_threshold(fp32_risk)
+    for i, (fmt, method) in enumerate(variants):
+        name = f"{fmt}-{method}"
+        path = args.save if (args.save and i == 0) else workdir / f"model.{name}.onnx"
+        reader.rewind()
+        started = time.perf_counter()
+        quantize(fp32_path, path, reader, fmt, method, [p for p in args.keep_float.split(",") if p])
+        quantize_seconds = time.perf_counter() - started
+        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        predictor.session = session
+        started = time.perf_counter()
+        table, _ = predictor.predict_records(evaluation, progress=False)
+        seconds = time.perf_counter() - started
+        risk = table["melanoma_risk"].to_numpy()
+        auc = melanoma_auc(truth, risk)
+        low, high = paired_bootstrap(truth, fp32_risk, risk, evaluation["lesion_id"].to_numpy(), 200 if args.quick else 1000)
+        report["int8"][name] = {
+            "format": fmt,
+            "calibration_method": method,
+            "auc": round(auc, 4),
+            "auc_drop": round(report["auc_fp32"] - auc, 4),
+            "auc_drop_95ci": [round(low, 4), round(high, 4)],
+            "kept": bool(report["auc_fp32"] - auc <= MAX_AUC_DROP),
+            "at_threshold": at_threshold(risk),
+            "max_abs_risk_difference": round(float(np.abs(risk - fp32_risk).max()), 4),
+            "referral_decisions_changed": int(((risk >= threshold) != (fp32_risk >= threshold)).sum()),
+            "end_to_end_images_per_second": round(len(evaluation) / seconds, 1),
+            "model_mb": round(path.stat().st_size / 1e6, 1),
+            "quantize_seconds": round(quantize_seconds, 1),
+        }
+        sessions[name] = session
+    speed = forward_speed(sessions, bundle.preprocessing.size, len(bundle.metadata_features), 3 if args.quick else 15)
+    report["forward_images_per_second_batch32"] = speed
+    for name in report["int8"]:
+        report["int8"][name]["forward_speedup"] = round(speed[name] / speed["fp32"], 2)
+    report["fp32_model_mb"] = round(Path(fp32_path).stat().st_size / 1e6, 1)
+    report["load_average"] = round(os.getloadavg()[0], 2)
+    kept = sorted(
+        (name for name, r in report["int8"].items() if r["kept"] and r["forward_speedup"] > 1.05),
+        key=lambda name: -report["int8"][name]["forward_speedup"],
+    )
+    report["verdict"] = (
+        f"int8 ({kept[0]}) passes the AUC rule and is faster: worth shipping as a bundle option"
+        if kept else "keep fp32: no int8 variant both keeps the AUC within 0.005 and runs faster"
+    ) + (
+        "; the AUC rule is judged on the point estimate: see auc_drop_95ci and referral_decisions_changed too"
+    )
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    for path in workdir.iterdir():
+        path.unlink()
+    workdir.rmdir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

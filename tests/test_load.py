@@ -1,0 +1,52 @@
+"""A small, fast version of bench/load.py: real uploads of real ISIC images to a real
+uvicorn on 127.0.0.1 from an asyncio client. Eight clients within capacity get no error
+at all; a burst over capacity is shed with 503 + Retry-After at once, never queued
+without bound, and never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+from live_server import in_thread
+
+from dermsight.serving.app import create_app
+from dermsight.serving.limits import Settings
+
+spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "load.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+@pytest.fixture(scope="module")
+def images(shared):
+    return bench.load_images(shared, 24)
+
+
+def test_eight_clients_get_no_errors(serving_bundle, images, tmp_path):
+    app = create_app(serving_bundle, storage_dir=tmp_path, dev=True)  # default capacity: 2 running + 16 waiting
+    with in_thread(app) as url:
+        report = asyncio.run(bench.run_clients(url, images, clients=8, requests=3, retries=0, max_seconds=120))
+    print(json.dumps(report))
+    assert report["statuses"] == {"201": 24}, report
+    assert report["server_errors"] == report["client_errors"] == report["shed_503"] == 0
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    assert app.state.scorer.storage.counts()["images"] == 24
+
+
+def test_a_burst_over_capacity_is_shed_fast(serving_bundle, images, tmp_path):
+    app = create_app(serving_bundle, storage_dir=tmp_path, dev=True,
+                     settings=Settings(max_active=1, max_queue=1))  # room for 2 uploads at a time
+    with in_thread(app) as url:
+        report = asyncio.run(bench.burst(url, images, 16))
+    print(json.dumps(report))
+    statuses = report["statuses"]
+    assert set(statuses) <= {"201", "503"} and report["server_errors"] == report["client_errors"] == 0, report
+    assert statuses.get("201", 0) >= 2 and statuses.get("503", 0) >= 8, report
+    assert report["retry_after_s"] and min(report["retry_after_s"]) >= 1
+    # Shed at once: a 503 takes no longer than the uploads that were admitted.
+    assert report["latency_503_ms"]["p50"] < 1000, report
+    assert report["latency_503_ms"]["p50"] <= report["latency_ms"]["p50"], report
