@@ -145,6 +145,14 @@ def paired_bootstrap(truth, a, b, groups, n_boot: int, seed: int = 0) -> tuple[f
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
+def embedding_error(reference, candidate, feeds: dict) -> float:
+    """||e_int8 - e_fp32|| / ||e_fp32 - mean|| over a batch: the error relative to how much
+    embeddings differ between images (what the OOD gate and patient context measure)."""
+    a = reference.run(["embedding"], feeds)[0]
+    b = candidate.run(["embedding"], feeds)[0]
+    return float(np.linalg.norm(b - a) / np.linalg.norm(a - a.mean(axis=0)))
+
+
 def forward_speed(sessions: dict, size: int, n_meta: int, runs: int, batch: int = 32) -> dict:
     """Images/s of a batch-32 forward (random input), sessions interleaved against noise."""
     rng = np.random.default_rng(0)
@@ -214,6 +222,8 @@ def main() -> None:
     reader = Reader(calibration, bundle)
     report["calibration"]["prepare_seconds"] = round(time.perf_counter() - started, 1)
     sessions = {"fp32": predictor.session}
+    predictor_fp32_session = predictor.session
+    probe = Reader(evaluation.iloc[:64], bundle, batch=64).feeds[0]
     workdir = Path(tempfile.mkdtemp(prefix="dermsight-int8-"))
     variants = [(f.strip(), m.strip()) for m in args.methods.split(",") if m.strip() for f in args.formats.split(",") if f.strip()]
     threshold = bundle.melanoma_threshold
@@ -248,6 +258,9 @@ def main() -> None:
             "at_threshold": at_threshold(risk),
             "max_abs_risk_difference": round(float(np.abs(risk - fp32_risk).max()), 4),
             "referral_decisions_changed": int(((risk >= threshold) != (fp32_risk >= threshold)).sum()),
+            # The embedding also feeds the out-of-distribution gate and the patient context.
+            "ood_gate_decisions_changed": int((table["looks_dermoscopic"] != fp32_table["looks_dermoscopic"]).sum()),
+            "embedding_relative_error": round(embedding_error(predictor_fp32_session, session, probe), 4),
             "end_to_end_images_per_second": round(len(evaluation) / seconds, 1),
             "model_mb": round(path.stat().st_size / 1e6, 1),
             "quantize_seconds": round(quantize_seconds, 1),

@@ -77,15 +77,10 @@ def combine(*parts: Loaded) -> Loaded:
 
 
 @pytest.fixture(scope="session")
-def trained_bundle(shared, tmp_path_factory) -> Path:
-    """A real model bundle: $DERMSIGHT_TEST_BUNDLE, else the committed default when present,
-    else a tiny one trained once per test run on 300 real images (xdist workers share it
-    through a file lock)."""
-    from dermsight.models.bundle import DEFAULT_BUNDLE
-
-    for candidate in (os.environ.get("DERMSIGHT_TEST_BUNDLE"), DEFAULT_BUNDLE):
-        if candidate and (Path(candidate) / "bundle.json").exists():
-            return Path(candidate)
+def tiny_bundle(shared, tmp_path_factory) -> Path:
+    """A small embed-mode bundle trained once per test run on 300 real images (xdist
+    workers share it through a file lock): frozen ImageNet features, whose OOD gate
+    separates a rendered document from lesions."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     target = root / "tiny_bundle"
@@ -99,6 +94,18 @@ def trained_bundle(shared, tmp_path_factory) -> Path:
             train(TrainConfig(sources=sources, max_images=300, folds=3, output=target,
                               cache_dir=root / "tiny_bundle_cache", progress=False))
     return target
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(request) -> Path:
+    """A real model bundle: $DERMSIGHT_TEST_BUNDLE, else the committed default when present,
+    else the tiny one."""
+    from dermsight.models.bundle import DEFAULT_BUNDLE
+
+    for candidate in (os.environ.get("DERMSIGHT_TEST_BUNDLE"), DEFAULT_BUNDLE):
+        if candidate and (Path(candidate) / "bundle.json").exists():
+            return Path(candidate)
+    return request.getfixturevalue("tiny_bundle")
 
 
 @pytest.fixture(scope="session")
@@ -125,8 +132,8 @@ def lesion_images(shared) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def serving_bundle(trained_bundle, lesion_images, document_png, tmp_path_factory) -> Path:
-    """A copy of `trained_bundle` for the web app tests whose out-of-distribution gate
+def serving_bundle(tiny_bundle, lesion_images, document_png, tmp_path_factory) -> Path:
+    """A copy of `tiny_bundle` for the web app tests whose out-of-distribution gate
     certainly refuses `document_png` and accepts `lesion_images` (a tiny bundle's own gate
     may be too loose): its threshold is set between their distances, measured with the
     Predictor."""
@@ -134,7 +141,7 @@ def serving_bundle(trained_bundle, lesion_images, document_png, tmp_path_factory
     from dermsight.inference.predictor import Predictor
 
     copy = tmp_path_factory.mktemp("serving") / "bundle"
-    shutil.copytree(trained_bundle, copy, ignore=shutil.ignore_patterns("weights.pt", "out_of_fold.csv.gz"))
+    shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns("weights.pt", "out_of_fold.csv.gz"))
     predictor = Predictor(copy)
     images = [*(path.read_bytes() for path in lesion_images), document_png]
     _, scores, _ = predictor.predict_images(images, pd.DataFrame({"age": [None] * len(images)}))

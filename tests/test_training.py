@@ -66,7 +66,8 @@ def test_out_of_fold_predictions_never_share_groups_across_folds(small_bundle):
 def test_threshold_reaches_target_sensitivity_out_of_fold(small_bundle):
     oof = pd.read_csv(small_bundle.path / "out_of_fold.csv.gz")
     melanoma = oof["diagnosis"] == "MEL"
-    sensitivity = (oof.loc[melanoma, "MEL"] >= small_bundle.melanoma_threshold).mean()
+    # The CSV keeps 6 decimals; the threshold is one melanoma's exact score.
+    sensitivity = (oof.loc[melanoma, "MEL"] >= small_bundle.melanoma_threshold - 1e-6).mean()
     assert sensitivity >= 0.90
 
 

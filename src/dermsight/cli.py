@@ -127,6 +127,7 @@ def train_command(
     batch_size: int = typer.Option(48, min=2, help="Finetune mode: batch size."),
     learning_rate: float = typer.Option(1e-3, help="Finetune mode: peak AdamW learning rate."),
     validation_folds: int = typer.Option(None, min=1, help="Finetune mode: hold out only the first N folds (CPU budget)."),
+    refit: bool = typer.Option(True, help="Finetune mode: refit on all images (--no-refit ships the first fold's network)."),
     max_images: int = typer.Option(None, help="Train on a random subset of this many images (smoke runs)."),
 ) -> None:
     """Train a model bundle: out-of-fold validation, calibration, threshold, ONNX export."""
@@ -139,7 +140,7 @@ def train_command(
     config = TrainConfig(
         sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
         views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
-        target_sensitivity=target_sensitivity, epochs=epochs, validation_folds=validation_folds, batch_size=batch_size, learning_rate=learning_rate,
+        target_sensitivity=target_sensitivity, epochs=epochs, validation_folds=validation_folds, refit=refit, batch_size=batch_size, learning_rate=learning_rate,
         max_images=max_images,
     )
     bundle = train(config)

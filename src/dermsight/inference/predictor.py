@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from rich.progress import Progress
-from scipy.special import softmax
 
 from dermsight.data.schema import DIAGNOSES
 from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.preprocess import view, views
 from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
 from dermsight.inference.ood import OODGate
-from dermsight.inference.onnx_session import create_session
+from dermsight.inference.onnx_session import create_session, run_in_chunks
 from dermsight.models.bundle import Bundle, load_bundle
 from dermsight.models.metadata import encode_metadata
 
@@ -71,6 +70,13 @@ def prediction_table(
     return table
 
 
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """scipy.special.softmax, the same operations (max-shifted exp over its sum) without
+    importing scipy: a quarter of a second off every start of `predict` and `serve`."""
+    shifted = np.exp(x - np.amax(x, axis=axis, keepdims=True))
+    return shifted / np.sum(shifted, axis=axis, keepdims=True)
+
+
 class Predictor:
     def __init__(self, bundle: Bundle | Path | str | None = None, threads: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -98,7 +104,7 @@ class Predictor:
         n = stacked.shape[1]
         flat = stacked.reshape(-1, *stacked.shape[2:])
         meta = np.tile(metadata.astype(np.float32), (len(names), 1))
-        logits, embeddings, cams = self.session.run(["logits", "embedding", "cam"], {"image": flat, "metadata": meta})
+        logits, embeddings, cams = run_in_chunks(self.session, ["logits", "embedding", "cam"], {"image": flat, "metadata": meta})
         logits = logits.reshape(len(names), n, -1).mean(axis=0)
         embeddings = embeddings.reshape(len(names), n, -1).mean(axis=0)
         mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])

@@ -31,6 +31,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     patience: int = 2
     validation_folds: int | None = None  # finetune: train only this many of the folds for validation (None = all)
+    refit: bool = True  # finetune: refit on every image; False ships the first fold's network (calibrated on its held-out fold)
     max_images: int | None = None  # a subset, for smoke runs
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from dermsight.imaging.batches import iter_batches
 from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing
-from dermsight.inference.onnx_session import create_session
+from dermsight.inference.onnx_session import create_session, run_in_chunks
 
 
 def default_cache_dir() -> Path:
@@ -104,7 +104,7 @@ def _embed_uncached(cache, refs, digests, backbone, prep, view_names, batch_size
             if not batch.indices:
                 continue
             flat = batch.images.reshape(-1, *batch.images.shape[2:])  # (V, n, 3, S, S): every view, view-major
-            embeddings = session.run(["embedding"], {"image": flat})[0].reshape(len(view_names), len(batch.indices), -1)
+            embeddings = run_in_chunks(session, ["embedding"], {"image": flat})[0].reshape(len(view_names), len(batch.indices), -1)
             for v, name in enumerate(view_names):
                 for j, position in enumerate(batch.indices):
                     cache.put(digests[position], name, embeddings[v, j])

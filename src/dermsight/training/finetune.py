@@ -247,7 +247,8 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     labels = records["diagnosis"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     folds = records["fold"].to_numpy()
     oof = np.full((len(records), len(classes)), np.nan, np.float32)
-    best_epochs = []
+    best_epochs: list[int] = []
+    first_net: DermSightNet | None = None
     checkpoints = config.output.with_name(config.output.name + ".checkpoints")  # beside the bundle, not in it
     for fold in sorted(set(folds))[: config.validation_folds]:
         train, held_out = folds != fold, folds == fold
@@ -258,9 +259,13 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
         )
         oof[held_out] = predict_logits(net, squares[held_out], metadata[held_out], prep, config.views)
         best_epochs.append(best_epoch)
-    final_config = TrainConfig(**{**config.__dict__, "epochs": int(np.median(best_epochs))})
-    console.print(f"final model on all {len(records)} images for {final_config.epochs} epochs")
-    net, _ = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt")
+        first_net = first_net or net
+    if config.refit:
+        final_config = TrainConfig(**{**config.__dict__, "epochs": int(np.median(best_epochs))})
+        console.print(f"final model on all {len(records)} images for {final_config.epochs} epochs")
+        net, _ = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt")
+    else:
+        net = first_net  # never saw its held-out fold: calibration and threshold are fitted on unseen images
     _, embeddings = predict(net, squares, metadata, prep, config.views)
     return records, labels, oof, net, embeddings
 

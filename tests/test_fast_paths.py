@@ -1,0 +1,88 @@
+"""The fast inference paths compute exactly what the plain ones do: the static-padding graph,
+batches filled (with their test-time views) by the decode threads, ONNX runs in small
+chunks, the eigen-decomposition OOD gate. Correctness only; speed is bench/run.py's job."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from dermsight.allocator import tune_for_torch
+from dermsight.imaging.batches import iter_batches, load_square
+from dermsight.imaging.decode import read_image_bytes
+from dermsight.imaging.preprocess import Preprocessing, views
+from dermsight.inference.ood import OODGate, _fit_subspace
+from dermsight.inference.onnx_session import create_session, optimised_model_path, run_in_chunks
+from dermsight.models.bundle import load_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_bundle):
+    return load_bundle(trained_bundle)
+
+
+@pytest.fixture(scope="module")
+def images(shared) -> list[str]:
+    return sorted(str(p) for p in (shared / "isic2020" / "test_128").glob("*.jpg"))[:37]
+
+
+def test_static_padding_graph_is_the_same_function(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("DERMSIGHT_CACHE", str(tmp_path))
+    path = optimised_model_path(bundle.onnx_path)
+    original = onnx.load(str(bundle.onnx_path))
+    if not any(n.op_type == "Shape" for n in original.graph.node):
+        pytest.skip("this bundle's graph has no run-time padding to fold")
+    assert path != bundle.onnx_path and path.parent == tmp_path / "onnx"
+    assert not any(n.op_type == "Shape" for n in onnx.load(str(path)).graph.node)
+    assert optimised_model_path(bundle.onnx_path) == path  # cached: the second start reuses it
+    rng = np.random.default_rng(0)
+    size = bundle.preprocessing.size
+    feeds = {"image": rng.standard_normal((3, 3, size, size)).astype(np.float32),
+             "metadata": rng.standard_normal((3, len(bundle.metadata_features))).astype(np.float32)}
+    plain = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    fast = create_session(bundle.onnx_path).run(None, feeds)
+    for a, b in zip(plain, fast):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Chunked runs give the numbers of one big run.
+    for a, b in zip(fast, run_in_chunks(create_session(bundle.onnx_path), ["logits", "embedding", "cam"], feeds, rows=2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_batches_carry_every_view_exactly_and_report_unreadable_items(images):
+    prep = Preprocessing(size=96)
+    items = [*images[:5], "/no/such/image.jpg", *images[5:]]
+    names = ("identity", "hflip", "rot180")
+    seen = []
+    for batch in iter_batches(items, prep, batch_size=16, views=names):
+        assert batch.images.shape == (3, len(batch.indices), 3, 96, 96)
+        expected = np.stack([prep.normalise(load_square(read_image_bytes(items[i]), prep, items[i])) for i in batch.indices])
+        np.testing.assert_array_equal(batch.images, views(expected, names))
+        seen += batch.indices
+        if 5 in batch.errors:
+            assert "cannot read" in batch.errors[5]
+    assert seen == [i for i in range(len(items)) if i != 5]
+    plain = np.concatenate([b.images for b in iter_batches(images, prep, batch_size=16)])
+    assert plain.shape == (len(images), 3, 96, 96)
+
+
+def test_ood_subspace_matches_the_svd_one():
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((400, 30)) @ rng.standard_normal((30, 120)) + 0.1 * rng.standard_normal((400, 120))).astype(np.float32)
+    mean, components, precision = _fit_subspace(data, 16)
+    _, _, vt = np.linalg.svd(data - data.mean(axis=0), full_matrices=False)
+    from sklearn.covariance import LedoitWolf
+
+    reference = OODGate(data.mean(axis=0), vt[:16], LedoitWolf().fit((data - data.mean(axis=0)) @ vt[:16].T).precision_, np.inf)
+    fast = OODGate(mean, components, precision, np.inf)
+    np.testing.assert_allclose(fast.distance(data[:50]), reference.distance(data[:50]), rtol=1e-3)
+
+
+def test_allocator_tuning_reports_what_it_did(monkeypatch):
+    monkeypatch.setenv("DERMSIGHT_NO_ALLOCATOR_TUNING", "1")
+    assert tune_for_torch() == "disabled"
+    monkeypatch.delenv("DERMSIGHT_NO_ALLOCATOR_TUNING")
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "100000000000")
+    assert tune_for_torch() == "environment"
