@@ -5,16 +5,14 @@ education page, on a desktop and a phone-sized screen. Screenshots go to a tmp f
 from __future__ import annotations
 
 import re
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.app import create_app
+from live_server import in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -27,20 +25,9 @@ DISCLAIMER = "Decision support, not a diagnosis."
 @pytest.fixture(scope="module")
 def server(serving_bundle, tmp_path_factory):
     """The app under uvicorn in a background thread on a free port; yields its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     app = create_app(serving_bundle, storage_dir=tmp_path_factory.mktemp("web"), dev=True)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
