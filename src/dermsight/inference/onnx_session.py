@@ -10,8 +10,8 @@ Every setting is deliberate (bench/run.py measures them):
   blocked layout of MLAS (the fast x86 conv kernels).
 * Thread spinning off: after each operator ONNX Runtime's idle threads would busy-wait for
   the next one, burning the core that the decode threads of `iter_batches` (and the
-  API's request handling) need; with two cores that costs more than the wake-ups save.
-  ``DERMSIGHT_ORT_SPIN=1`` turns spinning back on.
+  API's request handling) need; on the 2-core machine spinning lost 10-20% both in batch
+  scoring and in the bare forward pass. ``DERMSIGHT_ORT_SPIN=1`` turns it back on.
 * Small runs: the batch scorer feeds ONNX Runtime a few rows at a time (:func:`run_in_chunks`),
   faster per image on this CPU than batch 32 and far lighter on memory.
 * Static padding: models exported from timm's TensorFlow-style EfficientNets compute
@@ -19,7 +19,8 @@ Every setting is deliberate (bench/run.py measures them):
   padding only depends on the fixed image size, so it is folded into constants once (see
   :func:`static_padding_model`); ONNX Runtime then fuses each Pad into its Conv and keeps
   the whole backbone in the blocked layout instead of converting back and forth around
-  every Pad: the same outputs, bit for bit, 10-20% faster. The folded graph is cached by
+  every Pad: the same outputs (bit for bit on the default bundle), 15-30% faster. The
+  folded graph is checked against the original once and cached by
   content hash under ``$DERMSIGHT_CACHE/onnx`` (a second start skips the folding).
 """
 
@@ -43,7 +44,7 @@ def rows_per_run() -> int:
     """How many input rows (images x views) one `session.run` gets: small runs keep the
     activations in the CPU caches. Measured on the 2-core reference machine (bench/run.py,
     `ceiling.rows_sweep`): 1-4 rows ran ~25% faster per image than 16-32 and need a
-    fraction of the memory (~150 MB resident instead of ~800 MB at 64 rows).
+    fraction of the memory (a bare session peaked at ~200 MB resident at 8 rows, ~800 MB at 64).
     ``DERMSIGHT_ORT_ROWS`` overrides."""
     return max(1, int(os.environ.get("DERMSIGHT_ORT_ROWS", ROWS_PER_RUN)))
 
