@@ -15,7 +15,7 @@ Data, grouped so that no lesion is on both sides:
   AUC here is optimistic; the fp32 - int8 *difference* is what is judged (a paired, lesion-
   clustered bootstrap gives its interval). The bundle's own out-of-fold AUC on the same
   images is reported beside it.
-* calibration: HAM10000 images of the other folds, in every view of the bundle.
+* calibration: HAM10000 images of lesions outside that fold, in every view of the bundle.
 Only the backbone is quantized (Conv with its ReLU6 Clip, so each conv's output is quantized
 over 0-6, not over its raw range, and the residual Adds); the head (pool, metadata concat,
 linear layer, class activation maps) stays float. Every format x calibration method given
@@ -25,6 +25,7 @@ is tried.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -49,8 +50,11 @@ def held_out_split(bundle, fold: int, n_eval: int | None, n_calibration: int, se
     oof = pd.read_csv(bundle.path / "out_of_fold.csv.gz", dtype={"image_id": str, "lesion_id": str})
     ham = readers.read_ham10000(DATA / "ham10000").records
     ham = ham[ham["image_ref"].notna()].merge(
-        oof[oof["source"] == "ham10000"][["image_id", "fold", "MEL"]].rename(columns={"MEL": "oof_mel"}), on="image_id"
+        oof[oof["source"] == "ham10000"][["image_id", "fold", "MEL"]].rename(columns={"MEL": "oof_mel"}),
+        on="image_id", how="left",
     )
+    if not (ham["fold"] == fold).any():
+        raise SystemExit(f"the bundle's out-of-fold table has no HAM10000 image in fold {fold}")
     rng = np.random.default_rng(seed)
 
     def by_lesion(frame: pd.DataFrame, n: int | None) -> pd.DataFrame:
@@ -63,7 +67,9 @@ def held_out_split(bundle, fold: int, n_eval: int | None, n_calibration: int, se
         return frame[frame["lesion_id"].isin(keep)].reset_index(drop=True)
 
     evaluation = by_lesion(ham[ham["fold"] == fold], n_eval)
-    calibration = by_lesion(ham[ham["fold"] != fold], n_calibration)
+    # Calibration: any other HAM10000 lesion (a finetune bundle's table may hold one fold only).
+    held_out_lesions = set(ham.loc[ham["fold"] == fold, "lesion_id"])
+    calibration = by_lesion(ham[~ham["lesion_id"].isin(held_out_lesions)], n_calibration)
     assert not set(evaluation["lesion_id"]) & set(calibration["lesion_id"])
     return evaluation, calibration
 
@@ -97,7 +103,6 @@ class Reader:
 
 def quantize(fp32: Path, out: Path, reader: Reader, fmt: str, method: str, keep_float: list[str]) -> None:
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_suffix(".prep.onnx")
@@ -106,6 +111,14 @@ def quantize(fp32: Path, out: Path, reader: Reader, fmt: str, method: str, keep_
     # The backbone ends at the last Conv's activation; everything after (pool, concat, head, CAM) stays float.
     head_types = {"ReduceMean", "Concat", "Gemm", "Einsum", "MatMul"}
     exclude = [n.name for n in graph.node if n.op_type in head_types or any(p in n.name for p in keep_float)]
+    with contextlib.redirect_stdout(sys.stderr):  # the calibrators print progress; stdout is for the JSON
+        _quantize_static(prepared, out, reader, fmt, method, exclude)
+    prepared.unlink(missing_ok=True)
+
+
+def _quantize_static(prepared: Path, out: Path, reader, fmt: str, method: str, exclude: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     quantize_static(
         str(prepared),
         str(out),
@@ -120,7 +133,6 @@ def quantize(fp32: Path, out: Path, reader: Reader, fmt: str, method: str, keep_
                           "entropy": CalibrationMethod.Entropy}[method],
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )
-    prepared.unlink(missing_ok=True)
 
 
 def melanoma_auc(truth: np.ndarray, risk: np.ndarray) -> float:
@@ -174,11 +186,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="~300 evaluation and 48 calibration images.")
     parser.add_argument("--model", type=Path, default=None, help="Bundle (default: bundles/default).")
     parser.add_argument("--fold", type=int, default=0, help="The out-of-fold fold to evaluate on.")
-    parser.add_argument("--eval-images", type=int, default=None, help="Evaluation images (default: the whole fold; quick: 300).")
+    parser.add_argument("--eval-images", type=int, default=None,
+                        help="Evaluation images (default: the whole fold; quick: 300).")
     parser.add_argument("--calibration", type=int, default=None, help="Calibration images (default 256; quick 48).")
     parser.add_argument("--formats", default="qdq,qoperator", help="qdq and/or qoperator, comma-separated.")
-    parser.add_argument("--methods", default="minmax,percentile", help="Calibration methods to try: minmax, percentile, entropy.")
-    parser.add_argument("--keep-float", default="", help="Also keep nodes whose name contains any of these (comma-separated) float, e.g. /conv_head/.")
+    parser.add_argument("--methods", default="minmax,percentile",
+                        help="Calibration methods to try: minmax, percentile, entropy.")
+    parser.add_argument("--keep-float", default="",
+                        help="Also keep float the nodes whose name contains one of these (comma-separated), e.g. /conv_head/.")
     parser.add_argument("--save", type=Path, default=None, help="Keep the (first format's) int8 graph here.")
     parser.add_argument("--output", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
@@ -210,8 +225,9 @@ def main() -> None:
             "images": len(evaluation), "lesions": int(evaluation["lesion_id"].nunique()), "melanomas": int(truth.sum()),
         },
         "calibration": {"images": len(calibration), "views": list(bundle.views),
-                        "kept_float": ["pool, metadata concat, linear head, CAM", *[p for p in args.keep_float.split(",") if p]],
-                        "source": "HAM10000 images of the other folds"},
+                        "kept_float": ["pool, metadata concat, linear head, CAM",
+                                       *[p for p in args.keep_float.split(",") if p]],
+                        "source": "HAM10000 images of lesions outside the evaluation fold"},
         "auc_fp32": round(melanoma_auc(truth, fp32_risk), 4),
         "auc_bundle_out_of_fold_same_images": round(melanoma_auc(truth, evaluation["oof_mel"].to_numpy()), 4),
         "fp32_end_to_end_images_per_second": round(len(evaluation) / fp32_seconds, 1),
@@ -225,12 +241,14 @@ def main() -> None:
     predictor_fp32_session = predictor.session
     probe = Reader(evaluation.iloc[:64], bundle, batch=64).feeds[0]
     workdir = Path(tempfile.mkdtemp(prefix="dermsight-int8-"))
-    variants = [(f.strip(), m.strip()) for m in args.methods.split(",") if m.strip() for f in args.formats.split(",") if f.strip()]
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    variants = [(f, m.strip()) for m in args.methods.split(",") if m.strip() for f in formats]
     threshold = bundle.melanoma_threshold
 
     def at_threshold(risk: np.ndarray) -> dict:
         flagged = risk >= threshold
-        return {"sensitivity": round(float(flagged[truth == 1].mean()), 4), "specificity": round(float((~flagged[truth == 0]).mean()), 4)}
+        return {"sensitivity": round(float(flagged[truth == 1].mean()), 4),
+                "specificity": round(float((~flagged[truth == 0]).mean()), 4)}
 
     report["fp32_at_threshold"] = at_threshold(fp32_risk)
     for i, (fmt, method) in enumerate(variants):
@@ -247,7 +265,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         risk = table["melanoma_risk"].to_numpy()
         auc = melanoma_auc(truth, risk)
-        low, high = paired_bootstrap(truth, fp32_risk, risk, evaluation["lesion_id"].to_numpy(), 200 if args.quick else 1000)
+        low, high = paired_bootstrap(
+            truth, fp32_risk, risk, evaluation["lesion_id"].to_numpy(), 200 if args.quick else 1000
+        )
         report["int8"][name] = {
             "format": fmt,
             "calibration_method": method,

@@ -46,7 +46,8 @@ def test_static_padding_graph_is_the_same_function(bundle, tmp_path, monkeypatch
     for a, b in zip(plain, fast):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # Chunked runs give the numbers of one big run.
-    for a, b in zip(fast, run_in_chunks(create_session(bundle.onnx_path), ["logits", "embedding", "cam"], feeds, rows=2)):
+    chunked = run_in_chunks(create_session(bundle.onnx_path), ["logits", "embedding", "cam"], feeds, rows=2)
+    for a, b in zip(fast, chunked):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -57,7 +58,8 @@ def test_batches_carry_every_view_exactly_and_report_unreadable_items(images):
     seen = []
     for batch in iter_batches(items, prep, batch_size=16, views=names):
         assert batch.images.shape == (3, len(batch.indices), 3, 96, 96)
-        expected = np.stack([prep.normalise(load_square(read_image_bytes(items[i]), prep, items[i])) for i in batch.indices])
+        squares = [load_square(read_image_bytes(items[i]), prep, items[i]) for i in batch.indices]
+        expected = np.stack([prep.normalise(square) for square in squares])
         np.testing.assert_array_equal(batch.images, views(expected, names))
         seen += batch.indices
         if 5 in batch.errors:
@@ -69,12 +71,14 @@ def test_batches_carry_every_view_exactly_and_report_unreadable_items(images):
 
 def test_ood_subspace_matches_the_svd_one():
     rng = np.random.default_rng(0)
-    data = (rng.standard_normal((400, 30)) @ rng.standard_normal((30, 120)) + 0.1 * rng.standard_normal((400, 120))).astype(np.float32)
+    data = rng.standard_normal((400, 30)) @ rng.standard_normal((30, 120)) + 0.1 * rng.standard_normal((400, 120))
+    data = data.astype(np.float32)
     mean, components, precision = _fit_subspace(data, 16)
     _, _, vt = np.linalg.svd(data - data.mean(axis=0), full_matrices=False)
     from sklearn.covariance import LedoitWolf
 
-    reference = OODGate(data.mean(axis=0), vt[:16], LedoitWolf().fit((data - data.mean(axis=0)) @ vt[:16].T).precision_, np.inf)
+    centred = data - data.mean(axis=0)
+    reference = OODGate(data.mean(axis=0), vt[:16], LedoitWolf().fit(centred @ vt[:16].T).precision_, np.inf)
     fast = OODGate(mean, components, precision, np.inf)
     np.testing.assert_allclose(fast.distance(data[:50]), reference.distance(data[:50]), rtol=1e-3)
 

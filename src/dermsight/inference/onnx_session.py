@@ -12,8 +12,8 @@ Every setting is deliberate (bench/run.py measures them):
   the next one, burning the core that the decode threads of `iter_batches` (and the
   API's request handling) need; on the 2-core machine spinning lost 10-20% both in batch
   scoring and in the bare forward pass. ``DERMSIGHT_ORT_SPIN=1`` turns it back on.
-* Small runs: the batch scorer feeds ONNX Runtime a few rows at a time (:func:`run_in_chunks`),
-  faster per image on this CPU than batch 32 and far lighter on memory.
+* Runs of 8 rows: the batch scorer feeds ONNX Runtime a few rows at a time
+  (:func:`run_in_chunks`): as fast per image as batch 32 or faster, and far lighter on memory.
 * Static padding: models exported from timm's TensorFlow-style EfficientNets compute
   their "same" padding at run time (Shape -> Ceil -> Pad on every stride-2 conv). The
   padding only depends on the fixed image size, so it is folded into constants once (see
@@ -41,18 +41,21 @@ def default_threads() -> int:
 
 
 def rows_per_run() -> int:
-    """How many input rows (images x views) one `session.run` gets: small runs keep the
-    activations in the CPU caches. Measured on the 2-core reference machine (bench/run.py,
-    `ceiling.rows_sweep`): 1-4 rows ran ~25% faster per image than 16-32 and need a
-    fraction of the memory (a bare session peaked at ~200 MB resident at 8 rows, ~800 MB at 64).
-    ``DERMSIGHT_ORT_ROWS`` overrides."""
+    """How many input rows (images x views) one `session.run` gets (``DERMSIGHT_ORT_ROWS``
+    overrides). Measured with bench/run.py's `ceiling.rows_sweep` on the 2-core machine:
+    idle, at 144 px, 8 rows ran at 467 images/s (1: 328, 4: 437, 16: 464, 32: 455, 64: 434);
+    busy, at 224 px, small runs held up best (4: 104, 8: 95, 32: 80). Eight is near the
+    best in both, and resident memory grows with the run size (a bare 224 px session
+    peaked at ~190 MB with 8 rows, ~780 MB with 64)."""
     return max(1, int(os.environ.get("DERMSIGHT_ORT_ROWS", ROWS_PER_RUN)))
 
 
-ROWS_PER_RUN = 4
+ROWS_PER_RUN = 8
 
 
-def run_in_chunks(session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray], rows: int | None = None) -> list[np.ndarray]:
+def run_in_chunks(
+    session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray], rows: int | None = None
+) -> list[np.ndarray]:
     """`session.run(outputs, feeds)` on consecutive slices of at most `rows` rows of every
     input (all inputs share the batch axis), outputs concatenated along it: the same
     numbers as one big run, faster and in less memory (see :func:`rows_per_run`)."""
@@ -78,8 +81,15 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 def create_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     """A CPU session on the model at `path` (its static-padding form when that applies)."""
-    model = optimised_model_path(Path(path))
-    return ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+    path = Path(path)
+    model = optimised_model_path(path)
+    options = session_options(threads)
+    if model != path:
+        try:
+            return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        except Exception:  # a cache entry pruned or damaged meanwhile: the original graph still works
+            pass
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _cache_root() -> Path:
@@ -112,6 +122,7 @@ def optimised_model_path(path: Path) -> Path:
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(folded)
         tmp.replace(cached)
+        _prune_cache(root)
         return cached
     except OSError:
         if folded is None:
@@ -122,6 +133,16 @@ def optimised_model_path(path: Path) -> Path:
             return fallback
         except OSError:
             return path
+
+
+CACHE_KEEP = 16  # folded graphs kept (newest first): every retrained bundle adds one
+
+
+def _prune_cache(root: Path) -> None:
+    entries = sorted(root.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[CACHE_KEEP:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".unchanged").unlink(missing_ok=True)
 
 
 def static_padding_model(data: bytes) -> bytes | None:
@@ -135,7 +156,8 @@ def static_padding_model(data: bytes) -> bytes | None:
 
     model = onnx.load_from_string(data)
     graph = model.graph
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     pads = [n for n in graph.node if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] not in constants]
     if not pads:
         return None

@@ -104,7 +104,8 @@ class Predictor:
         n = stacked.shape[1]
         flat = stacked.reshape(-1, *stacked.shape[2:])
         meta = np.tile(metadata.astype(np.float32), (len(names), 1))
-        logits, embeddings, cams = run_in_chunks(self.session, ["logits", "embedding", "cam"], {"image": flat, "metadata": meta})
+        feeds = {"image": flat, "metadata": meta}
+        logits, embeddings, cams = run_in_chunks(self.session, ["logits", "embedding", "cam"], feeds)
         logits = logits.reshape(len(names), n, -1).mean(axis=0)
         embeddings = embeddings.reshape(len(names), n, -1).mean(axis=0)
         mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])

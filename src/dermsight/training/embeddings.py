@@ -104,7 +104,8 @@ def _embed_uncached(cache, refs, digests, backbone, prep, view_names, batch_size
             if not batch.indices:
                 continue
             flat = batch.images.reshape(-1, *batch.images.shape[2:])  # (V, n, 3, S, S): every view, view-major
-            embeddings = run_in_chunks(session, ["embedding"], {"image": flat})[0].reshape(len(view_names), len(batch.indices), -1)
+            embeddings = run_in_chunks(session, ["embedding"], {"image": flat})[0]
+            embeddings = embeddings.reshape(len(view_names), len(batch.indices), -1)
             for v, name in enumerate(view_names):
                 for j, position in enumerate(batch.indices):
                     cache.put(digests[position], name, embeddings[v, j])
