@@ -21,7 +21,7 @@ Sections (--only takes these names; `memory` = api,second_run):
               (each sends its next request as soon as it has an answer: saturation), and 8 paced
               clients (one request per client per second), RSS after the requests
   train       `dermsight train` (embed mode) on the default bundle's sources, warm and cold embedding cache
-  finetune    images/s of finetune-mode training steps (144 px, batch 48, channels_last)
+  finetune    images/s of finetune-mode training steps (the bundle's size, batch 48, channels_last)
   second_run  `dermsight predict` on the same images twice, from an empty cache (wall time, peak RSS)
 
 Every number is wall-clock time on a shared machine: run it when nothing else runs. The
@@ -756,7 +756,9 @@ def child_finetune(args, settings: Settings) -> dict:
     from dermsight.training.finetune import LesionImages, decode_all
     from dermsight.training.losses import make_loss
 
-    size, batch = 144, 48
+    from dermsight.models.bundle import load_bundle
+
+    size, batch = load_bundle(args.model).preprocessing.size, 48  # the default bundle's training resolution
     prep = Preprocessing(size=size)
     steps = settings.finetune_warmup + settings.finetune_steps
     records = readers.read_ham10000(DATA / "ham10000").records.iloc[: batch * steps].reset_index(drop=True)
@@ -908,7 +910,7 @@ def print_table(report: dict) -> None:
         rows.append(("API idle p50 / p99 (ms)", f"{r['api']['idle']['p50_ms']} / {r['api']['idle']['p99_ms']}", "", ""))
         rows.append(("serve start-up to /api/health (s)", r["api"]["startup_seconds_to_health"], "", ""))
     if "finetune" in r:
-        rows.append(("finetune (images/s, 144 px, batch 48)", r["finetune"]["images_per_second"], "", ""))
+        rows.append((f"finetune (images/s, {r['finetune']['image_size']} px, batch 48)", r["finetune"]["images_per_second"], "", ""))
     if "second_run" in r:
         s = r["second_run"]
         rows.append(("predict first / second run (s)", f"{s['first_seconds']} / {s['second_seconds']}", "", ""))

@@ -79,8 +79,7 @@ def combine(*parts: Loaded) -> Loaded:
 @pytest.fixture(scope="session")
 def tiny_bundle(shared, tmp_path_factory) -> Path:
     """A small embed-mode bundle trained once per test run on 300 real images (xdist
-    workers share it through a file lock): frozen ImageNet features, whose OOD gate
-    separates a rendered document from lesions."""
+    workers share it through a file lock): frozen ImageNet features."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     target = root / "tiny_bundle"
@@ -133,24 +132,16 @@ def lesion_images(shared) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def serving_bundle(tiny_bundle, lesion_images, document_png, tmp_path_factory) -> Path:
-    """A copy of `tiny_bundle` for the web app tests whose out-of-distribution gate
-    certainly refuses `document_png` and accepts `lesion_images` (a tiny bundle's own gate
-    may be too loose): its threshold is set between their distances, measured with the
-    Predictor."""
-    from dermsight.inference.ood import OOD_FILE
+    """A copy of `tiny_bundle` for the web app tests (which may change it), checked to
+    accept `lesion_images` and to refuse `document_png` with its own gate."""
     from dermsight.inference.predictor import Predictor
 
     copy = tmp_path_factory.mktemp("serving") / "bundle"
     shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns("weights.pt", "out_of_fold.csv.gz"))
-    predictor = Predictor(copy)
-    images = [*(path.read_bytes() for path in lesion_images), document_png]
-    _, scores, _ = predictor.predict_images(images, pd.DataFrame({"age": [None] * len(images)}))
-    distances = predictor.ood_gate.distance(scores.embeddings)
-    assert distances[-1] > distances[:-1].max(), "the document is no farther from the lesions than they are"
-    gate = dict(np.load(copy / OOD_FILE))
-    gate["threshold"] = np.float32((distances[-1] + distances[:-1].max()) / 2)
-    np.savez_compressed(copy / OOD_FILE, **gate)
     config = json.loads((copy / "bundle.json").read_text())
     config["name"] = "serving-test"
     (copy / "bundle.json").write_text(json.dumps(config, indent=1))
+    images = [*(path.read_bytes() for path in lesion_images), document_png]
+    _, scores, _ = Predictor(copy).predict_images(images, pd.DataFrame({"age": [None] * len(images)}))
+    assert scores.looks_dermoscopic.tolist() == [True] * len(lesion_images) + [False]
     return copy

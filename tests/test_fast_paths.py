@@ -13,7 +13,7 @@ from dermsight.allocator import tune_for_torch
 from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.decode import read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing, views
-from dermsight.inference.ood import OODGate, _fit_subspace
+from dermsight.inference.ood import BlockGate, _fit_block
 from dermsight.inference.onnx_session import create_session, optimised_model_path, run_in_chunks
 from dermsight.models.bundle import load_bundle
 
@@ -73,13 +73,12 @@ def test_ood_subspace_matches_the_svd_one():
     rng = np.random.default_rng(0)
     data = rng.standard_normal((400, 30)) @ rng.standard_normal((30, 120)) + 0.1 * rng.standard_normal((400, 120))
     data = data.astype(np.float32)
-    mean, components, precision = _fit_subspace(data, 16)
+    fast = _fit_block(data, 16)
     _, _, vt = np.linalg.svd(data - data.mean(axis=0), full_matrices=False)
     from sklearn.covariance import LedoitWolf
 
     centred = data - data.mean(axis=0)
-    reference = OODGate(data.mean(axis=0), vt[:16], LedoitWolf().fit(centred @ vt[:16].T).precision_, np.inf)
-    fast = OODGate(mean, components, precision, np.inf)
+    reference = BlockGate(data.mean(axis=0), vt[:16], LedoitWolf().fit(centred @ vt[:16].T).precision_)
     np.testing.assert_allclose(fast.distance(data[:50]), reference.distance(data[:50]), rtol=1e-3)
 
 

@@ -96,7 +96,7 @@ def test_cam_is_exact_decomposition_of_the_melanoma_logit(small_bundle, shared):
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
     image = bundle.preprocessing(decode_file(next((shared / "ham10000" / "images").glob("*.jpg"))))[None]
     metadata = np.zeros((1, len(METADATA_FEATURES)), np.float32)
-    logits, _, cam = session.run(None, {"image": image, "metadata": metadata})
+    logits, cam = session.run(["logits", "cam"], {"image": image, "metadata": metadata})
     import torch
 
     state = torch.load(bundle.path / "weights.pt")

@@ -1,10 +1,16 @@
 """Out-of-distribution gate: is this a dermoscopic image at all?
 
-The bundle's own embedding is compared with the training images' embeddings: a
-Mahalanobis distance in their principal subspace (Ledoit-Wolf shrunk covariance).
-The rejection threshold is a high quantile of distances of *held-out* training
-images, so in-distribution images are rarely refused. A cat, a document, a blank
-frame or a landscape lands far outside. Applying the gate needs numpy only.
+The gate reads the network's ``gate_features``: the pooled outputs of its middle stages
+(colour, texture, shape statistics), one block per stage. For each block it measures a
+Mahalanobis distance from the training images (top principal axes, Ledoit-Wolf shrunk
+covariance) and divides it by that block's 99th percentile of *held-out* training
+distances; an image's score is the largest of these ratios. The final embedding is no
+use here: trained to separate lesion classes, it maps a cat or a page of text close to
+some lesion, while the middle stages see at once that it is no dermoscopic image.
+
+The rejection threshold is a high quantile of held-out scores (images scored by a gate
+fitted without their fold), so in-distribution images are rarely refused; the measured
+rates are in the README (`python bench/ood.py`). Applying the gate needs numpy only.
 """
 
 from __future__ import annotations
@@ -15,30 +21,47 @@ from pathlib import Path
 import numpy as np
 
 OOD_FILE = "ood_gate.npz"
+LAYER_QUANTILE = 0.99  # each block's distance is expressed as a multiple of this held-out quantile
+
+
+@dataclass
+class BlockGate:
+    """The Mahalanobis distance on one block of the gate features."""
+
+    mean: np.ndarray  # (F,)
+    components: np.ndarray  # (P, F) principal axes of the training features
+    precision: np.ndarray  # (P, P) inverse of the shrunk covariance in that subspace
+    scale: float = 1.0  # the held-out LAYER_QUANTILE of the distances
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        projected = (features - self.mean) @ self.components.T
+        return np.sqrt(np.einsum("np,pq,nq->n", projected, self.precision, projected)) / self.scale
 
 
 @dataclass
 class OODGate:
-    mean: np.ndarray  # (F,)
-    components: np.ndarray  # (P, F) principal axes of the training embeddings
-    precision: np.ndarray  # (P, P) inverse of the shrunk covariance in that subspace
-    threshold: float  # distances above this are rejected
+    block_sizes: tuple[int, ...]  # the gate features are these blocks side by side
+    blocks: list[BlockGate]
+    threshold: float  # scores above this are rejected
 
-    def distance(self, embeddings: np.ndarray) -> np.ndarray:
-        projected = (embeddings - self.mean) @ self.components.T
-        return np.sqrt(np.einsum("np,pq,nq->n", projected, self.precision, projected))
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(N, G) gate features -> (N,) scores; about 1 for a typical training image."""
+        parts = np.split(np.asarray(features, np.float32), np.cumsum(self.block_sizes)[:-1], axis=1)
+        return np.max([block.distance(part) for block, part in zip(self.blocks, parts)], axis=0)
 
-    def accepts(self, embeddings: np.ndarray) -> np.ndarray:
-        return self.distance(embeddings) <= self.threshold
+    def accepts(self, features: np.ndarray) -> np.ndarray:
+        return self.score(features) <= self.threshold
 
     def save(self, folder: Path) -> None:
-        np.savez_compressed(
-            folder / OOD_FILE,
-            mean=self.mean.astype(np.float32),
-            components=self.components.astype(np.float32),
-            precision=self.precision.astype(np.float32),
-            threshold=np.float32(self.threshold),
-        )
+        arrays = {"block_sizes": np.asarray(self.block_sizes), "threshold": np.float32(self.threshold)}
+        for i, block in enumerate(self.blocks):
+            arrays |= {
+                f"mean_{i}": block.mean.astype(np.float32),
+                f"components_{i}": block.components.astype(np.float32),
+                f"precision_{i}": block.precision.astype(np.float32),
+                f"scale_{i}": np.float32(block.scale),
+            }
+        np.savez_compressed(folder / OOD_FILE, **arrays)
 
     @classmethod
     def load(cls, folder: Path) -> OODGate | None:
@@ -46,37 +69,54 @@ class OODGate:
         if not path.exists():
             return None
         data = np.load(path)
-        return cls(data["mean"], data["components"], data["precision"], float(data["threshold"]))
+        if "block_sizes" not in data:
+            raise ValueError(f"{path} is a gate of an older DermSight (on the final embedding): retrain the bundle")
+        sizes = tuple(int(s) for s in data["block_sizes"])
+        blocks = [
+            BlockGate(data[f"mean_{i}"], data[f"components_{i}"], data[f"precision_{i}"], float(data[f"scale_{i}"]))
+            for i in range(len(sizes))
+        ]
+        return cls(sizes, blocks, float(data["threshold"]))
 
 
-def _fit_subspace(embeddings: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit_block(features: np.ndarray, n_components: int) -> BlockGate:
     """Mean, the top principal axes, and the shrunk precision of the projections.
 
     The axes are the leading eigenvectors of the (F, F) scatter matrix: the same subspace
     as an SVD of the (N, F) data (the distances do not depend on the axes' signs), but
-    far cheaper for N in the thousands (the six N x F SVDs took minutes of `dermsight train`)."""
+    far cheaper for N in the thousands."""
     from sklearn.covariance import LedoitWolf
     from threadpoolctl import threadpool_limits
 
-    mean = embeddings.mean(axis=0)
-    centred = embeddings - mean
+    features = features.astype(np.float64)
+    mean = features.mean(axis=0)
+    centred = features - mean
     # One BLAS thread: the eigensolver is mostly small steps that a second thread slows down
     # (35x on a busy 2-core machine), and the result no longer depends on the core count.
     with threadpool_limits(1, user_api="blas"):
-        scatter = (centred.T @ centred).astype(np.float64)
-        _, vectors = np.linalg.eigh(scatter)  # ascending eigenvalues
-        k = min(n_components, *embeddings.shape)  # as many axes as an SVD would give
-        components = np.ascontiguousarray(vectors[:, ::-1][:, :k].T).astype(embeddings.dtype, copy=False)
+        _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+        k = min(n_components, *features.shape)  # as many axes as an SVD would give
+        components = np.ascontiguousarray(vectors[:, ::-1][:, :k].T)
         covariance = LedoitWolf().fit(centred @ components.T)
-    return mean, components, covariance.precision_
+    return BlockGate(mean, components, covariance.precision_)
 
 
-def fit_ood_gate(embeddings: np.ndarray, folds: np.ndarray, n_components: int = 64, quantile: float = 0.995) -> OODGate:
-    """Fit on all `embeddings`; set the threshold from distances of each fold's images
-    to a gate fitted without that fold (honest held-out distances)."""
-    held_out = np.zeros(len(embeddings))
+def fit_ood_gate(
+    features: np.ndarray, block_sizes: tuple[int, ...], folds: np.ndarray, n_components: int = 64, quantile: float = 0.99
+) -> OODGate:
+    """Fit on all `features` (N, G) of training images. Every distance that sets a scale or
+    the threshold is held out: each fold's images are measured by blocks fitted without
+    that fold. `quantile` of the held-out scores becomes the threshold, so about
+    1 - quantile of images like the training ones are refused."""
+    parts = np.split(np.asarray(features, np.float64), np.cumsum(block_sizes)[:-1], axis=1)
+    held_out = np.zeros((len(parts), len(features)))
     for fold in np.unique(folds):
         rows = folds == fold
-        gate = OODGate(*_fit_subspace(embeddings[~rows], n_components), threshold=np.inf)
-        held_out[rows] = gate.distance(embeddings[rows])
-    return OODGate(*_fit_subspace(embeddings, n_components), threshold=float(np.quantile(held_out, quantile)))
+        for b, part in enumerate(parts):
+            held_out[b, rows] = _fit_block(part[~rows], n_components).distance(part[rows])
+    scales = np.quantile(held_out, LAYER_QUANTILE, axis=1)
+    blocks = [_fit_block(part, n_components) for part in parts]
+    for block, scale in zip(blocks, scales):
+        block.scale = float(scale)
+    scores = (held_out / scales[:, None]).max(axis=0)
+    return OODGate(tuple(int(s) for s in block_sizes), blocks, threshold=float(np.quantile(scores, quantile)))

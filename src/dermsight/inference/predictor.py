@@ -105,13 +105,32 @@ class Predictor:
         flat = stacked.reshape(-1, *stacked.shape[2:])
         meta = np.tile(metadata.astype(np.float32), (len(names), 1))
         feeds = {"image": flat, "metadata": meta}
-        logits, embeddings, cams = run_in_chunks(self.session, ["logits", "embedding", "cam"], feeds)
-        logits = logits.reshape(len(names), n, -1).mean(axis=0)
-        embeddings = embeddings.reshape(len(names), n, -1).mean(axis=0)
+        outputs = run_in_chunks(self.session, ["logits", "embedding", "cam", "gate_features"], feeds)
+        logits, embeddings, _, gate_features = (a.reshape(len(names), n, -1).mean(axis=0) for a in outputs)
+        cams = outputs[2]
         mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])
         cam = np.mean([view(mel_cams[v], name) for v, name in enumerate(names)], axis=0)  # flips are self-inverse
-        accepted = self.ood_gate.accepts(embeddings) if self.ood_gate else np.ones(n, bool)
+        accepted = self.ood_gate.accepts(gate_features) if self.ood_gate else np.ones(n, bool)
         return Scores(softmax(logits / self.bundle.temperature, axis=1), embeddings, cam, accepted)
+
+    def gate_features(self, refs: Sequence, batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, list[int]]:
+        """The out-of-distribution gate's input for each readable image (means over the
+        bundle's views), and the indices of those images: what `dermsight train` fits the
+        gate on."""
+        parts, rows = [], []
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"gate features of {len(refs)} images", total=len(refs))
+            batches = iter_batches(
+                list(refs), self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task), views=self.bundle.views
+            )
+            for batch in batches:
+                if batch.indices:
+                    flat = batch.images.reshape(-1, *batch.images.shape[2:])
+                    meta = np.zeros((len(flat), len(self.bundle.metadata_features)), np.float32)
+                    features = run_in_chunks(self.session, ["gate_features"], {"image": flat, "metadata": meta})[0]
+                    parts.append(features.reshape(len(batch.images), len(batch.indices), -1).mean(axis=0))
+                    rows.extend(batch.indices)
+        return (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)), rows
 
     def predict_table(self, scores: Scores, image_ids: Sequence[str], patient_ids: pd.Series | None = None) -> pd.DataFrame:
         """The documented prediction table: one row per image, in PREDICTION_COLUMNS order,

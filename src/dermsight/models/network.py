@@ -3,6 +3,9 @@
 The linear head over a global average pool makes the class activation map exact:
 ``logit_k = mean_hw(cam_k) + w_meta_k . metadata + b_k``, so the heat map is a second
 output of the same forward pass (and of the ONNX graph), not an extra computation.
+A third, ``gate_features``, is the pooled output of the middle stages: generic colour and
+texture statistics on which the out-of-distribution gate tells dermoscopy from other
+photos (the final embedding, trained to separate lesions, cannot; see inference/ood.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from torch import nn
 from dermsight.models.backbones import create_backbone
 
 
+# Backbone stages whose pooled outputs are the gate features, as timm's
+# `forward_intermediates(..., extra_blocks=True)` counts them (0 = stem, k = blocks[k-1]):
+# EfficientNet-Lite0 stages 2-6, 24 + 40 + 80 + 112 + 192 = 448 values.
+GATE_STAGES = (2, 3, 4, 5, 6)
+
+
 class DermSightNet(nn.Module):
     def __init__(self, backbone: nn.Module, n_metadata: int, n_classes: int):
         super().__init__()
@@ -27,14 +36,22 @@ class DermSightNet(nn.Module):
     def create(cls, backbone_name: str, n_metadata: int, n_classes: int, pretrained: bool = True) -> DermSightNet:
         return cls(create_backbone(backbone_name, pretrained=pretrained, num_classes=0), n_metadata, n_classes)
 
-    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """image (N,3,S,S), metadata (N,M) -> logits (N,K), embedding (N,F), cam (N,K,h,w)."""
-        feature_map = self.backbone.forward_features(image)
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """image (N,3,S,S), metadata (N,M) -> logits (N,K), embedding (N,F), cam (N,K,h,w),
+        gate_features (N,G)."""
+        feature_map, stages = self.backbone.forward_intermediates(image, indices=list(GATE_STAGES), extra_blocks=True)
         embedding = feature_map.mean(dim=(2, 3))
         logits = self.head(torch.cat([embedding, metadata], dim=1))
         image_weights = self.head.weight[:, : self.n_features]
         cam = torch.einsum("kc,nchw->nkhw", image_weights, feature_map)
-        return logits, embedding, cam
+        gate_features = torch.cat([stage.mean(dim=(2, 3)) for stage in stages], dim=1)
+        return logits, embedding, cam, gate_features
+
+    @property
+    def gate_block_sizes(self) -> tuple[int, ...]:
+        """Channels of each GATE_STAGES stage: the blocks of `gate_features`."""
+        stages = [self.backbone.blocks[k - 1] for k in GATE_STAGES]
+        return tuple([m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels for stage in stages)
 
     def set_linear_head(self, weight: np.ndarray, bias: np.ndarray) -> None:
         """Install a head fitted elsewhere (the embed mode's logistic regression)."""
@@ -55,7 +72,7 @@ class _Embedder(nn.Module):
 
 
 def export_onnx(net: DermSightNet, path: Path, image_size: int) -> None:
-    """The bundle's inference graph: inputs image, metadata; outputs logits, embedding, cam."""
+    """The bundle's inference graph: inputs image, metadata; outputs logits, embedding, cam, gate_features."""
     net = net.eval()
     image = torch.zeros(1, 3, image_size, image_size)
     metadata = torch.zeros(1, net.head.in_features - net.n_features)
@@ -64,7 +81,7 @@ def export_onnx(net: DermSightNet, path: Path, image_size: int) -> None:
         (image, metadata),
         path,
         ["image", "metadata"],
-        ["logits", "embedding", "cam"],
+        ["logits", "embedding", "cam", "gate_features"],
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -119,9 +120,10 @@ def train_one_model(
     augment: bool = True,
     global_order: bool = False,
     micro_batches: int = 1,
-) -> tuple[DermSightNet, int]:
+) -> tuple[DermSightNet, int, float]:
     """Train one network; early-stop on validation balanced accuracy when given.
-    Returns the best network (by validation, else the last) and its epoch count.
+    Returns the best network (by validation, else the last), its epoch count, and the
+    seconds its epochs took in earlier runs that this one resumed from a checkpoint.
 
     For checking DDP against one process (`dermsight.training.ddp_check`): `augment=False`
     trains on the plain squares; `global_order=True` makes a single process draw its
@@ -144,7 +146,7 @@ def train_one_model(
     criterion = make_loss(config.loss, weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), config.warmup_fraction)
-    start_epoch, best_score, best_epoch, best_state = 0, -1.0, 0, None
+    start_epoch, best_score, best_epoch, best_state, earlier_seconds = 0, -1.0, 0, None, 0.0
     if checkpoint.exists():  # resume
         state = torch.load(checkpoint, weights_only=False)
         net.load_state_dict(state["model"])
@@ -152,7 +154,8 @@ def train_one_model(
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_score, best_epoch, best_state = state["epoch"], state["best_score"], state["best_epoch"], state["best_state"]
         torch.set_rng_state(state["rng"])
-    stale = 0
+        earlier_seconds = state.get("seconds", 0.0)
+    stale, started = 0, time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -185,7 +188,7 @@ def train_one_model(
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1, "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
-                "rng": torch.get_rng_state(),
+                "rng": torch.get_rng_state(), "seconds": earlier_seconds + time.perf_counter() - started,
             }
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
@@ -193,7 +196,7 @@ def train_one_model(
             break
     if best_state is not None:
         net.load_state_dict(best_state)
-    return net.to(memory_format=torch.contiguous_format).eval(), best_epoch
+    return net.to(memory_format=torch.contiguous_format).eval(), best_epoch, earlier_seconds
 
 
 def _accumulate_micro_batches(model, criterion, optimizer, images, meta, target, parts: int) -> torch.Tensor:
@@ -209,23 +212,14 @@ def _accumulate_micro_batches(model, criterion, optimizer, images, meta, target,
 
 def predict_logits(net: DermSightNet, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> np.ndarray:
     """Test-time-augmented logits (mean over views) for uint8 squares."""
-    return predict(net, squares, metadata, prep, view_names, batch_size)[0]
-
-
-def predict(net: DermSightNet, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Test-time-augmented logits and embeddings (means over views) for uint8 squares."""
     net.eval()
-    logits, embeddings = [], []
+    logits = []
     with torch.no_grad():
         for start in range(0, len(squares), batch_size):
             batch = np.stack([prep.normalise(s) for s in squares[start : start + batch_size]])
             meta = torch.from_numpy(metadata[start : start + batch_size])
-            outputs = [net(torch.from_numpy(v), meta) for v in views(batch, tuple(view_names))]
-            logits.append(np.mean([o[0].numpy() for o in outputs], axis=0))
-            embeddings.append(np.mean([o[1].numpy() for o in outputs], axis=0))
-    if not logits:
-        return np.zeros((0, net.head.out_features), np.float32), np.zeros((0, net.n_features), np.float32)
-    return np.concatenate(logits), np.concatenate(embeddings)
+            logits.append(np.mean([net(torch.from_numpy(v), meta)[0].numpy() for v in views(batch, tuple(view_names))], axis=0))
+    return np.concatenate(logits) if logits else np.zeros((0, net.head.out_features), np.float32)
 
 
 def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
@@ -237,7 +231,7 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     """Out-of-fold logits from one network per grouped fold (only the first
     `config.validation_folds` folds when set: a CPU-sized budget; other rows stay NaN),
     then the final network on every image for the median best epoch count. Returns
-    (records, labels, oof, net, the final network's embeddings of the training images)."""
+    (records, labels, oof, net, seconds of training done by earlier runs this one resumed)."""
     prep = config.preprocessing
     squares, ok = decode_all(records, prep, config.progress)
     if not ok.all():
@@ -248,26 +242,28 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     folds = records["fold"].to_numpy()
     oof = np.full((len(records), len(classes)), np.nan, np.float32)
     best_epochs: list[int] = []
+    earlier_seconds = 0.0
     first_net: DermSightNet | None = None
     checkpoints = config.output.with_name(config.output.name + ".checkpoints")  # beside the bundle, not in it
     for fold in sorted(set(folds))[: config.validation_folds]:
         train, held_out = folds != fold, folds == fold
         console.print(f"fold {fold}: {train.sum()} training, {held_out.sum()} held-out images")
-        net, best_epoch = train_one_model(
+        net, best_epoch, earlier = train_one_model(
             squares[train], metadata[train], labels[train], classes, config, checkpoints / f"fold{fold}.pt",
             validation=(squares[held_out], metadata[held_out], labels[held_out]),
         )
         oof[held_out] = predict_logits(net, squares[held_out], metadata[held_out], prep, config.views)
         best_epochs.append(best_epoch)
+        earlier_seconds += earlier
         first_net = first_net or net
     if config.refit:
         final_config = TrainConfig(**{**config.__dict__, "epochs": int(np.median(best_epochs))})
         console.print(f"final model on all {len(records)} images for {final_config.epochs} epochs")
-        net, _ = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt")
+        net, _, earlier = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt")
+        earlier_seconds += earlier
     else:
         net = first_net  # never saw its held-out fold: calibration and threshold are fitted on unseen images
-    _, embeddings = predict(net, squares, metadata, prep, config.views)
-    return records, labels, oof, net, embeddings
+    return records, labels, oof, net, earlier_seconds
 
 
 def _copy_state(net: torch.nn.Module) -> dict:
