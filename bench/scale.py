@@ -4,11 +4,18 @@ patients, scored with their patient context). Prints one JSON object.
 
     .venv/bin/python bench/scale.py [--model BUNDLE] [--images N] [--cpus 2]
 
-Run it on an otherwise idle machine: every number is wall-clock time. The local Ray is
-started once (its start-up is reported apart); each Ray run includes starting its actors
-(loading the model), decoding, scoring, the patient group-by and collecting the table.
-Each actor runs ONNX Runtime with one thread; the single-process run uses its default
-(DERMSIGHT_THREADS, else every core).
+Run it on an otherwise idle machine: every number is wall-clock time. Each Ray run
+includes starting its actors (loading the model), decoding, scoring, the patient group-by
+and collecting the table. Each actor runs ONNX Runtime with one thread; the single-process
+run uses its default (DERMSIGHT_THREADS, else every core).
+
+Two measurements of 1 vs 2 workers:
+* shared: one local Ray of `--cpus` CPUs (started once, start-up reported apart), 1 then 2
+  scoring actors. The 1-actor run still decodes on the other core, so this ratio
+  understates what a second worker adds.
+* pinned: a worker = a core. Ray is started for each run with `num_cpus` = workers, and
+  every Ray process (they inherit the driver's CPU affinity) is confined to that many
+  cores: what adding a machine's worth of cores to a cluster buys.
 """
 
 from __future__ import annotations
@@ -67,6 +74,22 @@ def main() -> None:
     finally:
         ray.shutdown()
 
+    pinned = {}
+    all_cores = os.sched_getaffinity(0)
+    for workers in (1, 2):
+        os.sched_setaffinity(0, set(sorted(all_cores)[:workers]))
+        try:
+            init_ray(ray, None, workers)
+            started = time.perf_counter()
+            table, _ = predict_ray(records, bundle, workers=workers, threads=1, progress=False)
+            seconds = time.perf_counter() - started
+        finally:
+            ray.shutdown()
+            os.sched_setaffinity(0, all_cores)
+        gap = float(np.abs(table["melanoma_risk"].to_numpy() - local_table["melanoma_risk"].to_numpy()).max())
+        pinned[workers] = {"cores": workers, "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 1),
+                           "max_abs_difference_from_single_process": gap}
+
     single_rate = n / single_seconds
     print(json.dumps({
         "images": n,
@@ -80,6 +103,8 @@ def main() -> None:
         "ray_start_seconds": round(ray_start_seconds, 2),
         "ray": {f"{w}_workers": r for w, r in runs.items()},
         "scaling_2_vs_1_workers": round(runs[2]["images_per_second"] / runs[1]["images_per_second"], 2),
+        "ray_pinned": {f"{w}_workers": r for w, r in pinned.items()},
+        "scaling_2_vs_1_workers_pinned": round(pinned[2]["images_per_second"] / pinned[1]["images_per_second"], 2),
         "ray_2_workers_time_vs_single_process": round(runs[2]["seconds"] / single_seconds, 2),
     }, indent=1))
 
