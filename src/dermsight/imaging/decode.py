@@ -47,6 +47,16 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def image_kind(data: bytes, name: str = "image") -> str:
+    """`sniff_format`, raising ImageError (naming `name`) for empty or non-image data."""
+    if not data:
+        raise ImageError(f"{name}: file is empty (0 bytes)")
+    kind = sniff_format(data)
+    if kind is None:
+        raise ImageError(f"{name}: not an image (JPEG, PNG, DICOM, BMP, TIFF or WebP expected)")
+    return kind
+
+
 def read_image_bytes(ref: str | Path) -> bytes:
     """The encoded bytes behind an image_ref: a file path, or ``shard.tfrec#offset``."""
     ref = str(ref)
@@ -72,11 +82,7 @@ def decode_image(data: bytes, *, name: str = "image", min_side: int | None = Non
     ``draft``) as long as both sides stay at least that large: about twice as fast
     for big photos, and the model never sees more pixels than it needs.
     """
-    if not data:
-        raise ImageError(f"{name}: file is empty (0 bytes)")
-    kind = sniff_format(data)
-    if kind is None:
-        raise ImageError(f"{name}: not an image (JPEG, PNG, DICOM, BMP, TIFF or WebP expected)")
+    kind = image_kind(data, name)
     if kind == "dicom":
         from dermsight.imaging.dicom import decode_dicom
 

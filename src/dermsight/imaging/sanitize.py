@@ -36,7 +36,7 @@ import numpy as np
 from PIL import ExifTags
 from PIL import Image as PILImage
 
-from dermsight.imaging.decode import MAX_PIXELS, ImageError, decode_image, sniff_format
+from dermsight.imaging.decode import MAX_PIXELS, ImageError, decode_image, image_kind
 
 TRAILING_ALLOWANCE = 32  # bytes after the image's end tolerated (and dropped) whatever they are
 
@@ -68,11 +68,7 @@ class Sanitized:
 def sanitize_image(data: bytes, *, name: str = "image") -> Sanitized:
     """The bytes of `data` that DermSight stores and scores; ImageError when `data` is
     not one complete, clean image."""
-    if not data:
-        raise ImageError(f"{name}: file is empty (0 bytes)")
-    kind = sniff_format(data)
-    if kind is None:
-        raise ImageError(f"{name}: not an image (JPEG, PNG, DICOM, BMP, TIFF or WebP expected)")
+    kind = image_kind(data, name)
     if kind == "jpeg":
         return Sanitized(_clean_jpeg(data, name), "jpeg", kind)
     if kind == "png":
