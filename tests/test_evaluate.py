@@ -252,6 +252,24 @@ def test_evaluate_cv_reproduces_the_bundle_metrics(bundle):
     assert summary["melanoma_auc"]["mean"] == pytest.approx(np.mean([f["melanoma_auc"] for f in per_fold]))
 
 
+def test_cv_report_on_one_source_keeps_only_its_images(bundle, shared, tmp_path):
+    """`evaluate --cv DATA`: the bundle's cross-validation restricted to DATA's images (here the
+    HAM10000 share of a HAM10000 + isic9 bundle), with the counts and metrics of that share."""
+    oof = pd.read_csv(bundle.path / "out_of_fold.csv.gz")
+    ham = oof[oof["source"].str.contains("ham10000")]
+    assert 0 < len(ham) < len(oof)
+    result = CliRunner().invoke(
+        app, ["evaluate", "-m", str(bundle.path), "--cv", str(shared / "ham10000"), "-o", str(tmp_path), "--bootstrap", "20"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["data"]["images"] == len(ham)
+    assert report["melanoma"]["positives"] == int((ham["diagnosis"] == "MEL").sum())
+    assert sum(f["images"] for f in report["cross_validation"]["per_fold"]) == len(ham)
+    with pytest.raises(EvaluationError, match="none of the given images"):
+        evaluate_cv(bundle, only_images={"ISIC_not_there"}, n_boot=0)
+
+
 def test_report_is_written_and_self_contained(result, tmp_path):
     paths = write_report(result, tmp_path / "report")
     assert paths["json"].exists() and paths["html"].exists()

@@ -226,7 +226,7 @@ def evaluate_command(
     predictions: Path = typer.Option(
         None, "--predictions", "-p", help="Evaluate this `dermsight predict` CSV (or .parquet) against DATA instead of scoring DATA."
     ),
-    cv: bool = typer.Option(False, "--cv", help="Report the bundle's grouped cross-validation (its out_of_fold.csv.gz); no images needed."),
+    cv: bool = typer.Option(False, "--cv", help="Report the bundle's grouped cross-validation (its out_of_fold.csv.gz); with DATA, only DATA's images (e.g. HAM10000's share)."),
     output: Path = typer.Option(Path("runs/evaluation"), "--output", "-o", help="Folder for report.json, report.html (and predictions.csv)."),
     batch_size: int = typer.Option(32, min=1),
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the 95% intervals."),
@@ -255,7 +255,7 @@ def evaluate_command(
         if cv:
             refs = _image_refs(data or bundle.training.get("config", {}).get("sources", []), quiet=not data)
             with console.status("computing cross-validation metrics"):
-                result = evaluate_cv(bundle, image_refs=refs, **options)
+                result = evaluate_cv(bundle, image_refs=refs, only_images=set(refs) if data else None, **options)
         else:
             truth = _truth_records(data)
             if predictions is not None:

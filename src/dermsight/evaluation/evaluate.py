@@ -540,6 +540,7 @@ def evaluate_cv(
     bundle: Bundle,
     *,
     image_refs: Mapping[str, str] | None = None,
+    only_images: set[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     min_count: int = 30,
@@ -549,7 +550,8 @@ def evaluate_cv(
     `evaluate_predictions` reports, plus per-fold melanoma AUC and balanced accuracy with their
     mean and sd over folds (population sd, as in bundle.json). The threshold and temperature
     were fitted on these same predictions, so the threshold check holds by construction.
-    `image_refs` ({image_id: path}) only serves the false-negative thumbnails."""
+    `image_refs` ({image_id: path}) serves the false-negative thumbnails; `only_images`
+    restricts the report to those images (e.g. HAM10000's share of a multi-source CV)."""
     path = bundle.path / "out_of_fold.csv.gz"
     if not path.exists():
         raise EvaluationError(f"{path} is missing: this bundle carries no out-of-fold predictions (retrain it)")
@@ -562,6 +564,10 @@ def evaluate_cv(
     missing = [c for c in needed if c not in oof.columns]
     if missing:
         raise EvaluationError(f"{path}: missing column(s) {', '.join(missing)}")
+    if only_images is not None:
+        oof = oof[oof["image_id"].isin(only_images)]
+        if oof.empty:
+            raise EvaluationError(f"none of the given images is in {path}: they were not part of this bundle's training data")
     truth = oof.drop(columns=[c for c in DIAGNOSES if c in oof.columns])
     if image_refs:
         truth["image_ref"] = truth["image_id"].map(image_refs)
