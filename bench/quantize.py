@@ -16,16 +16,15 @@ Data, grouped so that no lesion is on both sides:
   clustered bootstrap gives its interval). The bundle's own out-of-fold AUC on the same
   images is reported beside it.
 * calibration: HAM10000 images of lesions outside that fold, in every view of the bundle.
-Only the backbone is quantized (Conv with its ReLU6 Clip, so each conv's output is quantized
-over 0-6, not over its raw range, and the residual Adds); the head (pool, metadata concat,
-linear layer, class activation maps) stays float. Every format x calibration method given
-is tried.
+The float reference is the bundle's float network (weights.pt), so an int8 bundle is checked
+the same way. Quantization is `dermsight.models.quantize.quantize_graph`, what
+`dermsight train --int8` runs (backbone only; the head stays float). Every format x
+calibration method given is tried.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -74,65 +73,17 @@ def held_out_split(bundle, fold: int, n_eval: int | None, n_calibration: int, se
     return evaluation, calibration
 
 
-class Reader:
-    """CalibrationDataReader over preprocessed real images in every bundle view."""
+def model_inputs(records: pd.DataFrame, bundle) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed real images in every bundle view (N*V, 3, S, S) and their metadata rows."""
+    from dermsight.imaging.batches import iter_batches
+    from dermsight.models.metadata import encode_metadata
 
-    def __init__(self, records: pd.DataFrame, bundle, batch: int = 16):
-        from dermsight.imaging.batches import iter_batches
-        from dermsight.models.metadata import encode_metadata
-
-        metadata = encode_metadata(records)
-        images, meta = [], []
-        for b in iter_batches(records["image_ref"].tolist(), bundle.preprocessing, batch, views=bundle.views):
-            images.append(b.images.reshape(-1, *b.images.shape[2:]))
-            meta.append(np.tile(metadata[b.indices].astype(np.float32), (len(bundle.views), 1)))
-        images, meta = np.concatenate(images), np.concatenate(meta)
-        rows = len(images) - len(images) % batch  # equal batches: the histogram calibrators stack them
-        self.feeds = [{"image": images[i : i + batch], "metadata": meta[i : i + batch]} for i in range(0, rows, batch)]
-        self.position = 0
-
-    def get_next(self):
-        if self.position >= len(self.feeds):
-            return None
-        self.position += 1
-        return self.feeds[self.position - 1]
-
-    def rewind(self) -> None:
-        self.position = 0
-
-
-def quantize(fp32: Path, out: Path, reader: Reader, fmt: str, method: str, keep_float: list[str]) -> None:
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = out.with_suffix(".prep.onnx")
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    graph = onnx.load(str(prepared)).graph
-    # The backbone ends at the last Conv's activation; everything after (pool, concat, head, CAM) stays float.
-    head_types = {"ReduceMean", "Concat", "Gemm", "Einsum", "MatMul"}
-    exclude = [n.name for n in graph.node if n.op_type in head_types or any(p in n.name for p in keep_float)]
-    with contextlib.redirect_stdout(sys.stderr):  # the calibrators print progress; stdout is for the JSON
-        _quantize_static(prepared, out, reader, fmt, method, exclude)
-    prepared.unlink(missing_ok=True)
-
-
-def _quantize_static(prepared: Path, out: Path, reader, fmt: str, method: str, exclude: list[str]) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    quantize_static(
-        str(prepared),
-        str(out),
-        reader,
-        quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=["Conv", "Clip", "Add"],  # Clip: each conv is quantized over its ReLU6 range
-        nodes_to_exclude=exclude,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                          "entropy": CalibrationMethod.Entropy}[method],
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-    )
+    metadata = encode_metadata(records)
+    images, meta = [], []
+    for b in iter_batches(records["image_ref"].tolist(), bundle.preprocessing, 16, views=bundle.views):
+        images.append(b.images.reshape(-1, *b.images.shape[2:]))
+        meta.append(np.tile(metadata[b.indices].astype(np.float32), (len(bundle.views), 1)))
+    return np.concatenate(images), np.concatenate(meta)
 
 
 def melanoma_auc(truth: np.ndarray, risk: np.ndarray) -> float:
@@ -198,20 +149,23 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
 
-    from dermsight.inference.onnx_session import optimised_model_path, session_options
+    from dermsight.inference.onnx_session import create_session
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import load_bundle
-
-    import onnxruntime as ort
+    from dermsight.models.network import DermSightNet, export_onnx
+    from dermsight.models.quantize import is_quantized, quantize_graph
 
     bundle = load_bundle(args.model)
     n_eval = args.eval_images or (300 if args.quick else None)
     n_cal = args.calibration or (48 if args.quick else 256)
     evaluation, calibration = held_out_split(bundle, args.fold, n_eval, n_cal)
     truth = (evaluation["diagnosis"] == "MEL").to_numpy().astype(int)
-    fp32_path = optimised_model_path(bundle.onnx_path)
+    workdir = Path(tempfile.mkdtemp(prefix="dermsight-int8-"))
+    fp32_path = workdir / "model.fp32.onnx"  # the bundle's float network (from weights.pt), int8 bundle or not
+    export_onnx(DermSightNet.from_bundle(bundle), fp32_path, bundle.preprocessing.size)
 
     predictor = Predictor(bundle)
+    predictor.session = create_session(fp32_path)
     started = time.perf_counter()
     fp32_table, errors = predictor.predict_records(evaluation, progress=False)
     fp32_seconds = time.perf_counter() - started
@@ -219,6 +173,7 @@ def main() -> None:
     fp32_risk = fp32_table["melanoma_risk"].to_numpy()
     report = {
         "bundle": bundle.name,
+        "bundle_graph": "int8" if is_quantized(bundle.onnx_path) else "float",
         "quick": args.quick,
         "evaluation": {
             "source": f"HAM10000 images of out-of-fold fold {args.fold} (lesion-grouped)",
@@ -235,12 +190,11 @@ def main() -> None:
         "int8": {},
     }
     started = time.perf_counter()
-    reader = Reader(calibration, bundle)
+    calibration_inputs = model_inputs(calibration, bundle)
     report["calibration"]["prepare_seconds"] = round(time.perf_counter() - started, 1)
     sessions = {"fp32": predictor.session}
     predictor_fp32_session = predictor.session
-    probe = Reader(evaluation.iloc[:64], bundle, batch=64).feeds[0]
-    workdir = Path(tempfile.mkdtemp(prefix="dermsight-int8-"))
+    probe = dict(zip(("image", "metadata"), model_inputs(evaluation.iloc[:32], bundle)))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     variants = [(f, m.strip()) for m in args.methods.split(",") if m.strip() for f in formats]
     threshold = bundle.melanoma_threshold
@@ -254,11 +208,11 @@ def main() -> None:
     for i, (fmt, method) in enumerate(variants):
         name = f"{fmt}-{method}"
         path = args.save if (args.save and i == 0) else workdir / f"model.{name}.onnx"
-        reader.rewind()
         started = time.perf_counter()
-        quantize(fp32_path, path, reader, fmt, method, [p for p in args.keep_float.split(",") if p])
+        quantize_graph(fp32_path, path, *calibration_inputs, method=method, quant_format=fmt,
+                       keep_float=tuple(p for p in args.keep_float.split(",") if p))
         quantize_seconds = time.perf_counter() - started
-        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        session = create_session(path)
         predictor.session = session
         started = time.perf_counter()
         table, _ = predictor.predict_records(evaluation, progress=False)

@@ -420,10 +420,7 @@ def child_naive(args, settings: Settings) -> dict:
 
     bundle = load_bundle_or_exit(args.model)
     prep = bundle.preprocessing
-    net = DermSightNet.create(bundle.backbone, len(bundle.metadata_features), len(bundle.classes), pretrained=False)
-    state = torch.load(bundle.path / "weights.pt", map_location="cpu", weights_only=True)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
-    net.eval()
+    net = DermSightNet.from_bundle(bundle)
     records = test_128_records(settings.naive_images)
     paths = records["image_ref"].tolist()
     warm_page_cache(paths)

@@ -166,3 +166,26 @@ def test_finetune_mode_trains_resumes_and_exports(shared, cache_dir, tmp_path):
         progress=False,
     )
     assert not errors and len(table) == 4
+
+
+def test_int8_bundle_is_calibrated_on_the_graph_it_ships(shared, cache_dir, tmp_path):
+    """--int8: the shipped graph is quantized, and the out-of-fold probabilities the temperature
+    and threshold were fitted on are what that very graph gives on its held-out fold."""
+    from dermsight.models.quantize import is_quantized
+
+    config = TrainConfig(
+        sources=[str(shared / "ham10000")], output=tmp_path / "q", mode="finetune", image_size=64, epochs=1,
+        batch_size=16, folds=3, validation_folds=1, refit=False, int8=True, max_images=120, cache_dir=cache_dir,
+        progress=False,
+    )
+    bundle = train(config)
+    assert is_quantized(bundle.onnx_path) and bundle.training["config"]["int8"]
+    assert bundle.onnx_path.stat().st_size < 0.4 * (tmp_path / "q.checkpoints" / "fold0.pt").stat().st_size
+    oof = pd.read_csv(bundle.path / "out_of_fold.csv.gz", dtype={"image_id": str})
+    assert set(oof["fold"]) == {0}
+    held_out = oof.assign(image_ref=[str(shared / "ham10000" / "images" / f"{i}.jpg") for i in oof["image_id"]])
+    table, errors = Predictor(bundle.path).predict_records(held_out, progress=False)
+    assert not errors
+    assert np.abs(table[bundle.classes].to_numpy() - oof[bundle.classes].to_numpy()).max() < 1e-4  # float OOF: off by 0.5
+    with pytest.raises(ValueError, match="--int8 needs --mode finetune"):
+        train(TrainConfig(sources=config.sources, output=tmp_path / "e", int8=True, cache_dir=cache_dir, progress=False))

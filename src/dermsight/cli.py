@@ -128,6 +128,7 @@ def train_command(
     learning_rate: float = typer.Option(1e-3, help="Finetune mode: peak AdamW learning rate."),
     validation_folds: int = typer.Option(None, min=1, help="Finetune mode: hold out only the first N folds (CPU budget)."),
     refit: bool = typer.Option(True, help="Finetune mode: refit on all images (--no-refit ships the first fold's network)."),
+    int8: bool = typer.Option(False, "--int8", help="Finetune mode: ship the int8 graph (2x faster); calibration and threshold are fitted on int8 outputs."),
     max_images: int = typer.Option(None, help="Train on a random subset of this many images (smoke runs)."),
 ) -> None:
     """Train a model bundle: out-of-fold validation, calibration, threshold, ONNX export."""
@@ -141,7 +142,7 @@ def train_command(
         sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
         views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
         target_sensitivity=target_sensitivity, epochs=epochs, validation_folds=validation_folds, refit=refit, batch_size=batch_size, learning_rate=learning_rate,
-        max_images=max_images,
+        int8=int8, max_images=max_images,
     )
     bundle = train(config)
     pooled = bundle.metrics["pooled"]

@@ -2,8 +2,9 @@
 
     bundle.json   classes, preprocessing, metadata features, TTA views, calibration,
                   operating threshold, validation metrics, how it was trained
-    model.onnx    image + metadata -> logits, embedding, class activation maps
-    weights.pt    the torch weights (fp16), for fine-tuning further
+    model.onnx    image + metadata -> logits, embedding, class activation maps, gate
+                  features (float, or int8 when trained with --int8)
+    weights.pt    the float torch weights (stored fp16): the float reference, for fine-tuning further
     MODEL_CARD.md provenance, intended use, limits
 
 Reading a bundle needs neither torch nor timm.

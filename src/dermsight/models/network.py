@@ -36,6 +36,15 @@ class DermSightNet(nn.Module):
     def create(cls, backbone_name: str, n_metadata: int, n_classes: int, pretrained: bool = True) -> DermSightNet:
         return cls(create_backbone(backbone_name, pretrained=pretrained, num_classes=0), n_metadata, n_classes)
 
+    @classmethod
+    def from_bundle(cls, bundle) -> DermSightNet:
+        """The bundle's network in float32 eager torch, from its weights.pt (the float
+        reference of an int8 bundle, and the start for fine-tuning further)."""
+        net = cls.create(bundle.backbone, len(bundle.metadata_features), len(bundle.classes), pretrained=False)
+        state = torch.load(bundle.path / "weights.pt", map_location="cpu", weights_only=True)
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+        return net.eval()
+
     def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """image (N,3,S,S), metadata (N,M) -> logits (N,K), embedding (N,F), cam (N,K,h,w),
         gate_features (N,G)."""

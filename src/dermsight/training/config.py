@@ -32,6 +32,7 @@ class TrainConfig:
     patience: int = 2
     validation_folds: int | None = None  # finetune: train only this many of the folds for validation (None = all)
     refit: bool = True  # finetune: refit on every image; False ships the first fold's network (calibrated on its held-out fold)
+    int8: bool = False  # finetune: ship the int8 graph; out-of-fold logits (calibration, threshold) come from int8 graphs
     max_images: int | None = None  # a subset, for smoke runs
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True

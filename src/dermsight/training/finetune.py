@@ -222,6 +222,44 @@ def predict_logits(net: DermSightNet, squares: np.ndarray, metadata: np.ndarray,
     return np.concatenate(logits) if logits else np.zeros((0, net.head.out_features), np.float32)
 
 
+INT8_CALIBRATION_IMAGES = 256  # activation ranges only (no labels); bench/quantize.py used 258
+
+
+def quantize_network(net: DermSightNet, path: Path, squares: np.ndarray, metadata: np.ndarray, config: TrainConfig) -> Path:
+    """Export `net` and write its int8 graph to `path`, its activation ranges calibrated on a
+    seeded sample of `squares` (images the net trained on) in every test-time view."""
+    import tempfile
+
+    from dermsight.models.network import export_onnx
+    from dermsight.models.quantize import quantize_graph
+
+    prep = config.preprocessing
+    rows = np.sort(np.random.default_rng(config.seed).permutation(len(squares))[:INT8_CALIBRATION_IMAGES])
+    normalised = np.stack([prep.normalise(s) for s in squares[rows]])
+    images = views(normalised, tuple(config.views)).reshape(-1, *normalised.shape[1:])
+    meta = np.tile(metadata[rows].astype(np.float32), (len(config.views), 1))
+    with tempfile.TemporaryDirectory(prefix="dermsight-export-") as work:
+        fp32 = Path(work) / "model.onnx"
+        export_onnx(net, fp32, prep.size)
+        quantize_graph(fp32, path, images, meta)
+    return path
+
+
+def graph_logits(graph: Path, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> np.ndarray:
+    """Test-time-augmented logits (mean over views) of an ONNX graph, as the Predictor runs it."""
+    from dermsight.inference.onnx_session import create_session, run_in_chunks
+
+    session = create_session(graph)
+    logits = []
+    for start in range(0, len(squares), batch_size):
+        batch = np.stack([prep.normalise(s) for s in squares[start : start + batch_size]])
+        stacked = views(batch, tuple(view_names))
+        meta = np.tile(metadata[start : start + batch_size].astype(np.float32), (len(view_names), 1))
+        out = run_in_chunks(session, ["logits"], {"image": stacked.reshape(-1, *batch.shape[1:]), "metadata": meta})[0]
+        logits.append(out.reshape(len(view_names), len(batch), -1).mean(axis=0))
+    return np.concatenate(logits)
+
+
 def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
     recalls = [np.mean(predicted[labels == c] == c) for c in range(n_classes) if np.any(labels == c)]
     return float(np.mean(recalls))
@@ -230,8 +268,11 @@ def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int)
 def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: TrainConfig):
     """Out-of-fold logits from one network per grouped fold (only the first
     `config.validation_folds` folds when set: a CPU-sized budget; other rows stay NaN),
-    then the final network on every image for the median best epoch count. Returns
-    (records, labels, oof, net, seconds of training done by earlier runs this one resumed)."""
+    then the final network on every image for the median best epoch count. With
+    `config.int8` each network is quantized and its out-of-fold logits come from the int8
+    graph, so calibration and threshold are fitted on what the bundle will run. Returns
+    (records, labels, oof, net, seconds of training done by earlier runs this one resumed,
+    the int8 graph of `net` or None)."""
     prep = config.preprocessing
     squares, ok = decode_all(records, prep, config.progress)
     if not ok.all():
@@ -244,6 +285,7 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     best_epochs: list[int] = []
     earlier_seconds = 0.0
     first_net: DermSightNet | None = None
+    first_graph: Path | None = None
     checkpoints = config.output.with_name(config.output.name + ".checkpoints")  # beside the bundle, not in it
     for fold in sorted(set(folds))[: config.validation_folds]:
         train, held_out = folds != fold, folds == fold
@@ -252,7 +294,12 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
             squares[train], metadata[train], labels[train], classes, config, checkpoints / f"fold{fold}.pt",
             validation=(squares[held_out], metadata[held_out], labels[held_out]),
         )
-        oof[held_out] = predict_logits(net, squares[held_out], metadata[held_out], prep, config.views)
+        if config.int8:
+            graph = quantize_network(net, checkpoints / f"fold{fold}.int8.onnx", squares[train], metadata[train], config)
+            oof[held_out] = graph_logits(graph, squares[held_out], metadata[held_out], prep, config.views)
+            first_graph = first_graph or graph
+        else:
+            oof[held_out] = predict_logits(net, squares[held_out], metadata[held_out], prep, config.views)
         best_epochs.append(best_epoch)
         earlier_seconds += earlier
         first_net = first_net or net
@@ -261,9 +308,10 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
         console.print(f"final model on all {len(records)} images for {final_config.epochs} epochs")
         net, _, earlier = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt")
         earlier_seconds += earlier
+        graph = quantize_network(net, checkpoints / "final.int8.onnx", squares, metadata, config) if config.int8 else None
     else:
-        net = first_net  # never saw its held-out fold: calibration and threshold are fitted on unseen images
-    return records, labels, oof, net, earlier_seconds
+        net, graph = first_net, first_graph  # never saw its held-out fold: calibration and threshold are fitted on unseen images
+    return records, labels, oof, net, earlier_seconds, graph
 
 
 def _copy_state(net: torch.nn.Module) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shlex
+import shutil
 import sys
 import time
 
@@ -48,6 +49,9 @@ def train(config: TrainConfig) -> Bundle:
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     resumed_seconds = 0.0  # training done by earlier runs this one resumed from checkpoints
+    int8_graph = None  # finetune --int8: the shipped network's quantized graph
+    if config.int8 and config.mode != "finetune":
+        raise ValueError("--int8 needs --mode finetune (embed mode's heads are fitted on float embeddings)")
     records, classes = load_training_records(config)
     console.print(f"training on {len(records):,} images, classes {', '.join(classes)}, {config.folds} grouped folds")
 
@@ -66,7 +70,7 @@ def train(config: TrainConfig) -> Bundle:
     elif config.mode == "finetune":
         from dermsight.training import finetune
 
-        records, labels, oof_logits, net, resumed_seconds = finetune.cross_validate_and_fit(records, classes, config)
+        records, labels, oof_logits, net, resumed_seconds, int8_graph = finetune.cross_validate_and_fit(records, classes, config)
     else:
         raise ValueError(f"unknown mode {config.mode!r}; expected 'embed' or 'finetune'")
 
@@ -103,6 +107,8 @@ def train(config: TrainConfig) -> Bundle:
         },
     )
     export_onnx(net, bundle.onnx_path, config.image_size)
+    if int8_graph is not None:
+        shutil.copyfile(int8_graph, bundle.onnx_path)  # the graph the out-of-fold logits were computed with
     torch.save({k: v.half() for k, v in net.state_dict().items()}, bundle.path / "weights.pt")
     save_out_of_fold(records, probabilities, classes, bundle)
     bundle.save()
