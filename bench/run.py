@@ -680,7 +680,7 @@ def section_train(args, settings: Settings, results: dict) -> dict:
             out["warm"] = train(cold_cache, "warm", None)  # the cache the cold run filled
         else:
             # Warm: the user's cache (filled when the default bundle was trained); cold estimated below.
-            from dermsight.training.embeddings import default_cache_dir
+            from dermsight.cache import default_cache_dir
 
             out["warm"] = train(default_cache_dir(), "warm", settings.train_max_images)
             out["warm"]["cache"] = "the default cache (assumed warm for the bundle's sources)"
@@ -708,7 +708,8 @@ def section_train(args, settings: Settings, results: dict) -> dict:
 
 def measure_cold_embedding(bundle, n: int, cache: Path) -> dict:
     """Embeddings per second into an empty cache (the embedder graph copied in, not exported)."""
-    from dermsight.training.embeddings import EmbeddingCache, embed_records, default_cache_dir
+    from dermsight.cache import default_cache_dir
+    from dermsight.training.embeddings import EmbeddingCache, embed_records
 
     records = test_128_records(n)
     source = EmbeddingCache(default_cache_dir(), bundle.backbone, bundle.preprocessing.size).embedder_path
@@ -813,7 +814,8 @@ def section_second_run(args, settings: Settings, results: dict) -> dict:
     return {
         "what": "`dermsight predict MANIFEST -o predictions.csv` twice on the same test_128 images "
         "(process wall time); "
-        "run 1 starts with an empty DERMSIGHT_CACHE (the static-padding graph is built and cached), run 2 reuses it",
+        "run 1 starts with an empty DERMSIGHT_CACHE (it builds the static-padding graph and caches it and every "
+        "image's scores), run 2 reuses both: it reads and hashes the images but neither decodes nor runs the network",
         "images": len(records),
         "first_seconds": rounded(first["seconds"], 2),
         "second_seconds": rounded(second["seconds"], 2),

@@ -166,6 +166,7 @@ def predict_command(
     address: str = typer.Option(None, help="Ray engine: the cluster to run on (ray://HEAD:10001, HEAD:6379 or auto); default a local Ray."),
     workers: int = typer.Option(None, min=1, help="Ray engine: scoring actors, one ONNX session each (default: one per local CPU)."),
     num_cpus: int = typer.Option(None, min=1, help="Ray engine without --address: CPUs of the local Ray (default: all)."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse scores of images this bundle scored before ($DERMSIGHT_CACHE/scores)."),
 ) -> None:
     """Score images: one row per image with class probabilities, calibrated melanoma_risk,
     predicted_class, above_threshold and, where patients are known, patient context."""
@@ -199,7 +200,7 @@ def predict_command(
     else:
         predictor = Predictor(model)
         bundle = predictor.bundle
-        table, unreadable = predictor.predict_records(records, batch_size=batch_size)
+        table, unreadable = predictor.predict_records(records, batch_size=batch_size, cache=_score_cache(bundle, cache))
     for image_id, message in unreadable.items():
         console.print(f"[yellow]unreadable[/] {image_id}: {message}", highlight=False)
     write_predictions(table, output)
@@ -209,6 +210,21 @@ def predict_command(
         f"{flagged:,} at or above the melanoma threshold {bundle.melanoma_threshold:.4f}; "
         f"{len(unreadable) + len(problems):,} skipped"
     )
+
+
+def _score_cache(bundle, enabled: bool):
+    """The bundle's score cache, or None (disabled, or the cache folder is not writable: scoring still works)."""
+    import sqlite3
+
+    from dermsight.inference.score_cache import ScoreCache
+
+    if not enabled:
+        return None
+    try:
+        return ScoreCache(bundle)
+    except (OSError, sqlite3.Error) as err:
+        console.print(f"[yellow]score cache unavailable ({err}); scoring every image[/]", highlight=False)
+        return None
 
 
 def write_predictions(table: pd.DataFrame, output: Path) -> None:
@@ -328,7 +344,7 @@ def _score(bundle, records: pd.DataFrame, batch_size: int, output: Path) -> tupl
     if labelled.empty:
         raise EvaluationError("DATA holds no labelled record with an image file to score")
     predictor = Predictor(bundle)
-    table, unscored = predictor.predict_records(labelled, batch_size=batch_size)
+    table, unscored = predictor.predict_records(labelled, batch_size=batch_size, cache=_score_cache(bundle, True))
     for image_id, message in list(unscored.items())[:5]:
         console.print(f"[yellow]unreadable[/] {image_id}: {message}", highlight=False)
     write_predictions(table, output / "predictions.csv")

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from dermsight.cache import default_cache_dir
+
 FOLD_VERSION = 1  # bump when static_padding_model changes what it writes
 
 
@@ -93,7 +95,7 @@ def create_session(path: Path, threads: int | None = None) -> ort.InferenceSessi
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("DERMSIGHT_CACHE", Path.home() / ".cache" / "dermsight")) / "onnx"
+    return default_cache_dir() / "onnx"
 
 
 def optimised_model_path(path: Path) -> Path:

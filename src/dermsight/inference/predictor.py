@@ -21,6 +21,7 @@ from dermsight.imaging.preprocess import view, views
 from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
 from dermsight.inference.ood import OODGate
 from dermsight.inference.onnx_session import create_session, run_in_chunks
+from dermsight.inference.score_cache import ScoreCache
 from dermsight.models.bundle import Bundle, load_bundle
 from dermsight.models.metadata import encode_metadata
 
@@ -155,27 +156,43 @@ class Predictor:
         table = self.predict_table(scores, frame["image_id"], frame["patient_id"] if has_patients else None)
         return table, scores, squares
 
-    def predict_records(self, records: pd.DataFrame, batch_size: int = 32, progress: bool = True) -> tuple[pd.DataFrame, dict[str, str]]:
+    def predict_records(
+        self, records: pd.DataFrame, batch_size: int = 32, progress: bool = True, cache: ScoreCache | None = None
+    ) -> tuple[pd.DataFrame, dict[str, str]]:
         """Score every record (schema columns; image_ref required). Returns the prediction
-        table and {image_id: error} for images that could not be read."""
+        table (in record order) and {image_id: error} for images that could not be read.
+        With a `cache`, images scored before (same content, same metadata) are not scored again."""
         records = records.reset_index(drop=True)
         metadata = encode_metadata(records)
         refs = records["image_ref"].tolist()
+        keys = cache.keys(refs, metadata) if cache else []
         parts: list[tuple[list[int], Scores]] = []
+        found = cache.get(keys) if cache else {}
+        if found:
+            rows = sorted(found)
+            parts.append((rows, Scores(*(np.stack([found[r][f] for r in rows]) for f in range(len(fields(Scores)))))))
+        todo = [i for i in range(len(refs)) if i not in found]
         errors: dict[str, str] = {}
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"scoring {len(refs)} images", total=len(refs))
+        with Progress(disable=not progress or not todo, transient=True) as bar:
+            task = bar.add_task(f"scoring {len(todo)} images", total=len(todo))
             batches = iter_batches(
-                refs, self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task), views=self.bundle.views
+                [refs[i] for i in todo], self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task),
+                views=self.bundle.views,
             )
             for batch in batches:
-                errors.update({records["image_id"][i]: e for i, e in batch.errors.items()})
+                errors.update({records["image_id"][todo[i]]: e for i, e in batch.errors.items()})
                 if batch.indices:
-                    parts.append((batch.indices, self.score_views(batch.images, metadata[batch.indices])))
+                    rows = [todo[i] for i in batch.indices]
+                    scores = self.score_views(batch.images, metadata[rows])
+                    parts.append((rows, scores))
+                    if cache:
+                        cache.put([keys[r] for r in rows], *(getattr(scores, f.name) for f in fields(Scores)))
         rows = [i for indices, _ in parts for i in indices]
         if not rows:
             return pd.DataFrame(columns=list(PREDICTION_COLUMNS)), errors
         scores = Scores(*(np.concatenate([getattr(s, f.name) for _, s in parts]) for f in fields(Scores)))
-        scored = records.iloc[rows].reset_index(drop=True)
+        order = np.argsort(rows, kind="stable")
+        scores = Scores(*(getattr(scores, f.name)[order] for f in fields(Scores)))
+        scored = records.iloc[np.asarray(rows)[order]].reset_index(drop=True)
         has_patients = scored["patient_id"].notna().any()
         return self.predict_table(scores, scored["image_id"], scored["patient_id"] if has_patients else None), errors

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dermsight.imaging.preprocess import Preprocessing
-from dermsight.training.embeddings import default_cache_dir
+from dermsight.cache import default_cache_dir
 
 
 @dataclass

@@ -3,7 +3,6 @@ cached on disk by image content hash, so training a new head never re-embeds."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -11,18 +10,11 @@ import numpy as np
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from dermsight.cache import content_hash, default_cache_dir
 from dermsight.imaging.batches import iter_batches
 from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing
 from dermsight.inference.onnx_session import create_session, run_in_chunks
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DERMSIGHT_CACHE", Path.home() / ".cache" / "dermsight"))
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class EmbeddingCache:

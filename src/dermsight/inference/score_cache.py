@@ -1,0 +1,95 @@
+"""Scores a bundle already computed, so a second `dermsight predict` (or `evaluate`) on the
+same images skips decoding and the network.
+
+Keyed by the image's content hash and its encoded metadata row (the network sees both), in
+one SQLite file per bundle content (bundle.json, graph and gate hashed together: a retrained
+or edited bundle never reads another's scores). Patient context is recomputed from the
+cached embeddings and risks on every run, since it depends on which images run together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from dermsight.cache import content_hash, default_cache_dir
+from dermsight.imaging.decode import ImageError, read_image_bytes
+from dermsight.models.bundle import Bundle
+
+SCHEMA = """CREATE TABLE IF NOT EXISTS scores (
+    key TEXT PRIMARY KEY, probabilities BLOB, embedding BLOB, cam BLOB, cam_height INTEGER, looks_dermoscopic INTEGER
+)"""
+
+
+def bundle_digest(bundle: Bundle) -> str:
+    digest = hashlib.sha256()
+    for name in ("bundle.json", "model.onnx", "ood_gate.npz"):
+        path = bundle.path / name
+        digest.update(name.encode() + (path.read_bytes() if path.exists() else b"-"))
+    return digest.hexdigest()[:32]
+
+
+class ScoreCache:
+    def __init__(self, bundle: Bundle, root: Path | None = None):
+        self.path = (root or default_cache_dir()) / "scores" / f"{bundle_digest(bundle)}.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            with db:  # one transaction
+                yield db
+        finally:
+            db.close()
+
+    @staticmethod
+    def keys(refs: Sequence, metadata: np.ndarray) -> list[str | None]:
+        """One key per image (None when its bytes cannot be read: the scorer reports why)."""
+        keys: list[str | None] = []
+        for ref, row in zip(refs, metadata.astype(np.float32)):
+            try:
+                keys.append(content_hash(read_image_bytes(ref)) + content_hash(row.tobytes())[:16])
+            except (ImageError, TypeError, OSError):
+                keys.append(None)
+        return keys
+
+    def get(self, keys: Sequence[str | None]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+        """{position in `keys`: (probabilities, embedding, melanoma cam, looks_dermoscopic)} of the cached ones."""
+        wanted = {k: i for i, k in enumerate(keys) if k}
+        found = {}
+        names = list(wanted)
+        try:
+            with self._connect() as db:
+                for start in range(0, len(names), 500):
+                    chunk = names[start : start + 500]
+                    query = f"SELECT * FROM scores WHERE key IN ({','.join('?' * len(chunk))})"
+                    for key, probabilities, embedding, cam, height, accepted in db.execute(query, chunk):
+                        found[wanted[key]] = (
+                            np.frombuffer(probabilities, np.float32),
+                            np.frombuffer(embedding, np.float32),
+                            np.frombuffer(cam, np.float32).reshape(height, -1),
+                            bool(accepted),
+                        )
+        except sqlite3.Error:  # a damaged cache file costs time, never a result
+            return {}
+        return found
+
+    def put(self, keys: Sequence[str | None], probabilities, embeddings, cams, accepted) -> None:
+        rows = [
+            (k, p.astype(np.float32).tobytes(), e.astype(np.float32).tobytes(), c.astype(np.float32).tobytes(), c.shape[0], int(a))
+            for k, p, e, c, a in zip(keys, probabilities, embeddings, cams, accepted)
+            if k
+        ]
+        try:
+            with self._connect() as db:
+                db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error:
+            pass  # not cached this time; the scores themselves are returned all the same
