@@ -11,6 +11,7 @@ folders are both BKL), and the pooled figures. No images are read.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from dermsight.data import readers
 from dermsight.models.bundle import load_bundle
+
+DATA = Path(os.environ.get("DERMSIGHT_DATA", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 HAM_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]
 
@@ -28,6 +32,18 @@ def restricted_accuracy(rows: pd.DataFrame, classes: list[str], merge: dict[str,
     truth = rows["diagnosis"].replace(merge or {})
     predicted = np.asarray(classes)[rows[classes].to_numpy().argmax(axis=1)]
     return float(balanced_accuracy_score(truth, predicted))
+
+
+def isic9_accuracy(oof: pd.DataFrame, classes: list[str]) -> dict | None:
+    """Every image of the 9-class teaching set (most are copies of ISIC 2019 / HAM10000 images and
+    sit in the table under that source), scored against the teaching set's own folder labels
+    (its two keratosis folders are both BKL: 8 codes)."""
+    folder = DATA / "isic9" / "train"
+    if not folder.exists():
+        return None
+    teaching = readers.read_class_folders(folder).records[["image_id", "diagnosis"]]
+    rows = oof.drop(columns="diagnosis").merge(teaching, on="image_id")
+    return {"images": int(len(rows)), "of": int(len(teaching)), "balanced_accuracy_8_codes": restricted_accuracy(rows, classes)}
 
 
 def bundle_accuracy(path: Path) -> dict:
@@ -49,6 +65,7 @@ def bundle_accuracy(path: Path) -> dict:
             "images": int(len(teaching)),
             "balanced_accuracy_8_codes": restricted_accuracy(teaching, present) if len(teaching) else None,
         },
+        "isic9_all_images": isic9_accuracy(oof, present),
         "pooled": {
             "images": int(len(oof)),
             "balanced_accuracy": bundle.metrics["pooled"]["multiclass"]["balanced_accuracy"],
