@@ -210,15 +210,22 @@ def _accumulate_micro_batches(model, criterion, optimizer, images, meta, target,
     return loss
 
 
+def _view_batches(squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int):
+    """(images (V*n, 3, S, S), metadata (V*n, M), n) per batch of uint8 squares, every view stacked."""
+    for start in range(0, len(squares), batch_size):
+        batch = np.stack([prep.normalise(s) for s in squares[start : start + batch_size]])
+        stacked = views(batch, tuple(view_names)).reshape(-1, *batch.shape[1:])
+        yield stacked, np.tile(metadata[start : start + batch_size].astype(np.float32), (len(view_names), 1)), len(batch)
+
+
 def predict_logits(net: DermSightNet, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> np.ndarray:
     """Test-time-augmented logits (mean over views) for uint8 squares."""
     net.eval()
     logits = []
     with torch.no_grad():
-        for start in range(0, len(squares), batch_size):
-            batch = np.stack([prep.normalise(s) for s in squares[start : start + batch_size]])
-            meta = torch.from_numpy(metadata[start : start + batch_size])
-            logits.append(np.mean([net(torch.from_numpy(v), meta)[0].numpy() for v in views(batch, tuple(view_names))], axis=0))
+        for images, meta, n in _view_batches(squares, metadata, prep, view_names, batch_size):
+            out = net(torch.from_numpy(images), torch.from_numpy(meta))[0].numpy()
+            logits.append(out.reshape(len(view_names), n, -1).mean(axis=0))
     return np.concatenate(logits) if logits else np.zeros((0, net.head.out_features), np.float32)
 
 
@@ -235,9 +242,7 @@ def quantize_network(net: DermSightNet, path: Path, squares: np.ndarray, metadat
 
     prep = config.preprocessing
     rows = np.sort(np.random.default_rng(config.seed).permutation(len(squares))[:INT8_CALIBRATION_IMAGES])
-    normalised = np.stack([prep.normalise(s) for s in squares[rows]])
-    images = views(normalised, tuple(config.views)).reshape(-1, *normalised.shape[1:])
-    meta = np.tile(metadata[rows].astype(np.float32), (len(config.views), 1))
+    images, meta, _ = next(_view_batches(squares[rows], metadata[rows], prep, config.views, len(rows)))
     with tempfile.TemporaryDirectory(prefix="dermsight-export-") as work:
         fp32 = Path(work) / "model.onnx"
         export_onnx(net, fp32, prep.size)
@@ -246,17 +251,14 @@ def quantize_network(net: DermSightNet, path: Path, squares: np.ndarray, metadat
 
 
 def graph_logits(graph: Path, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> np.ndarray:
-    """Test-time-augmented logits (mean over views) of an ONNX graph, as the Predictor runs it."""
+    """`predict_logits` through an ONNX graph, as the Predictor runs it."""
     from dermsight.inference.onnx_session import create_session, run_in_chunks
 
     session = create_session(graph)
     logits = []
-    for start in range(0, len(squares), batch_size):
-        batch = np.stack([prep.normalise(s) for s in squares[start : start + batch_size]])
-        stacked = views(batch, tuple(view_names))
-        meta = np.tile(metadata[start : start + batch_size].astype(np.float32), (len(view_names), 1))
-        out = run_in_chunks(session, ["logits"], {"image": stacked.reshape(-1, *batch.shape[1:]), "metadata": meta})[0]
-        logits.append(out.reshape(len(view_names), len(batch), -1).mean(axis=0))
+    for images, meta, n in _view_batches(squares, metadata, prep, view_names, batch_size):
+        out = run_in_chunks(session, ["logits"], {"image": images, "metadata": meta})[0]
+        logits.append(out.reshape(len(view_names), n, -1).mean(axis=0))
     return np.concatenate(logits)
 
 
