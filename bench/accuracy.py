@@ -3,7 +3,8 @@
     python bench/accuracy.py bundles/default [runs/other-bundle ...]
 
 Prints JSON: for each bundle, HAM10000 7-class balanced accuracy and melanoma AUC
-(lesion-grouped folds; the 7 HAM classes, with SCC counted as HAM's "akiec"), the
+(lesion-grouped folds; the 7 HAM classes: HAM's "akiec" holds actinic keratoses and
+intraepithelial carcinoma, so its truth is AK or SCC and its probability P(AK) + P(SCC)), the
 9-class teaching set's balanced accuracy over its 8 ISIC codes (its two keratosis
 folders are both BKL), and the pooled figures. No images are read.
 """
@@ -28,9 +29,15 @@ HAM_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]
 
 
 def restricted_accuracy(rows: pd.DataFrame, classes: list[str], merge: dict[str, str] | None = None) -> float:
-    """Balanced accuracy when predictions are restricted to `classes` (argmax over them)."""
-    truth = rows["diagnosis"].replace(merge or {})
-    predicted = np.asarray(classes)[rows[classes].to_numpy().argmax(axis=1)]
+    """Balanced accuracy when predictions are restricted to `classes` (argmax over them);
+    `merge` maps a code onto the class that holds it, in the truth and in the probabilities."""
+    merge = merge or {}
+    truth = rows["diagnosis"].replace(merge)
+    probabilities = rows[classes].copy()
+    for code, into in merge.items():
+        if code in rows:
+            probabilities[into] += rows[code]
+    predicted = np.asarray(classes)[probabilities.to_numpy().argmax(axis=1)]
     return float(balanced_accuracy_score(truth, predicted))
 
 

@@ -123,7 +123,8 @@ def train_command(
     loss: str = typer.Option("ce", help="ce (class-weighted cross-entropy) or focal."),
     l2: float = typer.Option(0.1, help="Embed mode: L2 penalty of the linear head (0.1 was best of 0.001-1 in grouped CV)."),
     target_sensitivity: float = typer.Option(0.90, min=0.5, max=0.999, help="Melanoma sensitivity the threshold aims for."),
-    epochs: int = typer.Option(3, min=1, help="Finetune mode: epochs."),
+    epochs: int = typer.Option(3, min=1, help="Finetune mode: epochs of the first cosine cycle."),
+    restart_epochs: int = typer.Option(0, min=0, help="Finetune mode: then a warm restart (a second cosine cycle from 30% of the peak learning rate) of this many epochs; rerun with it to extend a finished run from its checkpoints."),
     batch_size: int = typer.Option(48, min=2, help="Finetune mode: batch size."),
     learning_rate: float = typer.Option(1e-3, help="Finetune mode: peak AdamW learning rate."),
     validation_folds: int = typer.Option(None, min=1, help="Finetune mode: hold out only the first N folds (CPU budget)."),
@@ -141,7 +142,7 @@ def train_command(
     config = TrainConfig(
         sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
         views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
-        target_sensitivity=target_sensitivity, epochs=epochs, validation_folds=validation_folds, refit=refit, batch_size=batch_size, learning_rate=learning_rate,
+        target_sensitivity=target_sensitivity, epochs=epochs, restart_epochs=restart_epochs, validation_folds=validation_folds, refit=refit, batch_size=batch_size, learning_rate=learning_rate,
         int8=int8, max_images=max_images,
     )
     bundle = train(config)

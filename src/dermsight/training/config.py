@@ -29,6 +29,7 @@ class TrainConfig:
     batch_size: int = 48
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1
+    restart_epochs: int = 0  # finetune: after the `epochs` cosine cycle, a warm restart of this many epochs
     patience: int = 2
     validation_folds: int | None = None  # finetune: train only this many of the folds for validation (None = all)
     refit: bool = True  # finetune: refit on every image; False ships the first fold's network (calibrated on its held-out fold)

@@ -86,13 +86,22 @@ def decode_all(records: pd.DataFrame, prep: Preprocessing, progress: bool) -> tu
     return squares, ok
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+RESTART_PEAK = 0.3  # a warm restart climbs back to this fraction of the learning rate
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float, restart_steps: int = 0):
+    """Linear warm-up, then cosine decay to zero over `total_steps`; with `restart_steps`, a
+    second cosine cycle from `RESTART_PEAK` of the learning rate (SGDR's warm restart).
+    The first cycle does not depend on the second: a run extended by a restart resumes
+    exactly where the shorter run's checkpoint stopped."""
     warmup = max(1, int(total_steps * warmup_fraction))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+        if step < total_steps:
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+        return RESTART_PEAK * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - total_steps) / max(1, restart_steps))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -145,7 +154,7 @@ def train_one_model(
     weights = balanced_class_weights(labels, len(classes)) if config.class_weighting else None
     criterion = make_loss(config.loss, weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    scheduler = warmup_cosine(optimizer, config.epochs * len(loader), config.warmup_fraction)
+    scheduler = warmup_cosine(optimizer, config.epochs * len(loader), config.warmup_fraction, config.restart_epochs * len(loader))
     start_epoch, best_score, best_epoch, best_state, earlier_seconds = 0, -1.0, 0, None, 0.0
     if checkpoint.exists():  # resume
         state = torch.load(checkpoint, weights_only=False)
@@ -155,13 +164,25 @@ def train_one_model(
         start_epoch, best_score, best_epoch, best_state = state["epoch"], state["best_score"], state["best_epoch"], state["best_state"]
         torch.set_rng_state(state["rng"])
         earlier_seconds = state.get("seconds", 0.0)
-    stale, started = 0, time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
+    stale = start_epoch - best_epoch if validation is not None else 0  # epochs since the best one
+    started = time.perf_counter()
+    total_epochs = config.epochs + config.restart_epochs
+    for epoch in range(start_epoch, total_epochs):
+        if epoch == config.epochs:
+            stale = 0  # a warm restart gets its own patience
+        if validation is not None and stale >= config.patience:
+            break  # early stop (checked here, so a resumed run that had stopped stays stopped)
         if sampler is not None:
             sampler.set_epoch(epoch)
+        # Shuffling and albumentations draw from their own generators: seeded per epoch (and rank), so a resumed
+        # run draws what an uninterrupted one would.
+        rank = dist.get_rank() if distributed else 0
+        generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
+        if dataset.transform is not None:
+            dataset.transform.set_random_seed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
         model.train()
         with Progress(disable=not (config.progress and is_main_process()), transient=True) as bar:
-            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(loader))
+            task = bar.add_task(f"epoch {epoch + 1}/{total_epochs}", total=len(loader))
             for images, meta, target in loader:
                 if micro_batches == 1:
                     loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0], target)
@@ -171,7 +192,7 @@ def train_one_model(
                     loss = _accumulate_micro_batches(model, criterion, optimizer, images, meta, target, micro_batches)
                 optimizer.step()
                 scheduler.step()
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{total_epochs} loss {loss.item():.3f}")
         score = None
         if validation is not None:
             logits = predict_logits(net, *validation[:2], prep, config.views)
@@ -192,8 +213,6 @@ def train_one_model(
             }
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
-        if validation is not None and stale >= config.patience:
-            break
     if best_state is not None:
         net.load_state_dict(best_state)
     return net.to(memory_format=torch.contiguous_format).eval(), best_epoch, earlier_seconds
@@ -306,8 +325,11 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
         earlier_seconds += earlier
         first_net = first_net or net
     if config.refit:
-        final_config = TrainConfig(**{**config.__dict__, "epochs": int(np.median(best_epochs))})
-        console.print(f"final model on all {len(records)} images for {final_config.epochs} epochs")
+        epochs = int(np.median(best_epochs))  # the first cycle, then as much of the restart as the folds used
+        final_config = TrainConfig(
+            **{**config.__dict__, "epochs": min(epochs, config.epochs), "restart_epochs": max(0, epochs - config.epochs)}
+        )
+        console.print(f"final model on all {len(records)} images for {epochs} epochs")
         net, _, earlier = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt")
         earlier_seconds += earlier
         graph = quantize_network(net, checkpoints / "final.int8.onnx", squares, metadata, config) if config.int8 else None
