@@ -66,16 +66,26 @@ def test_extending_a_finished_run_with_a_restart_equals_training_it_in_one_go(ti
         assert torch.allclose(extended.state_dict()[key].float(), value.float(), atol=1e-5), key
 
 
-def test_early_stopping_resets_at_the_restart_and_a_stopped_run_stays_stopped(tiny_set, tmp_path):
-    """patience=1: each cycle may stop on its own; rerunning a run that stopped trains nothing more."""
-    _, best_epoch, state = train(tiny_set, tmp_path, "run.pt", epochs=2, restart_epochs=3, validation=True)
-    assert state["epoch"] >= 3  # the restart always gets at least one epoch, whatever the first cycle did
-    assert 1 <= best_epoch <= state["epoch"]
-    stopped_at = state["epoch"]
-    _, again, state = train(tiny_set, tmp_path, "run.pt", epochs=2, restart_epochs=3, validation=True)
-    assert state["epoch"] == stopped_at and again == best_epoch
+@pytest.mark.parametrize(
+    ("epochs", "restart_epochs", "scores", "trained", "best"),
+    [
+        (3, 2, [0.5, 0.6, 0.55, 0.3, 0.4], 5, 2),  # the restart dips and runs to its end all the same
+        (3, 2, [0.5, 0.6, 0.55, 0.3, 0.7], 5, 5),  # ... and its last epoch can be the best
+        (4, 2, [0.5, 0.4, 0.9, 0.9, 0.9, 0.9], 2, 1),  # the first cycle stops early: no restart
+    ],
+)
+def test_early_stopping_spares_the_restart_and_a_stopped_run_stays_stopped(
+    tiny_set, tmp_path, monkeypatch, epochs, restart_epochs, scores, trained, best
+):
+    """patience=1 on a scripted sequence of held-out scores; rerunning a finished run trains nothing more."""
+    from dermsight.training import finetune
 
-
+    sequence = iter(scores)
+    monkeypatch.setattr(finetune, "balanced_accuracy", lambda *args: next(sequence))
+    _, best_epoch, state = train(tiny_set, tmp_path, "run.pt", epochs, restart_epochs, validation=True)
+    assert (state["epoch"], best_epoch) == (trained, best)
+    _, again, state = train(tiny_set, tmp_path, "run.pt", epochs, restart_epochs, validation=True)
+    assert (state["epoch"], again) == (trained, best)
 
 def test_the_same_seed_trains_the_same_network(tiny_set, tmp_path):
     """Augmentation included: albumentations has its own random generator."""

@@ -130,7 +130,8 @@ def train_one_model(
     global_order: bool = False,
     micro_batches: int = 1,
 ) -> tuple[DermSightNet, int, float]:
-    """Train one network; early-stop on validation balanced accuracy when given.
+    """Train one network; early-stop on validation balanced accuracy when given (in the
+    first cycle: a warm restart climbs back up and runs to its end, its first epochs worse).
     Returns the best network (by validation, else the last), its epoch count, and the
     seconds its epochs took in earlier runs that this one resumed from a checkpoint.
 
@@ -168,9 +169,7 @@ def train_one_model(
     started = time.perf_counter()
     total_epochs = config.epochs + config.restart_epochs
     for epoch in range(start_epoch, total_epochs):
-        if epoch == config.epochs:
-            stale = 0  # a warm restart gets its own patience
-        if validation is not None and stale >= config.patience:
+        if validation is not None and stale >= config.patience and epoch < config.epochs:
             break  # early stop (checked here, so a resumed run that had stopped stays stopped)
         if sampler is not None:
             sampler.set_epoch(epoch)
