@@ -268,14 +268,18 @@ def quantize_network(net: DermSightNet, path: Path, squares: np.ndarray, metadat
     return path
 
 
-def graph_logits(graph: Path, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64) -> np.ndarray:
-    """`predict_logits` through an ONNX graph, as the Predictor runs it."""
+def graph_logits(
+    graph: Path, squares: np.ndarray, metadata: np.ndarray, prep: Preprocessing, view_names, batch_size: int = 64,
+    output: str = "logits",
+) -> np.ndarray:
+    """`predict_logits` through an ONNX graph, as the Predictor runs it (or the view-averaged
+    `output`, e.g. "embedding")."""
     from dermsight.inference.onnx_session import create_session, run_in_chunks
 
     session = create_session(graph)
     logits = []
     for images, meta, n in _view_batches(squares, metadata, prep, view_names, batch_size):
-        out = run_in_chunks(session, ["logits"], {"image": images, "metadata": meta})[0]
+        out = run_in_chunks(session, [output], {"image": images, "metadata": meta})[0]
         logits.append(out.reshape(len(view_names), n, -1).mean(axis=0))
     return np.concatenate(logits)
 
