@@ -309,3 +309,27 @@ def test_serve_command_starts_the_app(serving_bundle, tmp_path, monkeypatch):
     assert (tmp_path / "dermsight.db").exists()
     missing = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "nothing")])
     assert missing.exit_code == 1 and "not a DermSight model bundle" in missing.output
+
+
+def test_concurrent_one_off_uploads_each_store_their_own_image(serving_bundle, lesion_images, tmp_path):
+    """One-off uploads store their heat maps and rows outside the scoring lock: sent all at
+    once, each must come back with its own image, score and heat map, all stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dermsight.inference.predictor import Predictor
+    from dermsight.serving.scoring import Scorer, Upload, parse_metadata
+    from dermsight.serving.storage import Storage
+
+    storage = Storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "files")
+    scorer = Scorer(Predictor(serving_bundle), storage)
+    images = [path.read_bytes() for path in lesion_images]
+    metadata = parse_metadata("60", "female", "torso")
+    expected = [scorer.predictor.predict_images([data], pd.DataFrame({"age": [60.0], "sex": ["female"], "site": ["torso"]}))[0] for data in images]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda data: scorer.upload([Upload("lesion.jpg", data)], metadata, None), images))
+    assert len(set(images)) == len(images) >= 6
+    assert storage.counts()["predictions"] == storage.counts()["images"] == len(images)
+    for data, table, (prediction,) in zip(images, expected, results):
+        assert storage.file(prediction.image.path).read_bytes() == data
+        assert prediction.melanoma_risk == pytest.approx(table["melanoma_risk"][0], rel=1e-5)
+        assert Image.open(storage.file(prediction.heatmap_path)).format == "PNG"

@@ -126,11 +126,16 @@ class Scorer:
             items += [
                 NewImage(d, sniff_format(d), *image_size(d), meta.age, meta.sex, meta.site) for _, d, meta in new
             ]
-            predictions = [
-                self._prediction(row, heatmap_png(scores.melanoma_cam[i], squares[i]))
-                for i, row in enumerate(table.to_dict("records"))
-            ]
-            return self.storage.save_scoring(patient_id, list(zip(items, predictions)))
+            if patient_id is not None:  # the patient's next scoring must see these rows
+                return self._store(patient_id, items, table, scores.melanoma_cam, squares)
+        # One-off images depend on nothing stored: heat maps and storage overlap the next scoring.
+        return self._store(None, items, table, scores.melanoma_cam, squares)
+
+    def _store(self, patient_id: int | None, items: list, table: pd.DataFrame, cams, squares) -> list[Prediction]:
+        predictions = [
+            self._prediction(row, heatmap_png(cams[i], squares[i])) for i, row in enumerate(table.to_dict("records"))
+        ]
+        return self.storage.save_scoring(patient_id, list(zip(items, predictions)))
 
     def _prediction(self, row: dict, heatmap: bytes) -> NewPrediction:
         bundle = self.predictor.bundle
