@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,28 @@ def test_bench_rejects_an_unknown_section():
     command = [sys.executable, str(REPO / "bench" / "run.py"), "--only", "warp-drive"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown section" in result.stderr
+
+
+def test_ham_accuracy_counts_akiec_as_ak_or_scc():
+    """HAM10000's akiec holds AK and intraepithelial SCC: its truth is either code, its
+    probability P(AK) + P(SCC), so an SCC image called SCC is right on the 7 HAM classes."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    codes = accuracy.HAM_CLASSES + ["SCC"]
+    rows = pd.DataFrame(
+        [  # truth, then probabilities in `codes` order
+            ("SCC", [0.0, 0.0, 0.0, 0.2, 0.3, 0.0, 0.0, 0.5]),  # akiec 0.7 beats BKL 0.3: right
+            ("AK", [0.0, 0.0, 0.0, 0.3, 0.4, 0.0, 0.0, 0.3]),  # akiec 0.6 beats BKL 0.4: right
+            ("BKL", [0.0, 0.0, 0.0, 0.1, 0.6, 0.0, 0.0, 0.3]),  # BKL 0.6 beats akiec 0.4: right
+            ("MEL", [0.6, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.3]),  # MEL 0.6 beats akiec 0.4: right
+        ],
+        columns=["diagnosis", "p"],
+    )
+    rows = pd.concat([rows[["diagnosis"]], pd.DataFrame(rows["p"].tolist(), columns=codes)], axis=1)
+    assert accuracy.restricted_accuracy(rows, accuracy.HAM_CLASSES, {"SCC": "AK"}) == pytest.approx(1.0)
+    # Without P(SCC) in akiec, both akiec images would be called BKL: akiec recall 0, balanced accuracy 2/3.
