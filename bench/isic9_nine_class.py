@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from dermsight.data import readers
@@ -40,10 +41,9 @@ DATA = Path(os.environ.get("DERMSIGHT_DATA", REPO.parent / "shared" / "datasets"
 VIEWS = ("identity", "hflip")
 
 
-def teaching_set_with_folds(bundle) -> tuple:
-    """The teaching set's records (folder name kept as original_label) that have a fold in the bundle's out-of-fold table."""
-    import pandas as pd
-
+def teaching_set_with_folds(bundle) -> tuple[pd.DataFrame, list[str], np.ndarray, np.ndarray]:
+    """The teaching set's records (folder name kept as original_label) that have a fold in the
+    bundle's out-of-fold table, its classes, class indices and folds."""
     records = readers.read_class_folders(DATA / "isic9" / "train").records
     folds = pd.read_csv(bundle.path / "out_of_fold.csv.gz", usecols=["image_id", "fold"])
     records = records.merge(folds, on="image_id").reset_index(drop=True)

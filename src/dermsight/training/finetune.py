@@ -168,6 +168,7 @@ def train_one_model(
     stale = start_epoch - best_epoch if validation is not None else 0  # epochs since the best one
     started = time.perf_counter()
     total_epochs = config.epochs + config.restart_epochs
+    rank = dist.get_rank() if distributed else 0
     for epoch in range(start_epoch, total_epochs):
         if validation is not None and stale >= config.patience and epoch < config.epochs:
             break  # early stop (checked here, so a resumed run that had stopped stays stopped)
@@ -175,7 +176,6 @@ def train_one_model(
             sampler.set_epoch(epoch)
         # Shuffling and albumentations draw from their own generators: seeded per epoch (and rank), so a resumed
         # run draws what an uninterrupted one would.
-        rank = dist.get_rank() if distributed else 0
         generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
         if dataset.transform is not None:
             dataset.transform.set_random_seed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
