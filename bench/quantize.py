@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
 
-    from dermsight.inference.onnx_session import create_session
+    from dermsight.inference.onnx_session import ParallelSession
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import load_bundle
     from dermsight.models.network import DermSightNet, export_onnx
@@ -165,7 +165,7 @@ def main() -> None:
     export_onnx(DermSightNet.from_bundle(bundle), fp32_path, bundle.preprocessing.size)
 
     predictor = Predictor(bundle)
-    predictor.session = create_session(fp32_path)
+    predictor.session = ParallelSession(fp32_path)
     started = time.perf_counter()
     fp32_table, errors = predictor.predict_records(evaluation, progress=False)
     fp32_seconds = time.perf_counter() - started
@@ -212,7 +212,7 @@ def main() -> None:
         quantize_graph(fp32_path, path, *calibration_inputs, method=method, quant_format=fmt,
                        keep_float=tuple(p for p in args.keep_float.split(",") if p))
         quantize_seconds = time.perf_counter() - started
-        session = create_session(path)
+        session = ParallelSession(path)
         predictor.session = session
         started = time.perf_counter()
         table, _ = predictor.predict_records(evaluation, progress=False)

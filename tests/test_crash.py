@@ -25,7 +25,7 @@ def _prediction(risk: float) -> NewPrediction:
     return NewPrediction(
         model_version="test@1", probabilities={"MEL": risk, "NV": 1 - risk}, predicted_class="NV", melanoma_risk=risk,
         threshold=0.3, above_threshold=risk >= 0.3, looks_dermoscopic=True, context=None,
-        heatmap_png=f"heat map {risk}".encode(),
+        heatmap_jpeg=f"heat map {risk}".encode(),
     )
 
 

@@ -1,6 +1,6 @@
 """The fast inference paths compute exactly what the plain ones do: the static-padding graph,
-batches filled (with their test-time views) by the decode threads, ONNX runs in small
-chunks, the eigen-decomposition OOD gate. Correctness only; speed is bench/run.py's job."""
+batches filled (with their test-time views) by the decode threads, ONNX runs split over
+single-threaded streams, the eigen-decomposition OOD gate. Correctness only; speed is bench/run.py's job."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.decode import read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing, views
 from dermsight.inference.ood import BlockGate, _fit_block
-from dermsight.inference.onnx_session import create_session, optimised_model_path, run_in_chunks
+from dermsight.inference.onnx_session import ParallelSession, optimised_model_path
 from dermsight.models.bundle import load_bundle
 
 
@@ -46,13 +46,33 @@ def test_static_padding_graph_is_the_same_function(bundle, tmp_path, monkeypatch
     feeds = {"image": rng.standard_normal((3, 3, size, size)).astype(np.float32),
              "metadata": rng.standard_normal((3, len(bundle.metadata_features))).astype(np.float32)}
     plain = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, feeds)
-    fast = create_session(graph).run(None, feeds)
+    fast = ParallelSession(graph).run(None, feeds)
     for a, b in zip(plain, fast):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    # Chunked runs give the numbers of one big run.
-    chunked = run_in_chunks(create_session(graph), ["logits", "embedding", "cam"], feeds, rows=2)
-    for a, b in zip(fast, chunked):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_parallel_session_split_runs_and_concurrent_callers_get_their_own_numbers(bundle):
+    """Rows split into single-row runs over two streams give the outputs of one run over all
+    rows, in order; callers on many threads at once each get the outputs of their own input."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    size, width = bundle.preprocessing.size, len(bundle.metadata_features)
+    inputs = [{"image": rng.standard_normal((5, 3, size, size)).astype(np.float32),
+               "metadata": rng.standard_normal((5, width)).astype(np.float32)} for _ in range(6)]
+    names = ["logits", "embedding", "cam"]
+    whole = ParallelSession(bundle.onnx_path, streams=1, rows=64)
+    expected = [whole.run(names, feeds) for feeds in inputs]
+    split = ParallelSession(bundle.onnx_path, streams=2, rows=1)
+    assert whole.session.get_session_options().intra_op_num_threads == 1
+    for got, want in zip(split.run(names, inputs[0]), expected[0]):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with ThreadPoolExecutor(6) as callers:
+        results = list(callers.map(lambda feeds: split.run(names, feeds), inputs))
+    for got, want in zip(results, expected):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_batches_carry_every_view_exactly_and_report_unreadable_items(images):

@@ -318,7 +318,7 @@ def test_content_is_sniffed_never_named(secure, auth, storage, lesion):
     stored = {p.name for p in (storage.files_dir / "images").iterdir()}
     assert all(re.fullmatch(r"[0-9a-f]{64}", name) for name in stored)  # content hashes only
     heatmaps = {p.name for p in (storage.files_dir / "heatmaps").iterdir()}
-    assert all(re.fullmatch(r"[0-9a-f]{64}\.png", name) for name in heatmaps)
+    assert all(re.fullmatch(r"[0-9a-f]{64}\.jpg", name) for name in heatmaps)
 
 
 def test_metadata_is_validated(secure, auth, lesion):

@@ -92,7 +92,7 @@ def new_prediction(
         model_version="test@1", probabilities={"MEL": risk, "NV": 1 - risk},
         predicted_class="NV" if risk < 0.5 else "MEL",
         melanoma_risk=risk, threshold=0.3, above_threshold=risk >= 0.3, looks_dermoscopic=dermoscopic,
-        context=context, heatmap_png=heatmap if heatmap is not None else f"png {risk}".encode(),
+        context=context, heatmap_jpeg=heatmap if heatmap is not None else f"jpeg {risk}".encode(),
     )
 
 
@@ -122,14 +122,14 @@ def test_migrations_build_the_orm_schema(storage):
 
 def test_files_are_named_by_content_and_shared(storage, jpegs):
     patient = storage.create_patient()
-    heat = b"\x89PNG same heat map"
+    heat = b"\xff\xd8\xff same heat map"
     rows = storage.save_scoring(patient.id, [(new_image(jpegs[0]), new_prediction(0.1, heatmap=heat)),
                                              (new_image(jpegs[0]), new_prediction(0.2, heatmap=heat))])
     digest = hashlib.sha256(jpegs[0]).hexdigest()
     assert [r.image.path for r in rows] == [f"images/{digest}"] * 2
     assert rows[0].image.sha256 == digest and (rows[0].image.width, rows[0].image.height) == (200, 150)
     assert storage.file(rows[0].image.path).read_bytes() == jpegs[0]
-    assert files(storage) == {f"images/{digest}", f"heatmaps/{hashlib.sha256(heat).hexdigest()}.png"}
+    assert files(storage) == {f"images/{digest}", f"heatmaps/{hashlib.sha256(heat).hexdigest()}.jpg"}
     assert storage.counts() == counts(1, 2, 2, 2, 1, 1)
 
 

@@ -11,9 +11,10 @@ from PIL import Image
 
 COLORMAP = "inferno"  # perceptually uniform, readable in grey and by most colour-blind viewers
 MAX_ALPHA = 0.65  # the strongest activation covers the skin this much
-# zlib level 1: ~6x faster than level 9 (4 vs 28 ms for a 224 px map, a cost paid inside every
-# API request) for a file ~13% larger.
-PNG_COMPRESS_LEVEL = 1
+# JPEG, full-resolution colour (4:4:4, so the colour map's hues keep their edges): a cost paid
+# inside every API request, 0.1 ms for a 160 px map against 1.9 ms for PNG (zlib level 1),
+# and 5 KB instead of 38 KB.
+JPEG_QUALITY = 90
 
 
 @lru_cache(maxsize=8)
@@ -23,8 +24,8 @@ def _colour_table(colormap: str) -> np.ndarray:
     return np.asarray(cmap(np.arange(cmap.N))[:, :3], dtype=np.float32)
 
 
-def heatmap_png(cam: np.ndarray, square: np.ndarray, colormap: str = COLORMAP, max_alpha: float = MAX_ALPHA) -> bytes:
-    """A (h, w) activation map blended over an (S, S, 3) uint8 square -> PNG bytes.
+def heatmap_jpeg(cam: np.ndarray, square: np.ndarray, colormap: str = COLORMAP, max_alpha: float = MAX_ALPHA) -> bytes:
+    """A (h, w) activation map blended over an (S, S, 3) uint8 square -> JPEG bytes.
 
     The map is upsampled bilinearly to S x S, its positive part scaled to 0-1 by its
     maximum (negative evidence is not drawn), coloured, and alpha-blended with an
@@ -42,5 +43,5 @@ def heatmap_png(cam: np.ndarray, square: np.ndarray, colormap: str = COLORMAP, m
     blended = (1.0 - alpha) * (square.astype(np.float32) / np.float32(255.0)) + alpha * colour
     pixels = np.round(blended * np.float32(255.0)).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     return buffer.getvalue()

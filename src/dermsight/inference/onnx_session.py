@@ -1,19 +1,21 @@
-"""ONNX Runtime sessions configured for a small CPU machine.
+"""ONNX Runtime on a small CPU machine: one single-threaded run per core.
 
 Every setting is deliberate (bench/run.py measures them):
 
-* ``intra_op_num_threads`` = the cores (``DERMSIGHT_THREADS`` overrides): one thread per
-  core; more only time-slice against each other and against image decoding.
-* ``inter_op_num_threads`` = 1 with sequential execution: the graph is a chain of convs,
-  there is nothing to run side by side.
+* Single-threaded runs, side by side (:class:`ParallelSession`). ONNX Runtime's own
+  intra-op threads meet at a barrier after every operator: on 2 cores, whenever a decode
+  thread or a request handler takes one core, the other waits there. Independent runs
+  with one thread each never wait for each other. Measured on the 2-core machine with
+  the default int8 graph: two streams of 1-thread runs did 930-960 images/s at 1-8
+  rows per run, one 2-thread session 565-856 (its best at 16 rows); the Predictor on
+  test_128 went from 309 to 345 images/s with the same outputs, bit for bit.
+* Runs of at most 8 rows (``DERMSIGHT_ORT_ROWS`` overrides): a 1-thread run is as fast
+  per row at 1 row as at 32 (461-489 images/s), and small runs are light on memory; a
+  call's rows are split so that every core gets a share (one image's two views run side
+  by side).
+* ``inter_op_num_threads`` = 1 with sequential execution: the graph is a chain of convs.
 * ``ORT_ENABLE_ALL`` graph optimisation: conv + bias + activation fusion and the NCHWc
   blocked layout of MLAS (the fast x86 conv kernels).
-* Thread spinning off: after each operator ONNX Runtime's idle threads would busy-wait for
-  the next one, burning the core that the decode threads of `iter_batches` (and the
-  API's request handling) need; on the 2-core machine spinning lost 10-20% both in batch
-  scoring and in the bare forward pass. ``DERMSIGHT_ORT_SPIN=1`` turns it back on.
-* Runs of 8 rows: the batch scorer feeds ONNX Runtime a few rows at a time
-  (:func:`run_in_chunks`): as fast per image as batch 32 or faster, and far lighter on memory.
 * Static padding: models exported from timm's TensorFlow-style EfficientNets compute
   their "same" padding at run time (Shape -> Ceil -> Pad on every stride-2 conv). The
   padding only depends on the fixed image size, so it is folded into constants once (see
@@ -27,7 +29,9 @@ Every setting is deliberate (bench/run.py measures them):
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,56 +40,64 @@ import onnxruntime as ort
 from dermsight.cache import default_cache_dir
 
 FOLD_VERSION = 1  # bump when static_padding_model changes what it writes
-
-
-def default_threads() -> int:
-    return int(os.environ.get("DERMSIGHT_THREADS", os.cpu_count() or 1))
-
-
-def rows_per_run() -> int:
-    """How many input rows (images x views) one `session.run` gets (``DERMSIGHT_ORT_ROWS``
-    overrides). Measured with bench/run.py's `ceiling.rows_sweep` on the 2-core machine:
-    idle, at 144 px, 8 rows ran at 467 images/s (1: 328, 4: 437, 16: 464, 32: 455, 64: 434);
-    busy, at 224 px, small runs held up best (4: 104, 8: 95, 32: 80). Eight is near the
-    best in both, and resident memory grows with the run size (a bare 224 px session
-    peaked at ~190 MB with 8 rows, ~780 MB with 64)."""
-    return max(1, int(os.environ.get("DERMSIGHT_ORT_ROWS", ROWS_PER_RUN)))
-
-
 ROWS_PER_RUN = 8
 
 
-def run_in_chunks(
-    session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray], rows: int | None = None
-) -> list[np.ndarray]:
-    """`session.run(outputs, feeds)` on consecutive slices of at most `rows` rows of every
-    input (all inputs share the batch axis), outputs concatenated along it: the same
-    numbers as one big run, faster and in less memory (see :func:`rows_per_run`)."""
-    rows = rows or rows_per_run()
-    total = len(next(iter(feeds.values())))
-    if total <= rows:
-        return session.run(outputs, feeds)
-    parts = [session.run(outputs, {k: v[i : i + rows] for k, v in feeds.items()}) for i in range(0, total, rows)]
-    return [np.concatenate([part[j] for part in parts]) for j in range(len(outputs))]
+def default_streams() -> int:
+    """Runs in flight at once: one per core (``DERMSIGHT_THREADS`` overrides)."""
+    return max(1, int(os.environ.get("DERMSIGHT_THREADS", os.cpu_count() or 1)))
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def rows_per_run() -> int:
+    """The most input rows (images x views) one single-threaded run gets."""
+    return max(1, int(os.environ.get("DERMSIGHT_ORT_ROWS", ROWS_PER_RUN)))
+
+
+def session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or default_threads()
+    options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    spin = os.environ.get("DERMSIGHT_ORT_SPIN", "0")
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin == "1" else "0")
     options.log_severity_level = 3
     return options
 
 
-def create_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session on the model at `path` (its static-padding form when that applies)."""
-    path = Path(path)
+class ParallelSession:
+    """The model at `path` (its static-padding form when that applies) behind one ONNX
+    Runtime session whose runs are single-threaded, `streams` of them at a time on a small
+    pool shared by every caller (pipelined batches, concurrent API requests), so the cores
+    stay busy without ever waiting on each other."""
+
+    def __init__(self, path: Path | str, streams: int | None = None, rows: int | None = None):
+        path = Path(path)
+        self.streams = streams or default_streams()
+        self.rows = rows or rows_per_run()
+        self.session = _inference_session(path)
+        self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="onnx-run")
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """`InferenceSession.run(outputs, feeds)` (None: every output) with the rows (every
+        input shares the batch axis) split into runs spread over the streams; outputs
+        concatenated in order: the numbers of one run over all the rows."""
+        total = len(next(iter(feeds.values())))
+        rows = max(1, min(self.rows, math.ceil(total / self.streams)))
+        runs = [
+            self._pool.submit(self.session.run, outputs, {name: value[start : start + rows] for name, value in feeds.items()})
+            for start in range(0, max(total, 1), rows)
+        ]
+        parts = [run.result() for run in runs]
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate([part[j] for part in parts]) for j in range(len(parts[0]))]
+
+
+def _inference_session(path: Path) -> ort.InferenceSession:
     model = optimised_model_path(path)
-    options = session_options(threads)
+    options = session_options()
     if model != path:
         try:
             return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])

@@ -7,7 +7,9 @@ context. Needs neither torch nor timm.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.preprocess import view, views
 from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
 from dermsight.inference.ood import OODGate
-from dermsight.inference.onnx_session import create_session, run_in_chunks
+from dermsight.inference.onnx_session import ParallelSession
 from dermsight.inference.score_cache import ScoreCache
 from dermsight.models.bundle import Bundle, load_bundle
 from dermsight.models.metadata import encode_metadata
@@ -82,7 +84,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 class Predictor:
     def __init__(self, bundle: Bundle | Path | str | None = None, threads: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.session = create_session(self.bundle.onnx_path, threads)
+        self.session = ParallelSession(self.bundle.onnx_path, threads)
         self.classes = self.bundle.classes
         self.melanoma_index = self.classes.index("MEL")
         self.ood_gate = OODGate.load(self.bundle.path)
@@ -107,7 +109,7 @@ class Predictor:
         flat = stacked.reshape(-1, *stacked.shape[2:])
         meta = np.tile(metadata.astype(np.float32), (len(names), 1))
         feeds = {"image": flat, "metadata": meta}
-        outputs = run_in_chunks(self.session, ["logits", "embedding", "cam", "gate_features"], feeds)
+        outputs = self.session.run(["logits", "embedding", "cam", "gate_features"], feeds)
         logits, embeddings, _, gate_features = (a.reshape(len(names), n, -1).mean(axis=0) for a in outputs)
         cams = outputs[2]
         mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])
@@ -129,7 +131,7 @@ class Predictor:
                 if batch.indices:
                     flat = batch.images.reshape(-1, *batch.images.shape[2:])
                     meta = np.zeros((len(flat), len(self.bundle.metadata_features)), np.float32)
-                    features = run_in_chunks(self.session, ["gate_features"], {"image": flat, "metadata": meta})[0]
+                    features = self.session.run(["gate_features"], {"image": flat, "metadata": meta})[0]
                     parts.append(features.reshape(len(batch.images), len(batch.indices), -1).mean(axis=0))
                     rows.extend(batch.indices)
         return (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)), rows
@@ -174,20 +176,31 @@ class Predictor:
             parts.append((rows, Scores(*(np.stack([found[r][f] for r in rows]) for f in range(len(fields(Scores)))))))
         todo = [i for i in range(len(refs)) if i not in found]
         errors: dict[str, str] = {}
-        with Progress(disable=not progress or not todo, transient=True) as bar:
+
+        def finish(rows: list[int], scoring: Future) -> None:
+            scores = scoring.result()
+            parts.append((rows, scores))
+            if cache:
+                cache.put([keys[r] for r in rows], *(getattr(scores, f.name) for f in fields(Scores)))
+
+        # Two batches are scored at once, so that the session's streams get the next batch's
+        # runs while the last runs of this one finish (a core would otherwise idle there).
+        with Progress(disable=not progress or not todo, transient=True) as bar, ThreadPoolExecutor(2) as scorers:
             task = bar.add_task(f"scoring {len(todo)} images", total=len(todo))
             batches = iter_batches(
                 [refs[i] for i in todo], self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task),
                 views=self.bundle.views,
             )
+            in_flight: deque[tuple[list[int], Future]] = deque()
             for batch in batches:
                 errors.update({records["image_id"][todo[i]]: e for i, e in batch.errors.items()})
                 if batch.indices:
                     rows = [todo[i] for i in batch.indices]
-                    scores = self.score_views(batch.images, metadata[rows])
-                    parts.append((rows, scores))
-                    if cache:
-                        cache.put([keys[r] for r in rows], *(getattr(scores, f.name) for f in fields(Scores)))
+                    in_flight.append((rows, scorers.submit(self.score_views, batch.images, metadata[rows])))
+                if len(in_flight) == 2:
+                    finish(*in_flight.popleft())
+            while in_flight:
+                finish(*in_flight.popleft())
         rows = [i for indices, _ in parts for i in indices]
         if not rows:
             return pd.DataFrame(columns=list(PREDICTION_COLUMNS)), errors

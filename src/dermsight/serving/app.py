@@ -435,9 +435,10 @@ def create_app(
 
     @app.get("/api/predictions/{prediction_id}/heatmap", tags=["predictions"], response_class=FileResponse)
     def heatmap(prediction_id: RowId) -> FileResponse:
-        """The melanoma heat map over the model's input square (PNG)."""
-        prediction = storage.get_prediction(prediction_id)
-        return FileResponse(storage.file(prediction.heatmap_path), media_type="image/png", headers=PRIVATE)
+        """The melanoma heat map over the model's input square (JPEG; PNG for rows stored before 2026-11-28)."""
+        path = storage.get_prediction(prediction_id).heatmap_path
+        media_type = "image/png" if path.endswith(".png") else "image/jpeg"
+        return FileResponse(storage.file(path), media_type=media_type, headers=PRIVATE)
 
     # -- pages ----------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 A patient is always scored whole: the newest image of each of their lesions goes
 through the Predictor together with any new upload, so the ugly-duckling context (and
-the patient's image count the model sees) covers all their lesions. One scoring run at
-a time, off the event loop, stored in one transaction.
+the patient's image count the model sees) covers all their lesions. A patient is scored
+by one request at a time; one-off uploads run side by side. Off the event loop, each
+scoring is stored in one transaction.
 
 Every upload is first reduced to what may be stored (:func:`sanitize_image`: a complete
 image without metadata, DICOM de-identified to its pixels); the Predictor scores exactly
@@ -16,6 +17,7 @@ import io
 import math
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 
 import pandas as pd
@@ -26,7 +28,7 @@ from dermsight.data import harmonise
 from dermsight.imaging.decode import ImageError, decode_image, sniff_format
 from dermsight.imaging.sanitize import sanitize_image
 from dermsight.inference.context import CONTEXT_COLUMNS
-from dermsight.inference.heatmap import heatmap_png
+from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.storage import NewImage, NewPrediction, NotFound, Prediction, Storage
 
@@ -76,7 +78,11 @@ class Scorer:
     def __init__(self, predictor: Predictor, storage: Storage):
         self.predictor = predictor
         self.storage = storage
-        self._one_at_a_time = threading.BoundedSemaphore(1)
+        # A patient is scored by one request at a time (its next scoring must see the rows
+        # this one stores); one-off uploads depend on nothing stored and run side by side
+        # (the app's admission control bounds how many).
+        self._patient_locks: weakref.WeakValueDictionary[int, threading.Lock] = weakref.WeakValueDictionary()
+        self._locks_guard = threading.Lock()
 
     def upload(self, uploads: list[Upload], metadata: LesionMetadata, patient_id: int | None) -> list[Prediction]:
         """Score and store new images (of a patient, or anonymous one-offs); returns
@@ -87,7 +93,10 @@ class Scorer:
         if len(uploads) > MAX_FILES:
             raise InputError(f"{len(uploads)} images in one upload; at most {MAX_FILES}")
         new = [(upload.filename, self._sanitized(upload), metadata) for upload in uploads]
-        return self._run(patient_id, new)[-len(uploads):]
+        if patient_id is None:
+            return self._score_and_store(None, new)
+        with self._patient_lock(patient_id):
+            return self._score_and_store(patient_id, new)[-len(uploads):]
 
     @staticmethod
     def _sanitized(upload: Upload) -> bytes:
@@ -98,42 +107,44 @@ class Scorer:
 
     def rescore(self, patient_id: int) -> list[Prediction]:
         """Score the newest image of each of the patient's lesions with the current model."""
-        return self._run(patient_id, [])
+        with self._patient_lock(patient_id):
+            return self._score_and_store(patient_id, [])
 
-    def _run(self, patient_id: int | None, new: list[tuple[str, bytes, LesionMetadata]]) -> list[Prediction]:
-        with self._one_at_a_time:
-            lesions = self.storage.get_patient(patient_id).lesions if patient_id is not None else []
-            stored = [(lesion.images[-1], lesion.site) for lesion in lesions if lesion.images]
-            if not stored and not new:
-                return []
-            names = [f"stored image {image.id}" for image, _ in stored] + [name for name, _, _ in new]
-            try:
-                data = [self.storage.file(image.path).read_bytes() for image, _ in stored] + [d for _, d, _ in new]
-            except FileNotFoundError:
-                missing = f"a stored image of patient {patient_id} is missing (deleted while being scored?)"
-                raise NotFound(missing) from None
-            rows = [(image.age, image.sex, site) for image, site in stored]
-            rows += [(meta.age, meta.sex, meta.site) for _, _, meta in new]
-            frame = pd.DataFrame(rows, columns=["age", "sex", "site"])
-            if patient_id is not None:
-                frame["patient_id"] = str(patient_id)
-                frame["patient_images"] = float(len(frame))
-            try:
-                table, scores, squares = self.predictor.predict_images(data, frame)
-            except ImageError as err:
-                raise InputError(_named(str(err), names)) from None
-            items: list[int | NewImage] = [image.id for image, _ in stored]
-            items += [
-                NewImage(d, sniff_format(d), *image_size(d), meta.age, meta.sex, meta.site) for _, d, meta in new
-            ]
-            if patient_id is not None:  # the patient's next scoring must see these rows
-                return self._store(patient_id, items, table, scores.melanoma_cam, squares)
-        # One-off images depend on nothing stored: heat maps and storage overlap the next scoring.
-        return self._store(None, items, table, scores.melanoma_cam, squares)
+    def _patient_lock(self, patient_id: int) -> threading.Lock:
+        with self._locks_guard:
+            lock = self._patient_locks.get(patient_id)
+            if lock is None:
+                lock = self._patient_locks[patient_id] = threading.Lock()
+            return lock
+
+    def _score_and_store(self, patient_id: int | None, new: list[tuple[str, bytes, LesionMetadata]]) -> list[Prediction]:
+        lesions = self.storage.get_patient(patient_id).lesions if patient_id is not None else []
+        stored = [(lesion.images[-1], lesion.site) for lesion in lesions if lesion.images]
+        if not stored and not new:
+            return []
+        names = [f"stored image {image.id}" for image, _ in stored] + [name for name, _, _ in new]
+        try:
+            data = [self.storage.file(image.path).read_bytes() for image, _ in stored] + [d for _, d, _ in new]
+        except FileNotFoundError:
+            missing = f"a stored image of patient {patient_id} is missing (deleted while being scored?)"
+            raise NotFound(missing) from None
+        rows = [(image.age, image.sex, site) for image, site in stored]
+        rows += [(meta.age, meta.sex, meta.site) for _, _, meta in new]
+        frame = pd.DataFrame(rows, columns=["age", "sex", "site"])
+        if patient_id is not None:
+            frame["patient_id"] = str(patient_id)
+            frame["patient_images"] = float(len(frame))
+        try:
+            table, scores, squares = self.predictor.predict_images(data, frame)
+        except ImageError as err:
+            raise InputError(_named(str(err), names)) from None
+        items: list[int | NewImage] = [image.id for image, _ in stored]
+        items += [NewImage(d, sniff_format(d), *image_size(d), meta.age, meta.sex, meta.site) for _, d, meta in new]
+        return self._store(patient_id, items, table, scores.melanoma_cam, squares)
 
     def _store(self, patient_id: int | None, items: list, table: pd.DataFrame, cams, squares) -> list[Prediction]:
         predictions = [
-            self._prediction(row, heatmap_png(cams[i], squares[i])) for i, row in enumerate(table.to_dict("records"))
+            self._prediction(row, heatmap_jpeg(cams[i], squares[i])) for i, row in enumerate(table.to_dict("records"))
         ]
         return self.storage.save_scoring(patient_id, list(zip(items, predictions)))
 
@@ -149,7 +160,7 @@ class Scorer:
             above_threshold=bool(row["above_threshold"]),
             looks_dermoscopic=bool(row["looks_dermoscopic"]),
             context=context,
-            heatmap_png=heatmap,
+            heatmap_jpeg=heatmap,
         )
 
 

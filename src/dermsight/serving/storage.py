@@ -191,7 +191,7 @@ class NewPrediction:
     above_threshold: bool
     looks_dermoscopic: bool
     context: dict[str, float | None] | None
-    heatmap_png: bytes
+    heatmap_jpeg: bytes
 
 
 @dataclass
@@ -377,7 +377,7 @@ class Storage:
                 stored = [
                     (
                         self._put(item.data, "images", "", created) if isinstance(item, NewImage) else None,
-                        self._put(prediction.heatmap_png, "heatmaps", ".png", created),
+                        self._put(prediction.heatmap_jpeg, "heatmaps", ".jpg", created),
                     )
                     for item, prediction in scored
                 ]

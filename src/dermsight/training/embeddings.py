@@ -14,7 +14,7 @@ from dermsight.cache import content_hash, default_cache_dir
 from dermsight.imaging.batches import iter_batches
 from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing
-from dermsight.inference.onnx_session import create_session, run_in_chunks
+from dermsight.inference.onnx_session import ParallelSession
 
 
 class EmbeddingCache:
@@ -86,7 +86,7 @@ def _embed_uncached(cache, refs, digests, backbone, prep, view_names, batch_size
         from dermsight.models.network import export_embedder_onnx
 
         export_embedder_onnx(backbone, cache.embedder_path, prep.size)
-    session = create_session(cache.embedder_path)
+    session = ParallelSession(cache.embedder_path)
     columns = [BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*Progress.get_default_columns()[:1], *columns, disable=not progress) as bar:
         task = bar.add_task(f"embedding {len(refs)} images x {len(view_names)} views", total=len(refs))
@@ -96,7 +96,7 @@ def _embed_uncached(cache, refs, digests, backbone, prep, view_names, batch_size
             if not batch.indices:
                 continue
             flat = batch.images.reshape(-1, *batch.images.shape[2:])  # (V, n, 3, S, S): every view, view-major
-            embeddings = run_in_chunks(session, ["embedding"], {"image": flat})[0]
+            embeddings = session.run(["embedding"], {"image": flat})[0]
             embeddings = embeddings.reshape(len(view_names), len(batch.indices), -1)
             for v, name in enumerate(view_names):
                 for j, position in enumerate(batch.indices):

@@ -274,12 +274,12 @@ def graph_logits(
 ) -> np.ndarray:
     """`predict_logits` through an ONNX graph, as the Predictor runs it (or the view-averaged
     `output`, e.g. "embedding")."""
-    from dermsight.inference.onnx_session import create_session, run_in_chunks
+    from dermsight.inference.onnx_session import ParallelSession
 
-    session = create_session(graph)
+    session = ParallelSession(graph)
     logits = []
     for images, meta, n in _view_batches(squares, metadata, prep, view_names, batch_size):
-        out = run_in_chunks(session, [output], {"image": images, "metadata": meta})[0]
+        out = session.run([output], {"image": images, "metadata": meta})[0]
         logits.append(out.reshape(len(view_names), n, -1).mean(axis=0))
     return np.concatenate(logits)
 
