@@ -23,12 +23,17 @@ def test_bench_quick_ceiling_prints_the_report_json():
     assert report["quick"] is True and report["sections"] == ["ceiling"] and report["errors"] == {}
     assert {"cpus", "onnxruntime", "load_average_at_start", "load_average_at_end"} <= set(report["machine"])
     ceiling = report["results"]["ceiling"]
-    for key in ("images_per_second", "plain_onnxruntime_images_per_second", "ms_per_image", "session_create_seconds"):
+    for key in ("images_per_second", "best_images_per_second", "ms_per_image", "session_create_seconds"):
         assert isinstance(ceiling[key], float) and ceiling[key] > 0, key
+    by_configuration = ceiling["images_per_second_by_configuration"]
+    assert set(by_configuration) == {"dermsight", "one_session_intra_op_threads", "plain_onnxruntime"}
+    assert ceiling["images_per_second"] == max(by_configuration.values()) == by_configuration[ceiling["best_configuration"]]
+    assert {"dermsight-8", "intra-op-32"} <= set(ceiling["rows_sweep_images_per_second"])
     assert ceiling["batch"] == 32 and ceiling["image_size"] > 0
     # Every target of the issue is listed, unmeasured ones as None.
     assert set(report["targets"]) == {
-        "batch_forward_ratio_to_ceiling", "batch_forward_ratio_to_best_ceiling", "speedup_over_naive",
+        "batch_forward_ratio_to_ceiling", "batch_forward_ratio_to_ceiling_paired", "batch_forward_ratio_to_best_ceiling",
+        "speedup_over_naive",
         "speedup_over_naive_train_originals",
         "api_p50_ms_8_clients", "api_p99_ms_8_clients", "api_p50_ms_8_clients_paced", "api_p99_ms_8_clients_paced",
         "serve_rss_mb", "train_minutes",

@@ -20,28 +20,29 @@ def patient_context(patient_ids: pd.Series, embeddings: np.ndarray, melanoma_ris
     """Context features for each row; NaN (and rank 1) where the patient is unknown or
     has a single image, so a lone lesion is scored on its own."""
     n = len(patient_ids)
-    out = pd.DataFrame(index=range(n), columns=list(CONTEXT_COLUMNS), dtype=float)
-    out["patient_lesions"] = 1.0
-    out["risk_rank"] = 1.0
+    out = {column: np.full(n, np.nan) for column in CONTEXT_COLUMNS}  # filled per patient, framed once
+    out["patient_lesions"][:] = 1.0
+    out["risk_rank"][:] = 1.0
     logit = np.log(np.clip(melanoma_risk, 1e-6, 1 - 1e-6) / np.clip(1 - melanoma_risk, 1e-6, 1))
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     ids = patient_ids.reset_index(drop=True)
     for _, rows in ids[ids.notna()].groupby(ids[ids.notna()]).groups.items():
         rows = np.asarray(rows)
         k = len(rows)
-        out.loc[rows, "patient_lesions"] = k
+        out["patient_lesions"][rows] = k
         if k < 2:
             continue
         members = unit[rows]
         others_mean = (members.sum(axis=0, keepdims=True) - members) / (k - 1)
         others_mean /= np.maximum(np.linalg.norm(others_mean, axis=1, keepdims=True), 1e-12)
         distance = 1.0 - np.sum(members * others_mean, axis=1)
-        out.loc[rows, "embedding_distance"] = distance
-        out.loc[rows, "distance_z"] = _zscore(distance)
-        out.loc[rows, "risk_z"] = _zscore(logit[rows])
-        out.loc[rows, "risk_rank"] = pd.Series(-melanoma_risk[rows]).rank(method="min").to_numpy()
+        out["embedding_distance"][rows] = distance
+        out["distance_z"][rows] = _zscore(distance)
+        out["risk_z"][rows] = _zscore(logit[rows])
+        descending = np.sort(-melanoma_risk[rows])
+        out["risk_rank"][rows] = np.searchsorted(descending, -melanoma_risk[rows], side="left") + 1  # ties share the best
     out["ugly_duckling_score"] = (out["distance_z"] + out["risk_z"]) / 2
-    return out
+    return pd.DataFrame(out)
 
 
 def _zscore(values: np.ndarray) -> np.ndarray:
