@@ -69,8 +69,8 @@ def predict_ray(
         initialised in this process, that Ray is used and left running.
     workers: scoring actors (one ONNX session each); default one per CPU of a local Ray,
         half the cluster's CPUs on a cluster.
-    threads: ONNX intra-op threads per actor; default 1 when several actors run, else
-        the CPUs of the local Ray (or the actor's machine on a cluster).
+    threads: single-threaded ONNX runs in flight per actor; default 1 when several actors
+        run, else the CPUs of the local Ray (or the actor's machine on a cluster).
     """
     ray = _import_ray()
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
@@ -197,7 +197,7 @@ def _decode(batch: pd.DataFrame, prep: Preprocessing) -> dict[str, np.ndarray]:
 
 
 class _Scorer:
-    """One actor: one Predictor, one ONNX session with `threads` threads."""
+    """One actor: one Predictor, whose session keeps `threads` single-threaded runs in flight."""
 
     def __init__(self, bundle_files, threads: int | None):
         import ray
