@@ -36,7 +36,7 @@ def test_summary_json_on_the_shared_datasets(runner, shared):
 
     assert (isic9["records"], isic9["images"], isic9["classes"]["BKL"], isic9["classes"]["SCC"]) == (2_241, 2_241, 539, 181)
 
-    assert (isic2020["records"], isic2020["patients"], isic2020["melanoma"], isic2020["unlabelled"]) == (5_748, 527, 3, 5_545)
+    assert (isic2020["records"], isic2020["patients"], isic2020["melanoma"], isic2020["unlabelled"]) == (6_432, 934, 422, 5_545)
     assert isic2020["problems"] == {"no_images": 3}  # train.csv, test.csv, the v2 ground truth
     assert isic2020["skipped_rows"] == 0
 
@@ -44,9 +44,9 @@ def test_summary_json_on_the_shared_datasets(runner, shared):
         assert part["unreadable_images"] == 0 and part["readable_images"] == part["images"]
 
     # Combined: HAM10000 and isic9 share 1,381 images; 89 copies with tied labels dropped.
-    assert combined["records"] == 10_015 + 2_241 - 137 - 1_381 + 5_748 - 89
+    assert combined["records"] == 10_015 + 2_241 - 137 - 1_381 + 6_432 - 89
     assert combined["problems"]["duplicate"] == 1_367
-    assert combined["patients"] == 527 and combined["classes"]["SCC"] == 181
+    assert combined["patients"] == 934 and combined["classes"]["SCC"] == 181
 
 
 @pytest.fixture

@@ -102,12 +102,15 @@ def test_isic2020_folder_reads_the_csvs_that_have_images(isic2020, shared):
     records = isic2020.records
     _schema_ok(records)
     part = records["image_ref"].map(lambda ref: Path(ref).parent.name)
-    assert Counter(part) == {"train_sample": 203, "test_128": 5_545}
+    assert Counter(part) == {"train_sample": 203, "train_extra": 684, "test_128": 5_545}
     assert records.loc[part == "train_sample", "patient_id"].nunique() == 183
+    assert records.loc[part == "train_extra", "patient_id"].nunique() == 486
     assert records.loc[part == "test_128", "patient_id"].nunique() == 344
-    assert records["patient_id"].nunique() == 527
+    assert records["patient_id"].nunique() == 934  # 79 patients have images in both training subsets
     assert records["patient_id"].str.startswith("IP_").all()
-    assert records["melanoma"].sum() == 3
+    assert records["melanoma"].sum() == 3 + 419
+    extra = records[part == "train_extra"]
+    assert extra["diagnosis"].value_counts().to_dict() == {"MEL": 419, "UNK": 220, "NV": 45}
     assert set(records.loc[records["melanoma"] == 1, "diagnosis"]) == {"MEL"}
     train = records[part == "train_sample"]
     assert train["diagnosis"].notna().all() and set(train["melanoma"]) == {0.0, 1.0}
@@ -183,6 +186,8 @@ def test_isic2018_is_labels_only_with_lesion_groups(shared, ham):
         ("isic2020", "isic2020"),
         ("isic2020/train_sample.csv", "isic2020"),
         ("isic2019", "isic2019"),
+        ("derm7pt", "derm7pt"),
+        ("isic2017", "isic-cli"),
         ("isic2018", "isic2018"),
     ],
 )
@@ -195,3 +200,75 @@ def test_read_source_with_explicit_format_and_single_csv(shared):
     loaded = read_source(str(shared / "isic2020" / "train_sample.csv"))
     assert len(loaded.records) == 203 and loaded.records["image_ref"].notna().all()
     assert loaded.records["patient_id"].nunique() == 183 and loaded.records["melanoma"].sum() == 3
+
+
+# --- Derm7pt and the ISIC 2017-era archive export ---------------------------------------------
+
+
+def test_derm7pt_reads_the_dermoscopic_image_of_every_case(shared):
+    loaded = readers.read_derm7pt(shared / "derm7pt")
+    records = loaded.records
+    _schema_ok(records)
+    assert len(records) == 616 and loaded.problems == []
+    assert records["image_id"].is_unique and (records["source"] == "derm7pt").all()
+    assert records["lesion_id"].equals(records["image_id"])  # one case = one lesion
+    assert records["diagnosis"].value_counts().to_dict() == {
+        "NV": 356, "MEL": 151, "BKL": 38, "BCC": 26, "UNK": 16, "VASC": 16, "DF": 13,
+    }
+    # every melanoma depth class is MEL, every nevus subtype NV; the source's own text is kept
+    by_label = records.groupby("original_label")["diagnosis"].first().to_dict()
+    assert {by_label[k] for k in by_label if k.startswith("melanoma")} == {"MEL"}
+    assert {by_label[k] for k in by_label if k.endswith("nevus")} == {"NV"}
+    assert (by_label["lentigo"], by_label["seborrheic keratosis"], by_label["melanosis"]) == ("BKL", "BKL", "UNK")
+    assert records["melanoma"].sum() == 151
+    # Derm7pt's body sites in the ISIC 2020 vocabulary; no age
+    assert records["site"].value_counts().to_dict() == {
+        "torso": 320, "lower extremity": 118, "upper extremity": 83, "head/neck": 50, "palms/soles": 38, "oral/genital": 7,
+    }
+    assert records["age"].isna().all() and records["sex"].value_counts().to_dict() == {"female": 317, "male": 299}
+
+
+def test_derm7pt_clinical_photos_never_become_records(shared):
+    records = readers.read_derm7pt(shared / "derm7pt").records
+    photos = readers.derm7pt_clinical_photos(shared / "derm7pt")
+    meta = pd.read_csv(shared / "derm7pt" / "meta" / "meta.csv")
+    assert len(photos) == 616 - 7  # seven cases' "clinic" field is their dermoscopic image
+    assert set(photos["image_id"]) <= set(records["image_id"])
+    assert set(photos["clinical_ref"]).isdisjoint(records["image_ref"])
+    assert all(Path(ref).is_file() for ref in photos["clinical_ref"])
+    derm = {str(shared / "derm7pt" / "images" / p) for p in meta["derm"]}
+    assert set(records["image_ref"]) == derm
+    combined = read_source(str(shared / "derm7pt")).records
+    assert set(combined["image_ref"]).isdisjoint(photos["clinical_ref"])
+
+
+def test_derm7pt_bad_rows_are_problems(tmp_path, shared):
+    root = tmp_path / "derm7pt"
+    (root / "meta").mkdir(parents=True)
+    (root / "images").symlink_to(shared / "derm7pt" / "images")
+    meta = pd.read_csv(shared / "derm7pt" / "meta" / "meta.csv", dtype=str, keep_default_na=False).head(6)
+    meta.loc[0, "diagnosis"] = "blue-green thing"
+    meta.loc[1, "derm"] = "NEL/missing.jpg"
+    meta.loc[2, "location"] = "elbow pit"
+    meta.loc[3, "case_num"] = ""
+    meta.loc[4, "derm"] = "../../../etc/passwd"
+    meta.to_csv(root / "meta" / "meta.csv", index=False)
+    loaded = readers.read_derm7pt(root)
+    kinds = Counter(p.kind for p in loaded.problems)
+    assert kinds == {"bad_diagnosis": 1, "missing_image": 2, "bad_site": 1, "missing_id": 1}
+    assert len(loaded.records) == 4 and loaded.records["image_ref"].isna().sum() == 2
+    assert all("meta.csv line" in p.where for p in loaded.problems)
+    (root / "meta" / "meta.csv").write_text("case_num,diagnosis\n1,melanoma\n")
+    with pytest.raises(readers.SourceError, match="missing required column"):
+        readers.read_derm7pt(root)
+
+
+def test_isic2017_archive_export_reads_as_isic_cli(shared):
+    assert detect_format(shared / "isic2017") == "isic-cli"
+    loaded = read_source(str(shared / "isic2017"))
+    records = loaded.records
+    _schema_ok(records)
+    assert len(records) == 1_846 and records["image_ref"].notna().all()
+    assert records["diagnosis"].value_counts().to_dict() == {"NV": 1_316, "BKL": 296, "MEL": 234}
+    assert records["melanoma"].sum() == 234 and (records["source"] == "isic_archive").all()
+    assert records["lesion_id"].nunique() == 652

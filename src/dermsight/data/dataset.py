@@ -122,11 +122,42 @@ def assign_folds(records: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> pd.D
     return records.assign(group=groups, fold=folds)
 
 
-def build_dataset(specs: Iterable[str], n_folds: int = 5, seed: int = 0) -> Loaded:
-    """Read, deduplicate and fold: the table every training and evaluation run starts from."""
+def assign_source_folds(records: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Leave-one-source-out folds: the largest source (HAM10000 in the shared data) in
+    grouped, label-stratified folds as :func:`assign_folds` makes them, and every other
+    source, whole, added to one fold of its own (the k-th smaller source to fold k). A
+    network trained without fold k has then never seen an image of that source: its
+    predictions there are what a clinic with another dermatoscope gets. Sources are ranked
+    by their labelled images; a source without any (ISIC 2019's labels alone) claims no
+    fold, its rows spread over the folds by group."""
+    trainable = records["image_ref"].notna() & records["diagnosis"].notna()
+    sources = records.loc[trainable, "source"].value_counts()
+    largest, others = sources.index[0], sorted(sources.index[1:])
+    main = records["source"] == largest
+    if len(others) > n_folds:
+        raise SourceError(f"{len(others)} sources besides {largest} need at least as many folds; got {n_folds}")
+    folded = assign_folds(records[main], n_folds, seed)
+    groups = group_ids(records)
+    out = records.assign(group=groups, fold=groups % n_folds)
+    out.loc[main, "fold"] = folded["fold"].to_numpy()
+    for fold, source in enumerate(others):
+        out.loc[records["source"] == source, "fold"] = fold
+    # A row without a usable image follows the images of its group (a label-only ISIC 2019 row
+    # that shares a lesion with an archive image); a patient or lesion with images in two
+    # sources (none in the shared data) goes where its first image went.
+    with_image = out[trainable]
+    group_fold = with_image.groupby("group")["fold"].first()
+    out["fold"] = out["group"].map(group_fold).fillna(out["fold"]).astype(int)
+    return out
+
+
+def build_dataset(specs: Iterable[str], n_folds: int = 5, seed: int = 0, by_source: bool = False) -> Loaded:
+    """Read, deduplicate and fold (`by_source`: leave-one-source-out folds, see
+    :func:`assign_source_folds`): the table every training and evaluation run starts from."""
     loaded = deduplicate(load_sources(specs))
     if not loaded.records.empty:
-        loaded.records = assign_folds(loaded.records, n_folds, seed)
+        fold = assign_source_folds if by_source else assign_folds
+        loaded.records = fold(loaded.records, n_folds, seed)
     return loaded
 
 

@@ -46,6 +46,11 @@ SITE_SYNONYMS: dict[str, str] = {_clean(k): v for k, v in {
     "lower_extremity": "lower extremity",
     "foot": "lower extremity",
     "acral": "palms/soles",
+    # Derm7pt's own vocabulary (abdomen, back, chest, head neck and acral are above)
+    "upper limbs": "upper extremity",
+    "lower limbs": "lower extremity",
+    "genital areas": "oral/genital",
+    "buttocks": "torso",  # the ISIC Archive files the buttocks under the (posterior) torso
     "palms soles": "palms/soles",
     "genital": "oral/genital",
     "oral genital": "oral/genital",

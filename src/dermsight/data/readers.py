@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from dermsight.data import harmonise
 from dermsight.data.records import (
     IMAGE_SUFFIXES,
@@ -240,6 +242,95 @@ def read_isic_cli(folder: Path) -> Loaded:
             diagnosis=_archive_code(label, row),
         )
     return builder.loaded()
+
+
+# Derm7pt diagnoses -> ISIC 2019 codes (the original text is kept as the record's label). Every melanoma
+# depth class and the metastasis are MEL; every nevus subtype NV; seborrheic keratosis and lentigo BKL.
+# "melanosis" (a flat benign hyperpigmentation) and "miscellaneous" have no ISIC 2019 class: UNK ("benign,
+# other"), like ISIC 2020's benign lesions without a specific diagnosis.
+DERM7PT_DIAGNOSES: dict[str, str] = {
+    "basal cell carcinoma": "BCC",
+    "blue nevus": "NV",
+    "clark nevus": "NV",
+    "combined nevus": "NV",
+    "congenital nevus": "NV",
+    "dermal nevus": "NV",
+    "dermatofibroma": "DF",
+    "lentigo": "BKL",
+    "melanoma": "MEL",
+    "melanoma (in situ)": "MEL",
+    "melanoma (less than 0.76 mm)": "MEL",
+    "melanoma (0.76 to 1.5 mm)": "MEL",
+    "melanoma (more than 1.5 mm)": "MEL",
+    "melanoma metastasis": "MEL",
+    "melanosis": "UNK",
+    "miscellaneous": "UNK",
+    "recurrent nevus": "NV",
+    "reed or spitz nevus": "NV",
+    "seborrheic keratosis": "BKL",
+    "vascular lesion": "VASC",
+}
+DERM7PT_COLUMNS = ("case_num", "diagnosis", "location", "sex", "clinic", "derm")
+
+
+def read_derm7pt(folder: Path) -> Loaded:
+    """Derm7pt (Kawahara et al. 2018): meta/meta.csv + images/. Each case is one lesion with a
+    dermoscopic image (`derm`, the record's image) and a clinical close-up photo (`clinic`), which
+    is not dermoscopy and never becomes a record: see :func:`derm7pt_clinical_photos`."""
+    csv_path = folder / "meta" / "meta.csv"
+    frame = read_csv(csv_path, DERM7PT_COLUMNS)
+    builder = RecordBuilder("derm7pt")
+    for i, row in enumerate(frame.to_dict("records")):
+        where = row_location(csv_path, i)
+        case = row["case_num"].strip()
+        if not case:
+            builder.problem("missing_id", where, "no case_num", skipped=True)
+            continue
+        text = row["diagnosis"].strip().lower()
+        code = DERM7PT_DIAGNOSES.get(text)
+        if code is None:
+            builder.problem("bad_diagnosis", where, f"unknown Derm7pt diagnosis {row['diagnosis']!r}", skipped=True)
+            continue
+        image = _derm7pt_image(folder, row["derm"])
+        if image is None:
+            builder.problem("missing_image", where, f"dermoscopic image {row['derm']!r} not found; record kept without image")
+        builder.add(
+            where,
+            image_id=f"derm7pt_{case}",
+            image_ref=image,
+            lesion_id=f"derm7pt_{case}",
+            sex=row["sex"],
+            site=row["location"],
+            label=row["diagnosis"].strip(),
+            diagnosis=code,
+        )
+    return builder.loaded()
+
+
+def derm7pt_clinical_photos(folder: Path) -> pd.DataFrame:
+    """Derm7pt's clinical (non-dermoscopic) close-up photos: image_id (the case's record id),
+    clinical_ref, diagnosis. Cases whose `clinic` field points at the dermoscopic image (the
+    dataset's notes say it was missing and replaced) are left out."""
+    frame = read_csv(folder / "meta" / "meta.csv", DERM7PT_COLUMNS)
+    rows = []
+    for row in frame.to_dict("records"):
+        photo = _derm7pt_image(folder, row["clinic"])
+        if photo is None or row["clinic"].strip().lower() == row["derm"].strip().lower():
+            continue
+        rows.append({
+            "image_id": f"derm7pt_{row['case_num'].strip()}",
+            "clinical_ref": photo,
+            "diagnosis": DERM7PT_DIAGNOSES.get(row["diagnosis"].strip().lower()),
+        })
+    return pd.DataFrame(rows, columns=["image_id", "clinical_ref", "diagnosis"])
+
+
+def _derm7pt_image(folder: Path, relative: str) -> str | None:
+    relative = (relative or "").strip()
+    if not relative or ".." in Path(relative).parts:
+        return None
+    path = folder / "images" / relative
+    return str(path) if path.is_file() else None
 
 
 def _archive_label(row: dict) -> str | None:

@@ -32,6 +32,7 @@ READERS: dict[str, Callable[[Path], Loaded]] = {
     "isic2019": _folder_of(readers.read_isic2019),
     "isic2018": _folder_of(readers.read_isic2018),
     "isic-cli": _folder_of(readers.read_isic_cli),
+    "derm7pt": _folder_of(readers.read_derm7pt),
     "folders": readers.read_class_folders,
     "dicom": read_dicom_folder,
     "tfrecord": _tfrecord,
@@ -61,6 +62,8 @@ def detect_format(path: Path) -> str:
         return "isic2019"
     if any(n.startswith("ISIC2018_Task3_") and n.endswith("GroundTruth.csv") for n in names):
         return "isic2018"
+    if (path / "meta" / "meta.csv").is_file() and {"case_num", "derm", "clinic"} <= set(read_csv(path / "meta" / "meta.csv", ()).columns):
+        return "derm7pt"
     if "metadata.csv" in names and "isic_id" in read_csv(path / "metadata.csv", ()).columns:
         return "isic-cli"
     if any(n.endswith(".tfrec") for n in names):

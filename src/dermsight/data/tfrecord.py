@@ -7,7 +7,7 @@ label-encoded the categorical columns as integers; those cannot be decoded witho
 the encoder, so when a metadata CSV (train.csv) is given its values are used instead.
 
 Images stay inside the shard: a record's image_ref is ``shard.tfrec#byte_offset``,
-read back with :func:`read_tfrecord_image`.
+read back with :func:`dermsight.imaging.tfrecord_image.read_tfrecord_image`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,8 @@ import struct
 from pathlib import Path
 
 from dermsight.data.records import Loaded, RecordBuilder, SourceError, read_csv
-
-_HEADER = 12  # uint64 length + uint32 masked crc
-_FOOTER = 4
+from dermsight.imaging.tfrecord_image import FOOTER_BYTES, HEADER_BYTES, example_pb2
 _CATEGORICAL = ("patient_id", "sex", "anatom_site_general_challenge", "diagnosis")
-
-
-def _example_pb2():
-    # Imported on first use: the `tfrecord` package imports torch when it is installed
-    # (3 s), which every other command would pay for.
-    from tfrecord import example_pb2
-
-    return example_pb2
 
 
 def read_tfrecords(paths: list[Path], metadata_csv: Path | None = None) -> Loaded:
@@ -45,14 +35,14 @@ def read_tfrecords(paths: list[Path], metadata_csv: Path | None = None) -> Loade
             for raw in tfrecord_iterator(str(path)):
                 where = f"{path} record at byte {offset}"
                 _add_example(builder, where, bytes(raw), f"{path}#{offset}", metadata)
-                offset += _HEADER + len(raw) + _FOOTER
+                offset += HEADER_BYTES + len(raw) + FOOTER_BYTES
         except (RuntimeError, struct.error, OSError) as err:
             builder.problem("unreadable_shard", f"{path} at byte {offset}", f"TFRecord shard is truncated or corrupt ({err}); later records skipped", skipped=True)
     return builder.loaded()
 
 
 def _add_example(builder: RecordBuilder, where: str, raw: bytes, ref: str, metadata: dict) -> None:
-    example = _example_pb2().Example()
+    example = example_pb2().Example()
     try:
         example.ParseFromString(raw)
     except Exception as err:  # protobuf's DecodeError
@@ -94,23 +84,3 @@ def _value(feature) -> object:  # a tfrecord example_pb2.Feature
     kind = feature.WhichOneof("kind")
     values = list(getattr(feature, kind).value) if kind else []
     return values[0] if len(values) == 1 else (values or None)
-
-
-def read_tfrecord_image(path: str, offset: int) -> bytes:
-    """The encoded image bytes of the record starting at `offset` in shard `path`."""
-    from dermsight.imaging.decode import ImageError
-
-    try:
-        with open(path, "rb") as file:
-            file.seek(offset)
-            (length,) = struct.unpack("<Q", file.read(8))
-            file.seek(4, 1)
-            raw = file.read(length)
-    except (OSError, struct.error) as err:
-        raise ImageError(f"{path}#{offset}: cannot read TFRecord record ({err})") from None
-    example = _example_pb2().Example()
-    try:
-        example.ParseFromString(raw)
-        return example.features.feature["image"].bytes_list.value[0]
-    except Exception:
-        raise ImageError(f"{path}#{offset}: no image in this TFRecord record") from None

@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from dermsight.imaging.errors import ImageError
+from dermsight.imaging.tfrecord_image import read_tfrecord_image
+
 MAX_PIXELS = 50_000_000  # ~ a 8700 x 5800 photo; the ISIC 2020 originals reach 24 MP
 MIN_SIDE = 16  # smaller is no photograph of a lesion
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 # Pillow's own bomb guard raises at 2x its limit; ours is checked first, from the header.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image; the message says why."""
 
 
 _MAGIC: tuple[tuple[int, bytes, str], ...] = (
@@ -61,8 +60,6 @@ def read_image_bytes(ref: str | Path) -> bytes:
     """The encoded bytes behind an image_ref: a file path, or ``shard.tfrec#offset``."""
     ref = str(ref)
     if "#" in ref and ref.rsplit("#", 1)[1].isdigit():
-        from dermsight.data.tfrecord import read_tfrecord_image
-
         path, offset = ref.rsplit("#", 1)
         return read_tfrecord_image(path, int(offset))
     path = Path(ref)
