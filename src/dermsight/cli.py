@@ -131,19 +131,36 @@ def train_command(
     refit: bool = typer.Option(True, help="Finetune mode: refit on all images (--no-refit ships the first fold's network)."),
     int8: bool = typer.Option(False, "--int8", help="Finetune mode: ship the int8 graph (2x faster); calibration and threshold are fitted on int8 outputs."),
     max_images: int = typer.Option(None, help="Train on a random subset of this many images (smoke runs)."),
+    patience: int = typer.Option(2, min=0, help="Finetune mode: early-stopping patience in epochs on held-out balanced accuracy; 0 runs the schedule to its end without scoring every epoch."),
+    source_folds: bool = typer.Option(False, "--source-folds", help="Leave-one-source-out folds: the largest source in grouped folds, every other source whole in a fold of its own."),
+    fit: str = typer.Option("crop", help="Preprocessing: crop (shorter side, centre crop) or squash (the whole frame to a square)."),
+    colour_constancy: bool = typer.Option(False, "--colour-constancy", help="Shades of Gray colour constancy, in training and inference."),
+    acquisition_augmentation: bool = typer.Option(False, "--acquisition-augmentation", help="Finetune mode: JPEG re-encoding, downscaling, blur, noise, aspect and colour-temperature changes."),
+    source_prior: bool = typer.Option(False, "--source-prior", help="Finetune mode: logit adjustment by each source's class mix (instead of class weights)."),
+    metadata: str = typer.Option("all", help="Metadata the network reads: all, source-neutral (no patient image count: only ISIC 2020 fills it) or none."),
+    metadata_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Finetune mode: share of training images shown with every metadata field missing."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Finetune mode: ship the fold networks as one averaged graph (their spread is the uncertainty) instead of a refit."),
 ) -> None:
     """Train a model bundle: out-of-fold validation, calibration, threshold, ONNX export."""
     from dermsight.allocator import tune_for_torch
 
     tune_for_torch()  # glibc malloc as scripts/env.sh sets it (CPU torch trains ~1.5x faster): see dermsight.allocator
+    from dermsight.models.metadata import METADATA_FEATURES, SOURCE_NEUTRAL_FEATURES
     from dermsight.training.config import TrainConfig
     from dermsight.training.train import train
 
+    features = {"all": METADATA_FEATURES, "source-neutral": SOURCE_NEUTRAL_FEATURES, "none": ()}
+    if metadata not in features:
+        errors.print(f"[bold red]error:[/] unknown --metadata {metadata!r}; expected all, source-neutral or none", highlight=False)
+        raise typer.Exit(2)
     config = TrainConfig(
         sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
         views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
-        target_sensitivity=target_sensitivity, epochs=epochs, restart_epochs=restart_epochs, validation_folds=validation_folds, refit=refit, batch_size=batch_size, learning_rate=learning_rate,
-        int8=int8, max_images=max_images,
+        target_sensitivity=target_sensitivity, epochs=epochs, restart_epochs=restart_epochs, validation_folds=validation_folds, batch_size=batch_size, learning_rate=learning_rate,
+        int8=int8, max_images=max_images, patience=patience, source_folds=source_folds, fit=fit,
+        colour_constancy=colour_constancy, acquisition_augmentation=acquisition_augmentation, source_prior=source_prior,
+        metadata_features=features[metadata], metadata_dropout=metadata_dropout, ensemble=ensemble,
+        refit=refit and not ensemble,
     )
     bundle = train(config)
     pooled = bundle.metrics["pooled"]
@@ -336,16 +353,31 @@ def _read_predictions(path: Path) -> pd.DataFrame:
 
 
 def _score(bundle, records: pd.DataFrame, batch_size: int, output: Path) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Run the Predictor on the labelled records with an image; the table is also saved as
-    OUTPUT/predictions.csv (the `predict` layout) for re-evaluation with --predictions."""
+    """Predictions for the labelled records with an image: an image the bundle trained on takes
+    its out-of-fold prediction (from a network that never saw it; the shipped one did), every
+    other image is scored by the Predictor. The table is also saved as OUTPUT/predictions.csv
+    (the `predict` layout) for re-evaluation with --predictions."""
     from dermsight.evaluation.evaluate import EvaluationError
+    from dermsight.evaluation.held_out import HeldOutError, load_out_of_fold, out_of_fold_predictions
     from dermsight.inference.predictor import Predictor
 
     labelled = records[records["image_ref"].notna() & records["diagnosis"].notna()].reset_index(drop=True)
     if labelled.empty:
         raise EvaluationError("DATA holds no labelled record with an image file to score")
-    predictor = Predictor(bundle)
-    table, unscored = predictor.predict_records(labelled, batch_size=batch_size, cache=_score_cache(bundle, True))
+    try:
+        oof = load_out_of_fold(bundle)
+    except HeldOutError:
+        oof = pd.DataFrame(columns=["image_id", *bundle.classes])
+    trained = labelled["image_id"].isin(set(oof["image_id"]))
+    parts, unscored = [], {}
+    if trained.any():
+        parts.append(out_of_fold_predictions(bundle, oof[oof["image_id"].isin(set(labelled["image_id"]))].reset_index(drop=True)))
+        console.print(f"{int(trained.sum()):,} images the bundle trained on: their out-of-fold predictions are used")
+    if not trained.all():
+        predictor = Predictor(bundle)
+        table, unscored = predictor.predict_records(labelled[~trained], batch_size=batch_size, cache=_score_cache(bundle, True))
+        parts.append(table)
+    table = pd.concat(parts, ignore_index=True)
     for image_id, message in list(unscored.items())[:5]:
         console.print(f"[yellow]unreadable[/] {image_id}: {message}", highlight=False)
     write_predictions(table, output / "predictions.csv")

@@ -1,8 +1,10 @@
 """The one preprocessing used by training, evaluation, the CLI and the API.
 
 A :class:`Preprocessing` is stored in every model bundle, so a bundle always sees
-images exactly as it was trained on them: shorter side resized to `size`, centre
-crop `size` x `size`, scaled to the backbone's mean/std, channels first.
+images exactly as it was trained on them: resized to `size` x `size` (``fit="crop"``: shorter
+side to `size`, centre crop; ``fit="squash"``: the whole frame, aspect not kept, as isic9 and the
+ISIC 2017-era archive images already are), optionally colour-normalised (Shades of Gray),
+scaled to the backbone's mean/std, channels first.
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ from PIL import Image
 
 # Test-time views: dermoscopy has no "up", so flips and rotations are label-preserving.
 VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "rot180")
+FITS: tuple[str, ...] = ("crop", "squash")
+SHADES_OF_GRAY_POWER = 6  # Finlayson & Trezzi's Minkowski norm; p = 6 is what the ISIC 2019 winners used
+
+
+def shades_of_gray(rgb: np.ndarray, power: int = SHADES_OF_GRAY_POWER) -> np.ndarray:
+    """Colour constancy: scale each channel so the image's Minkowski p-norm illuminant
+    estimate becomes neutral grey (uint8 in, uint8 out). Removes a dermatoscope's or a
+    camera's colour cast, one of the cues that tell sources apart."""
+    pixels = rgb.reshape(-1, 3).astype(np.float32)
+    illuminant = np.power(np.mean(np.power(pixels, power), axis=0), 1.0 / power)
+    gains = illuminant.mean() / np.maximum(illuminant, 1e-6)
+    return np.clip(rgb.astype(np.float32) * gains, 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -21,9 +35,27 @@ class Preprocessing:
     size: int = 224
     mean: tuple[float, float, float] = (127 / 255,) * 3
     std: tuple[float, float, float] = (128 / 255,) * 3
+    fit: str = "crop"
+    colour_constancy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"unknown fit {self.fit!r}; expected one of {', '.join(FITS)}")
 
     def resize(self, rgb: np.ndarray) -> np.ndarray:
-        """Shorter side to `size` (bicubic), then a centred square crop: uint8 (S, S, 3)."""
+        """uint8 (S, S, 3) the network reads: resized (bicubic) by `fit`, then colour-normalised
+        when `colour_constancy` is set."""
+        square = self._squash(rgb) if self.fit == "squash" else self._crop(rgb)
+        return shades_of_gray(square) if self.colour_constancy else square
+
+    def _squash(self, rgb: np.ndarray) -> np.ndarray:
+        height, width = rgb.shape[:2]
+        if (height, width) == (self.size, self.size):
+            return np.asarray(rgb)
+        return np.asarray(Image.fromarray(rgb).resize((self.size, self.size), Image.BICUBIC, reducing_gap=3.0))
+
+    def _crop(self, rgb: np.ndarray) -> np.ndarray:
+        """Shorter side to `size` (bicubic), then a centred square crop."""
         height, width = rgb.shape[:2]
         scale = self.size / min(height, width)
         new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
@@ -51,11 +83,17 @@ class Preprocessing:
         return self.normalise(self.resize(rgb))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "steps": ["decode RGB (EXIF upright)", "resize shorter side (bicubic)", "centre crop", "normalise"]}
+        resize = ["resize shorter side (bicubic)", "centre crop"] if self.fit == "crop" else ["resize to a square (bicubic, aspect not kept)"]
+        constancy = ["Shades of Gray colour constancy (p=6)"] if self.colour_constancy else []
+        return {**asdict(self), "steps": ["decode RGB (EXIF upright)", *resize, *constancy, "normalise"]}
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(size=int(data["size"]), mean=tuple(data["mean"]), std=tuple(data["std"]))
+        """Bundles written before `fit` and `colour_constancy` existed crop and do not normalise colour."""
+        return cls(
+            size=int(data["size"]), mean=tuple(data["mean"]), std=tuple(data["std"]),
+            fit=data.get("fit", "crop"), colour_constancy=bool(data.get("colour_constancy", False)),
+        )
 
 
 def view(chw: np.ndarray, name: str) -> np.ndarray:

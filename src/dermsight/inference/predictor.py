@@ -42,13 +42,19 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
 @dataclass
 class Scores:
     """Model outputs for a batch: calibrated probabilities (N, K), embeddings (N, F),
-    melanoma class activation maps (N, h, w), and whether each image passed the
-    out-of-distribution gate (N,)."""
+    melanoma class activation maps (N, h, w), whether each image passed the
+    out-of-distribution gate (N,), and each member network's calibrated probabilities
+    (N, members, K): one member for a single network, the fold networks of an ensemble."""
 
     probabilities: np.ndarray
     embeddings: np.ndarray
     melanoma_cam: np.ndarray
     looks_dermoscopic: np.ndarray
+    member_probabilities: np.ndarray
+
+    def risk_spread(self, melanoma_index: int) -> np.ndarray:
+        """Standard deviation of the members' melanoma risks (0 for a single network)."""
+        return self.member_probabilities[:, :, melanoma_index].std(axis=1)
 
 
 def prediction_table(
@@ -65,6 +71,8 @@ def prediction_table(
     for code in DIAGNOSES:
         columns[code] = scores.probabilities[:, classes.index(code)] if code in classes else np.zeros(n, np.float32)
     columns["melanoma_risk"] = risk
+    if scores.member_probabilities.shape[1] > 1:
+        columns["risk_spread"] = scores.risk_spread(classes.index("MEL"))
     columns["predicted_class"] = np.asarray(classes, dtype=object)[scores.probabilities.argmax(axis=1)]
     columns["above_threshold"] = risk >= threshold
     columns["looks_dermoscopic"] = scores.looks_dermoscopic
@@ -88,6 +96,8 @@ class Predictor:
         self.classes = self.bundle.classes
         self.melanoma_index = self.classes.index("MEL")
         self.ood_gate = OODGate.load(self.bundle.path)
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        self.outputs = ["logits", "embedding", "cam", "gate_features", *(["member_logits"] if "member_logits" in graph_outputs else [])]
 
     @property
     def threshold(self) -> float:
@@ -109,13 +119,18 @@ class Predictor:
         flat = stacked.reshape(-1, *stacked.shape[2:])
         meta = np.tile(metadata.astype(np.float32), (len(names), 1))
         feeds = {"image": flat, "metadata": meta}
-        outputs = self.session.run(["logits", "embedding", "cam", "gate_features"], feeds)
-        logits, embeddings, _, gate_features = (a.reshape(len(names), n, -1).mean(axis=0) for a in outputs)
+        outputs = self.session.run(self.outputs, feeds)
+        logits, embeddings, _, gate_features = (a.reshape(len(names), n, -1).mean(axis=0) for a in outputs[:4])
         cams = outputs[2]
         mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])
         cam = np.mean([view(mel_cams[v], name) for v, name in enumerate(names)], axis=0)  # flips are self-inverse
         accepted = self.ood_gate.accepts(gate_features) if self.ood_gate else np.ones(n, bool)
-        return Scores(softmax(logits / self.bundle.temperature, axis=1), embeddings, cam, accepted)
+        temperature = self.bundle.temperature
+        if len(outputs) > 4:  # an ensemble: each member's logits, averaged over the views
+            members = outputs[4].reshape(len(names), n, *outputs[4].shape[1:]).mean(axis=0)
+        else:
+            members = logits[:, None, :]
+        return Scores(softmax(logits / temperature, axis=1), embeddings, cam, accepted, softmax(members / temperature, axis=2))
 
     def gate_features(self, refs: Sequence, batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, list[int]]:
         """The out-of-distribution gate's input for each readable image (means over the
@@ -154,7 +169,7 @@ class Predictor:
             if column not in frame.columns:
                 frame[column] = None
         frame["image_id"] = frame["image_id"] if "image_id" in frame.columns else [f"image {i + 1}" for i in range(len(frame))]
-        scores = self.score(np.stack([prep.normalise(s) for s in squares]), encode_metadata(frame))
+        scores = self.score(np.stack([prep.normalise(s) for s in squares]), encode_metadata(frame, self.bundle.metadata_features))
         has_patients = frame["patient_id"].notna().any()
         table = self.predict_table(scores, frame["image_id"], frame["patient_id"] if has_patients else None)
         return table, scores, squares
@@ -166,7 +181,7 @@ class Predictor:
         table (in record order) and {image_id: error} for images that could not be read.
         With a `cache`, images scored before (same content, same metadata) are not scored again."""
         records = records.reset_index(drop=True)
-        metadata = encode_metadata(records)
+        metadata = encode_metadata(records, self.bundle.metadata_features)
         refs = records["image_ref"].tolist()
         keys = cache.keys(refs, metadata) if cache else []
         parts: list[tuple[list[int], Scores]] = []

@@ -111,7 +111,7 @@ def _run(records: pd.DataFrame, bundle: Bundle, bundle_files: list, workers: int
     dataset = ray.data.from_pandas([rows.iloc[part] for part in np.array_split(np.arange(len(rows)), blocks)])
     decoded = dataset.map_batches(
         _decode, batch_format="pandas", batch_size=None, num_cpus=DECODE_CPUS,
-        fn_kwargs={"prep": bundle.preprocessing},
+        fn_kwargs={"prep": bundle.preprocessing, "features": tuple(bundle.metadata_features)},
     )
     # Scoring actors reserve at most an equal share of the CPUs with the decode stage, so
     # both stages always have room to run (Ray's CPUs are only bookkeeping).
@@ -175,7 +175,7 @@ def _text(column: pd.Series) -> pd.Series:
     return column.where(column.notna(), "").astype(str)
 
 
-def _decode(batch: pd.DataFrame, prep: Preprocessing) -> dict[str, np.ndarray]:
+def _decode(batch: pd.DataFrame, prep: Preprocessing, features: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A block of rows -> uint8 model-input squares (normalised by the actor: 4x less to
     move), encoded metadata and, for unreadable images, the reason (as `iter_batches`)."""
     squares = np.zeros((len(batch), prep.size, prep.size, 3), np.uint8)
@@ -190,7 +190,7 @@ def _decode(batch: pd.DataFrame, prep: Preprocessing) -> dict[str, np.ndarray]:
         "image_id": batch["image_id"].to_numpy(dtype=object),
         "patient_key": batch["patient_key"].to_numpy(dtype=object),
         "has_patient": batch["has_patient"].to_numpy(dtype=bool),
-        "metadata": encode_metadata(batch.assign(patient_id=batch["patient_key"].where(batch["has_patient"], None))),
+        "metadata": encode_metadata(batch.assign(patient_id=batch["patient_key"].where(batch["has_patient"], None)), features),
         "square": squares,
         "error": errors,
     }
@@ -216,6 +216,7 @@ class _Scorer:
             blank = np.zeros((1, 3, self.prep.size, self.prep.size), np.float32)
             width = self.predictor.score(blank, np.zeros((1, self._metadata_width()), np.float32)).embeddings.shape[1]
         self.width = width
+        self.members = int(self.predictor.bundle.training.get("members", 1))
 
     def _metadata_width(self) -> int:
         return len(self.predictor.bundle.metadata_features)
@@ -226,15 +227,18 @@ class _Scorer:
         probabilities = np.zeros((n, len(self.predictor.classes)), np.float32)
         embeddings = np.zeros((n, self.width), np.float32)
         looks = np.zeros(n, bool)
+        members = np.zeros((n, self.members, len(self.predictor.classes)), np.float32)
         if ok.any():
             images = np.stack([self.prep.normalise(square) for square in batch["square"][ok]])
             scores = self.predictor.score(images, batch["metadata"][ok])
             probabilities[ok], embeddings[ok], looks[ok] = scores.probabilities, scores.embeddings, scores.looks_dermoscopic
+            members[ok] = scores.member_probabilities
         return {
             **{key: batch[key] for key in ("position", "image_id", "patient_key", "has_patient", "error")},
             "probabilities": probabilities,
             "embeddings": embeddings,
             "looks_dermoscopic": looks,
+            "member_probabilities": members,
         }
 
 
@@ -253,6 +257,7 @@ def _table(batch: dict[str, np.ndarray], classes: list[str], threshold: float, w
             batch["embeddings"][rows].astype(np.float32),
             np.zeros((int(rows.sum()), 0, 0), np.float32),  # heat maps are not part of the table
             batch["looks_dermoscopic"][rows].astype(bool),
+            batch["member_probabilities"][rows].astype(np.float32),
         )
         patient_ids = None
         if with_patients:

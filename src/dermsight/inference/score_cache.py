@@ -21,8 +21,9 @@ from dermsight.cache import content_hash, default_cache_dir
 from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.models.bundle import Bundle
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS scores (
-    key TEXT PRIMARY KEY, probabilities BLOB, embedding BLOB, cam BLOB, cam_height INTEGER, looks_dermoscopic INTEGER
+SCHEMA = """CREATE TABLE IF NOT EXISTS scores_v2 (
+    key TEXT PRIMARY KEY, probabilities BLOB, embedding BLOB, cam BLOB, cam_height INTEGER, looks_dermoscopic INTEGER,
+    member_probabilities BLOB
 )"""
 
 
@@ -61,8 +62,9 @@ class ScoreCache:
                 keys.append(None)
         return keys
 
-    def get(self, keys: Sequence[str | None]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
-        """{position in `keys`: (probabilities, embedding, melanoma cam, looks_dermoscopic)} of the cached ones."""
+    def get(self, keys: Sequence[str | None]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]]:
+        """{position in `keys`: (probabilities, embedding, melanoma cam, looks_dermoscopic, member
+        probabilities (members, K))} of the cached ones."""
         wanted = {k: i for i, k in enumerate(keys) if k}
         found = {}
         names = list(wanted)
@@ -70,26 +72,31 @@ class ScoreCache:
             with self._connect() as db:
                 for start in range(0, len(names), 500):
                     chunk = names[start : start + 500]
-                    query = f"SELECT * FROM scores WHERE key IN ({','.join('?' * len(chunk))})"
-                    for key, probabilities, embedding, cam, height, accepted in db.execute(query, chunk):
+                    query = f"SELECT * FROM scores_v2 WHERE key IN ({','.join('?' * len(chunk))})"
+                    for key, probabilities, embedding, cam, height, accepted, members in db.execute(query, chunk):
+                        probabilities = np.frombuffer(probabilities, np.float32)
                         found[wanted[key]] = (
-                            np.frombuffer(probabilities, np.float32),
+                            probabilities,
                             np.frombuffer(embedding, np.float32),
                             np.frombuffer(cam, np.float32).reshape(height, -1),
                             bool(accepted),
+                            np.frombuffer(members, np.float32).reshape(-1, len(probabilities)),
                         )
         except sqlite3.Error:  # a damaged cache file costs time, never a result
             return {}
         return found
 
-    def put(self, keys: Sequence[str | None], probabilities, embeddings, cams, accepted) -> None:
+    def put(self, keys: Sequence[str | None], probabilities, embeddings, cams, accepted, member_probabilities) -> None:
         rows = [
-            (k, p.astype(np.float32).tobytes(), e.astype(np.float32).tobytes(), c.astype(np.float32).tobytes(), c.shape[0], int(a))
-            for k, p, e, c, a in zip(keys, probabilities, embeddings, cams, accepted)
+            (
+                k, p.astype(np.float32).tobytes(), e.astype(np.float32).tobytes(), c.astype(np.float32).tobytes(), c.shape[0],
+                int(a), m.astype(np.float32).tobytes(),
+            )
+            for k, p, e, c, a, m in zip(keys, probabilities, embeddings, cams, accepted, member_probabilities)
             if k
         ]
         try:
             with self._connect() as db:
-                db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT OR REPLACE INTO scores_v2 VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error:
             pass  # not cached this time; the scores themselves are returned all the same

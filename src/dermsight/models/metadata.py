@@ -31,9 +31,24 @@ def patient_image_counts(records: pd.DataFrame) -> pd.Series:
     return counts.where(records["patient_id"].notna())
 
 
-def encode_metadata(records: pd.DataFrame) -> np.ndarray:
-    """(N, len(METADATA_FEATURES)) float32 from schema columns age, sex, site and
-    patient_images (where that is missing, counted from the patient ids in `records`)."""
+# Fields only ISIC 2020 fills (a patient's image count) tell a network the source, not the lesion:
+# the source-robust recipe leaves them out.
+SOURCE_NEUTRAL_FEATURES: tuple[str, ...] = tuple(f for f in METADATA_FEATURES if "patient_images" not in f)
+
+
+def missing_metadata(features: tuple[str, ...] | list[str] = METADATA_FEATURES) -> np.ndarray:
+    """The encoding of a record with every field unknown (metadata dropout's blank row)."""
+    blank = pd.DataFrame({"age": [np.nan], "sex": [None], "site": [None], "patient_id": [None], "image_id": ["-"]})
+    return encode_metadata(blank, features)[0]
+
+
+def encode_metadata(records: pd.DataFrame, features: tuple[str, ...] | list[str] = METADATA_FEATURES) -> np.ndarray:
+    """(N, len(features)) float32 from schema columns age, sex, site and patient_images
+    (where that is missing, counted from the patient ids in `records`); `features` is the
+    bundle's list, a subset of METADATA_FEATURES in that order."""
+    if tuple(features) != METADATA_FEATURES:
+        columns = [METADATA_FEATURES.index(f) for f in features]
+        return np.ascontiguousarray(encode_metadata(records)[:, columns])
     n = len(records)
     age = pd.to_numeric(records["age"], errors="coerce").to_numpy(dtype=float)
     sex = records["sex"].to_numpy(dtype=object)

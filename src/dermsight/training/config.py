@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dermsight.imaging.preprocess import Preprocessing
 from dermsight.cache import default_cache_dir
+from dermsight.models.metadata import METADATA_FEATURES
 
 
 @dataclass
@@ -35,15 +36,24 @@ class TrainConfig:
     refit: bool = True  # finetune: refit on every image; False ships the first fold's network (calibrated on its held-out fold)
     int8: bool = False  # finetune: ship the int8 graph; out-of-fold logits (calibration, threshold) come from int8 graphs
     max_images: int | None = None  # a subset, for smoke runs
+    # Source robustness (see README, "Sources the model never saw")
+    source_folds: bool = False  # the largest source in grouped folds, every other source a fold of its own (leave-one-source-out)
+    fit: str = "crop"  # preprocessing: "crop" (shorter side, centre crop) or "squash" (whole frame to a square)
+    colour_constancy: bool = False  # Shades of Gray in training and inference alike
+    acquisition_augmentation: bool = False  # finetune: JPEG re-encoding, downscaling, blur, noise, aspect changes
+    source_prior: bool = False  # finetune: logit adjustment by each source's class mix (replaces class weighting)
+    metadata_features: tuple[str, ...] = METADATA_FEATURES  # what the network reads; a subset of METADATA_FEATURES
+    metadata_dropout: float = 0.0  # finetune: share of training images shown with every metadata field missing
+    ensemble: bool = False  # finetune: ship the fold networks as one averaged graph instead of a refit (implies no refit)
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(size=self.image_size)
+        return Preprocessing(size=self.image_size, fit=self.fit, colour_constancy=self.colour_constancy)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["output"], data["cache_dir"] = str(self.output), str(self.cache_dir)
-        data["views"] = list(self.views)
+        data["views"], data["metadata_features"] = list(self.views), list(self.metadata_features)
         return data

@@ -20,7 +20,7 @@ def embed_features(records: pd.DataFrame, config: TrainConfig) -> tuple[np.ndarr
     embeddings, _, errors = embed_records(
         records, config.backbone, config.preprocessing, config.views, config.cache_dir, progress=config.progress
     )
-    metadata = encode_metadata(records)
+    metadata = encode_metadata(records, config.metadata_features)
     stacked = np.concatenate([embeddings, np.broadcast_to(metadata, (len(config.views), *metadata.shape))], axis=2)
     return stacked, errors
 

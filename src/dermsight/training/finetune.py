@@ -29,42 +29,90 @@ from torch.utils.data.distributed import DistributedSampler
 from dermsight.imaging.batches import load_square
 from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing, views
-from dermsight.models.metadata import METADATA_FEATURES, encode_metadata
-from dermsight.models.network import DermSightNet
+from dermsight.models.ensemble import merge_member_graphs
+from dermsight.models.metadata import encode_metadata, missing_metadata
+from dermsight.models.network import DermSightNet, export_onnx
 from dermsight.training.config import TrainConfig
 from dermsight.training.losses import balanced_class_weights, make_loss
 
 console = Console(stderr=True)
 
 
-def augmentation(size: int) -> A.Compose:
-    """Label-preserving for dermoscopy: crops, any flip or right-angle rotation, mild colour."""
-    return A.Compose(
-        [
-            A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0), ratio=(0.8, 1.25)),
-            A.HorizontalFlip(),
-            A.VerticalFlip(),
-            A.RandomRotate90(),
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.7),
+def augmentation(size: int, acquisition: bool = False) -> A.Compose:
+    """Label-preserving for dermoscopy: crops, any flip or right-angle rotation, mild colour.
+    With `acquisition`, also what differs between clinics' cameras and archives rather than
+    between lesions: JPEG re-encoding (quality 30-95), lower resolution (down to 0.35x and
+    back), aspect changes (a frame squashed to a square or not), blur, sensor noise and
+    colour temperature."""
+    ratio = (0.6, 1.67) if acquisition else (0.8, 1.25)
+    steps = [
+        A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0), ratio=ratio),
+        A.HorizontalFlip(),
+        A.VerticalFlip(),
+        A.RandomRotate90(),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.7),
+    ]
+    if acquisition:
+        steps += [
+            A.PlanckianJitter(p=0.3),
+            A.Downscale(scale_range=(0.35, 0.9), p=0.3),
+            A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.2, 1.2), p=0.2),
+            A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
+            A.ImageCompression(quality_range=(30, 95), p=0.6),
         ]
-    )
+    return A.Compose(steps)
+
+
+def source_log_priors(sources: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N, K) log of each record's source's class mix (counts + 1, so a class a source never
+    labels keeps a finite prior). Added to the logits in the training loss (logit adjustment),
+    the source's class mix is given to the network for free, so nothing is gained by learning
+    to recognise the source; the logits learn what is left: the lesion's own evidence, as for
+    a class-balanced prior. Inference uses the logits alone."""
+    priors = np.zeros((len(labels), n_classes), np.float32)
+    for source in np.unique(sources):
+        rows = sources == source
+        counts = np.bincount(labels[rows], minlength=n_classes).astype(np.float64) + 1.0
+        priors[rows] = np.log(counts / counts.sum())
+    return priors
 
 
 class LesionImages(Dataset):
-    """Pre-decoded uint8 squares + metadata + labels; augments on the fly when training."""
+    """Pre-decoded uint8 squares + metadata + labels; augments on the fly when training.
+    `offsets` (N, K) are added to the logits in the loss (source priors); `metadata_dropout`
+    shows that share of the images with every metadata field missing (`blank_metadata`)."""
 
-    def __init__(self, squares: np.ndarray, metadata: np.ndarray, labels: np.ndarray, prep: Preprocessing, train: bool):
+    def __init__(
+        self, squares: np.ndarray, metadata: np.ndarray, labels: np.ndarray, prep: Preprocessing, train: bool,
+        *, acquisition: bool = False, offsets: np.ndarray | None = None, metadata_dropout: float = 0.0,
+        blank_metadata: np.ndarray | None = None,
+    ):
         self.squares, self.metadata, self.labels, self.prep = squares, metadata, labels, prep
-        self.transform = augmentation(prep.size) if train else None
+        self.transform = augmentation(prep.size, acquisition) if train else None
+        self.offsets = offsets if offsets is not None else np.zeros((len(labels), 1), np.float32)
+        self.metadata_dropout, self.blank_metadata = metadata_dropout, blank_metadata
+        self.rng = np.random.default_rng(0)
+
+    def reseed(self, seed: int) -> None:
+        """Per-epoch seed of the augmentations and the metadata dropout (resumable runs)."""
+        if self.transform is not None:
+            self.transform.set_random_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
         square = self.squares[i]
+        metadata = self.metadata[i]
         if self.transform is not None:
             square = self.transform(image=square)["image"]
-        return torch.from_numpy(self.prep.normalise(square)), torch.from_numpy(self.metadata[i]), int(self.labels[i])
+            if self.metadata_dropout and self.rng.random() < self.metadata_dropout:
+                metadata = self.blank_metadata
+        return (
+            torch.from_numpy(self.prep.normalise(square)), torch.from_numpy(metadata), int(self.labels[i]),
+            torch.from_numpy(self.offsets[i]),
+        )
 
 
 def decode_all(records: pd.DataFrame, prep: Preprocessing, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +174,7 @@ def train_one_model(
     checkpoint: Path,
     validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     *,
+    sources: np.ndarray | None = None,
     augment: bool = True,
     global_order: bool = False,
     micro_batches: int = 1,
@@ -144,15 +193,20 @@ def train_one_model(
     torch.manual_seed(config.seed)
     prep = config.preprocessing
     distributed = setup_distributed()
-    net = DermSightNet.create(config.backbone, len(METADATA_FEATURES), len(classes)).to(memory_format=torch.channels_last)
+    net = DermSightNet.create(config.backbone, metadata.shape[1], len(classes)).to(memory_format=torch.channels_last)
     model = DistributedDataParallel(net) if distributed else net
-    dataset = LesionImages(squares, metadata, labels, prep, train=augment)
+    offsets = source_log_priors(sources, labels, len(classes)) if config.source_prior and sources is not None else None
+    dataset = LesionImages(
+        squares, metadata, labels, prep, train=augment, acquisition=config.acquisition_augmentation, offsets=offsets,
+        metadata_dropout=config.metadata_dropout, blank_metadata=missing_metadata(config.metadata_features),
+    )
     sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed) if distributed else None
     if sampler is None and global_order:
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator, drop_last=True)
-    weights = balanced_class_weights(labels, len(classes)) if config.class_weighting else None
+    # Source priors already balance the classes within each source; class weights would count them twice.
+    weights = balanced_class_weights(labels, len(classes)) if config.class_weighting and offsets is None else None
     criterion = make_loss(config.loss, weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), config.warmup_fraction, config.restart_epochs * len(loader))
@@ -165,6 +219,8 @@ def train_one_model(
         start_epoch, best_score, best_epoch, best_state = state["epoch"], state["best_score"], state["best_epoch"], state["best_state"]
         torch.set_rng_state(state["rng"])
         earlier_seconds = state.get("seconds", 0.0)
+    if not config.patience:
+        validation = None  # no early stopping: the schedule runs to its end, the last epoch is kept
     stale = start_epoch - best_epoch if validation is not None else 0  # epochs since the best one
     started = time.perf_counter()
     total_epochs = config.epochs + config.restart_epochs
@@ -177,14 +233,13 @@ def train_one_model(
         # Shuffling and albumentations draw from their own generators: seeded per epoch (and rank), so a resumed
         # run draws what an uninterrupted one would.
         generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
-        if dataset.transform is not None:
-            dataset.transform.set_random_seed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
+        dataset.reseed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
         model.train()
         with Progress(disable=not (config.progress and is_main_process()), transient=True) as bar:
             task = bar.add_task(f"epoch {epoch + 1}/{total_epochs}", total=len(loader))
-            for images, meta, target in loader:
+            for images, meta, target, offset in loader:
                 if micro_batches == 1:
-                    loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0], target)
+                    loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0] + offset, target)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 else:
@@ -255,7 +310,6 @@ def quantize_network(net: DermSightNet, path: Path, squares: np.ndarray, metadat
     seeded sample of `squares` (images the net trained on) in every test-time view."""
     import tempfile
 
-    from dermsight.models.network import export_onnx
     from dermsight.models.quantize import quantize_graph
 
     prep = config.preprocessing
@@ -302,42 +356,48 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     if not ok.all():
         console.print(f"[yellow]{(~ok).sum()} unreadable images left out[/]")
     records, squares = records[ok].reset_index(drop=True), squares[ok]
-    metadata = encode_metadata(records)
+    metadata = encode_metadata(records, config.metadata_features)
+    sources = records["source"].to_numpy(dtype=object)
     labels = records["diagnosis"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     folds = records["fold"].to_numpy()
     oof = np.full((len(records), len(classes)), np.nan, np.float32)
     best_epochs: list[int] = []
     earlier_seconds = 0.0
-    first_net: DermSightNet | None = None
-    first_graph: Path | None = None
+    fold_nets: list[DermSightNet] = []
+    fold_graphs: list[Path] = []  # each fold network's graph (int8 with --int8), for the ensemble
     checkpoints = config.output.with_name(config.output.name + ".checkpoints")  # beside the bundle, not in it
     for fold in sorted(set(folds))[: config.validation_folds]:
         train, held_out = folds != fold, folds == fold
         console.print(f"fold {fold}: {train.sum()} training, {held_out.sum()} held-out images")
         net, best_epoch, earlier = train_one_model(
             squares[train], metadata[train], labels[train], classes, config, checkpoints / f"fold{fold}.pt",
-            validation=(squares[held_out], metadata[held_out], labels[held_out]),
+            validation=(squares[held_out], metadata[held_out], labels[held_out]), sources=sources[train],
         )
         if config.int8:
             graph = quantize_network(net, checkpoints / f"fold{fold}.int8.onnx", squares[train], metadata[train], config)
             oof[held_out] = graph_logits(graph, squares[held_out], metadata[held_out], prep, config.views)
-            first_graph = first_graph or graph
         else:
+            graph = checkpoints / f"fold{fold}.onnx"
+            export_onnx(net, graph, prep.size)
             oof[held_out] = predict_logits(net, squares[held_out], metadata[held_out], prep, config.views)
         best_epochs.append(best_epoch)
         earlier_seconds += earlier
-        first_net = first_net or net
-    if config.refit:
+        fold_nets.append(net)
+        fold_graphs.append(graph)
+    if config.ensemble:
+        net, graph = fold_nets[0], checkpoints / "ensemble.onnx"  # net: the members' architecture (gate blocks)
+        merge_member_graphs(fold_graphs, graph)
+    elif config.refit:
         epochs = int(np.median(best_epochs))  # the first cycle, then as much of the restart as the folds used
         final_config = TrainConfig(
             **{**config.__dict__, "epochs": min(epochs, config.epochs), "restart_epochs": max(0, epochs - config.epochs)}
         )
         console.print(f"final model on all {len(records)} images for {epochs} epochs")
-        net, _, earlier = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt")
+        net, _, earlier = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt", sources=sources)
         earlier_seconds += earlier
         graph = quantize_network(net, checkpoints / "final.int8.onnx", squares, metadata, config) if config.int8 else None
-    else:
-        net, graph = first_net, first_graph  # never saw its held-out fold: calibration and threshold are fitted on unseen images
+    else:  # never saw its held-out fold: calibration and threshold are fitted on unseen images
+        net, graph = fold_nets[0], fold_graphs[0] if config.int8 else None
     return records, labels, oof, net, earlier_seconds, graph
 
 

@@ -20,7 +20,6 @@ from dermsight.evaluation.calibration import TemperatureScaler, choose_threshold
 from dermsight.evaluation.metrics import binary_summary, multiclass_summary
 from dermsight.inference.ood import fit_ood_gate
 from dermsight.models.bundle import Bundle
-from dermsight.models.metadata import METADATA_FEATURES
 from dermsight.models.model_card import write_model_card
 from dermsight.models.network import DermSightNet, export_onnx
 from dermsight.training import embed_mode
@@ -31,7 +30,7 @@ console = Console(stderr=True)
 
 def load_training_records(config: TrainConfig) -> tuple[pd.DataFrame, list[str]]:
     """Labelled records with an image file, in grouped folds, and the class list."""
-    loaded = build_dataset(config.sources, config.folds, config.seed)
+    loaded = build_dataset(config.sources, config.folds, config.seed, by_source=config.source_folds)
     records = loaded.records
     records = records[records["image_ref"].notna() & records["diagnosis"].notna()].reset_index(drop=True)
     if config.binary:  # the same code path, with a two-class label space
@@ -65,7 +64,7 @@ def train(config: TrainConfig) -> Bundle:
         labels = records["diagnosis"].map({c: i for i, c in enumerate(classes)}).to_numpy()
         oof_logits = embed_mode.out_of_fold_logits(features, labels, records["fold"].to_numpy(), len(classes), config)
         head = embed_mode.fit_head(features, labels, len(classes), config)
-        net = DermSightNet.create(config.backbone, len(METADATA_FEATURES), len(classes))
+        net = DermSightNet.create(config.backbone, len(config.metadata_features), len(classes))
         net.set_linear_head(head.weight, head.bias)
     elif config.mode == "finetune":
         from dermsight.training import finetune
@@ -92,7 +91,7 @@ def train(config: TrainConfig) -> Bundle:
         backbone=config.backbone,
         classes=classes,
         preprocessing=config.preprocessing,
-        metadata_features=list(METADATA_FEATURES),
+        metadata_features=list(config.metadata_features),
         views=list(config.views),
         temperature=float(scaler.temperature_),
         threshold={"melanoma": float(threshold["threshold"]), "target_sensitivity": config.target_sensitivity, **threshold},
@@ -107,12 +106,16 @@ def train(config: TrainConfig) -> Bundle:
         },
     )
     export_onnx(net, bundle.onnx_path, config.image_size)
-    if int8_graph is not None:
-        shutil.copyfile(int8_graph, bundle.onnx_path)  # the graph the out-of-fold logits were computed with
-    torch.save({k: v.half() for k, v in net.state_dict().items()}, bundle.path / "weights.pt")
+    if int8_graph is not None:  # the graph the out-of-fold logits were computed with (or the ensemble of them)
+        shutil.copyfile(int8_graph, bundle.onnx_path)
+    members = config.folds if config.ensemble else 1
+    if members > 1:
+        bundle.training["members"] = members  # the float weights stay in the run's checkpoints (size)
+    else:
+        torch.save({k: v.half() for k, v in net.state_dict().items()}, bundle.path / "weights.pt")
     save_out_of_fold(records, probabilities, classes, bundle)
     bundle.save()
-    fit_gate(bundle, all_records, net.gate_block_sizes, config)
+    fit_gate(bundle, all_records, net.gate_block_sizes * members, config)
     bundle.training["duration_seconds"] = round(time.time() - started + resumed_seconds, 1)
     bundle.save()
     write_model_card(bundle)
