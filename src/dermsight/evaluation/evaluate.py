@@ -32,6 +32,7 @@ from dermsight.evaluation.metrics import (
     reliability_curve,
     subgroup_table,
 )
+from dermsight.evaluation.held_out import HeldOutError, held_out_kinds, load_out_of_fold, per_source
 from dermsight.models.bundle import Bundle
 
 FORMAT_VERSION = 1
@@ -445,7 +446,9 @@ def compute_metrics(
         for row in melanomas.itertuples(index=False)
     ]
     diagnoses = frame["diagnosis"].value_counts()
+    sources = per_source(frame, classes, threshold, n_boot=n_boot, seed=seed) if "held_out" in frame.columns else []
     return {
+        "per_source": sources,
         "data": {
             "images": int(len(frame)),
             "melanomas": int(y.sum()),
@@ -476,6 +479,29 @@ def compute_metrics(
         },
         "worst_false_negatives": worst,
     }
+
+
+def _with_held_out(frame: pd.DataFrame, bundle: Bundle, ignored: dict, oof: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`frame` with a `held_out` kind per row (see dermsight.evaluation.held_out); rows whose
+    patient or lesion the bundle trained on are left out of every figure and counted."""
+    if oof is None:
+        try:
+            oof = load_out_of_fold(bundle)
+        except HeldOutError:
+            oof = pd.DataFrame(columns=["image_id", "source", "patient_id", "lesion_id"])
+    # An image the bundle trained on belongs to the source it was trained as (a copy in two sources is
+    # filed under the first one read, which depends on the order the sources are given in).
+    trained_as = oof.set_index("image_id")["source"]
+    frame = frame.assign(source=frame["image"].map(trained_as).fillna(frame["source"]))
+    frame = frame.assign(held_out=held_out_kinds(bundle, frame, oof))
+    seen = frame["held_out"] == "seen_patient"
+    if seen.any():
+        ignored["seen_in_training"] = {
+            "rows": int(seen.sum()),
+            "description": "images of a patient or lesion the bundle trained on: not a held-out prediction",
+            "examples": frame.loc[seen, "image"].head(EXAMPLES).tolist(),
+        }
+    return frame[~seen].reset_index(drop=True)
 
 
 def _bundle_info(bundle: Bundle) -> dict:
@@ -518,6 +544,7 @@ def evaluate_predictions(
     Raises EvaluationError when nothing usable is left or a required column is missing.
     """
     frame, ignored, warnings = join_predictions(predictions, truth, bundle, unscored)
+    frame = _with_held_out(frame, bundle, ignored)
     skipped = [p for p in reading_problems if p.skipped]
     ignored["while_reading"] = {
         kind: sum(p.kind == kind for p in skipped) for kind in sorted({p.kind for p in skipped})
@@ -553,13 +580,10 @@ def evaluate_cv(
     `image_refs` ({image_id: path}) serves the false-negative thumbnails; `only_images`
     restricts the report to those images (e.g. HAM10000's share of a multi-source CV)."""
     path = bundle.path / "out_of_fold.csv.gz"
-    if not path.exists():
-        raise EvaluationError(f"{path} is missing: this bundle carries no out-of-fold predictions (retrain it)")
-    text = {c: str for c in ("image_id", "patient_id", "lesion_id", "sex", "site", "diagnosis", "source")}
     try:
-        oof = pd.read_csv(path, dtype=text, float_precision="round_trip")
-    except (OSError, ValueError) as err:
-        raise EvaluationError(f"{path}: not readable ({err})") from None
+        oof = load_out_of_fold(bundle)
+    except HeldOutError as err:
+        raise EvaluationError(str(err)) from None
     needed = ["image_id", "diagnosis", "fold", *[c for c in bundle.classes if c in CLASSES]]
     missing = [c for c in needed if c not in oof.columns]
     if missing:
@@ -573,6 +597,7 @@ def evaluate_cv(
         truth["image_ref"] = truth["image_id"].map(image_refs)
     predictions = oof[["image_id", *[c for c in bundle.classes if c in CLASSES]]]
     frame, ignored, warnings = join_predictions(predictions, truth, bundle)
+    frame = _with_held_out(frame, bundle, ignored, oof)
     ignored["while_reading"] = {}
     metrics = compute_metrics(frame, bundle, n_boot=n_boot, seed=seed, min_count=min_count, min_positives=min_positives)
 
