@@ -136,6 +136,81 @@ def test_unknown_diagnosis_is_a_complaint():
     assert harmonise.diagnosis("") == (None, None)
 
 
+def test_no_vocabulary_key_is_given_twice():
+    """Keys that clean to the same text ("upper_extremity", "upper extremity") are refused
+    rather than silently merged, whichever value the last one carries."""
+    with pytest.raises(ValueError, match="given twice"):
+        harmonise._vocabulary({"upper extremity": "upper extremity"}, {"upper_extremity": "upper extremity"})
+    with pytest.raises(ValueError, match="given twice"):
+        harmonise._vocabulary({"Lichen planus-like keratosis": "BKL", "lichen planus like keratosis": "UNK"})
+    assert not set(harmonise.EXCLUDED_DIAGNOSES) & set(harmonise.DIAGNOSIS_SYNONYMS)
+
+
+ARCHIVE_POLICY = [
+    ("Malignant:Malignant melanocytic proliferations (Melanoma):Melanoma Invasive:Melanoma Invasive, Nodular", "MEL"),
+    ("Malignant:Malignant melanocytic proliferations (Melanoma):Melanoma in situ", "MEL"),
+    ("Malignant:Collision - At least one malignant proliferation", "MEL"),
+    ("Benign:Benign melanocytic proliferations:Nevus:Blue nevus:Blue nevus, Cellular", "NV"),
+    ("Benign:Benign melanocytic proliferations:Lentigo simplex", "BKL"),
+    ("Benign:Benign epidermal proliferations:Seborrheic keratosis", "BKL"),
+    ("Benign:Benign epidermal proliferations:Porokeratosis", "UNK"),
+    ("Benign:Benign soft tissue proliferations - Fibro-histiocytic:Dermatofibroma", "DF"),
+    ("Benign:Benign soft tissue proliferations - Fibro-histiocytic:Scar", "UNK"),
+    ("Benign:Benign soft tissue proliferations - Vascular:Pyogenic granuloma", "VASC"),
+    ("Benign:Hemorrhagic lesions:Hemorrhage", "VASC"),
+    ("Indeterminate:Indeterminate epidermal proliferations:Solar or actinic keratosis", "AK"),
+    ("Malignant:Malignant adnexal epithelial proliferations - Follicular:Basal cell carcinoma", "BCC"),
+    ("Malignant:Malignant adnexal epithelial proliferations - Follicular:Baso-squamous carcinoma", "BCC"),
+    ("Malignant:Malignant epidermal proliferations:Keratoacanthoma", "SCC"),
+    ("Malignant:Malignant epidermal proliferations:Squamous cell carcinoma in situ", "SCC"),
+    ("Malignant:Malignant soft tissue proliferations - Vascular:Kaposi sarcoma", "UNK"),
+    ("Malignant:Merkel cell proliferation:Merkel cell carcinoma", "UNK"),
+    ("Benign", "UNK"),
+    ("Melanoma Invasive", "MEL"),  # diagnosis_3 alone
+    ("Malignant", None),
+    ("Indeterminate", None),
+    ("Indeterminate:Indeterminate melanocytic proliferations:Atypical Spitz tumor", None),
+    ("Indeterminate:Indeterminate melanocytic proliferations:Melanocytic tumor of uncertain malignant potential", None),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), ARCHIVE_POLICY)
+def test_archive_diagnosis_policy(raw, expected):
+    code, complaint = harmonise.diagnosis(raw)
+    assert code == expected
+    assert (complaint is None) == (expected is not None)
+    if expected is None:
+        assert harmonise.excluded(raw) and f"diagnosis {raw!r} is excluded: " in complaint
+
+
+def test_every_archive_diagnosis_is_mapped_or_deliberately_excluded():
+    """The ISIC Archive's whole vocabulary (isic-metadata 4.12.0): every value of its
+    diagnosis hierarchy and of its legacy field has an ISIC 2019 code or is in the
+    exclusion set; MEL is exactly what the archive itself counts as melanoma."""
+    from isic_metadata.diagnosis_hierarchical import DiagnosisEnum
+    from isic_metadata.fields import LegacyDxEnum
+
+    excluded = []
+    for member in DiagnosisEnum:
+        code, complaint = harmonise.diagnosis(member.value)
+        if code is None:
+            assert complaint and "is excluded" in complaint, complaint
+            assert any(harmonise._clean(name) in harmonise.EXCLUDED_DIAGNOSES for name in member.value.split(":"))
+            excluded.append(member.value)
+        else:
+            assert code in DIAGNOSES and complaint is None
+            assert (code == "MEL") == DiagnosisEnum.is_melanoma(member.value), member.value
+    assert len(DiagnosisEnum) == 418
+    assert sorted(excluded) == sorted(
+        v.value for v in DiagnosisEnum
+        if v.value in ("Malignant", "Indeterminate") or v.value.startswith("Indeterminate:Indeterminate melanocytic")
+    )
+    for member in LegacyDxEnum:
+        code, complaint = harmonise.diagnosis(member.value)
+        assert code in DIAGNOSES or member.value in ("AIMP", "atypical spitz tumor"), (member.value, complaint)
+        assert (code == "MEL") == member.value.startswith("melanoma"), member.value
+
+
 def test_every_diagnosis_in_isic2020_train_is_understood(shared):
     values = pd.read_csv(shared / "isic2020" / "train.csv", usecols=["diagnosis"], dtype=str)["diagnosis"].unique()
     mapped = {value: harmonise.diagnosis(value) for value in values}

@@ -222,7 +222,9 @@ def read_class_folders(folder: Path) -> Loaded:
 def read_isic_cli(folder: Path) -> Loaded:
     """An export of the ISIC Archive's official `isic image download` command:
     metadata.csv (isic_id, age_approx, anatom_site_general, sex, diagnosis or
-    diagnosis_1..5, lesion_id, patient_id) with the images beside it."""
+    diagnosis_1..5, lesion_id, patient_id) with the images beside it. Diagnoses map as
+    :data:`~dermsight.data.harmonise.DIAGNOSIS_SYNONYMS` says; an excluded or unknown one
+    skips its record with a bad_diagnosis problem."""
     csv_path = folder / "metadata.csv"
     frame = read_csv(csv_path, ("isic_id",))
     builder = RecordBuilder("isic_archive")
@@ -307,11 +309,15 @@ def read_derm7pt(folder: Path) -> Loaded:
     return builder.loaded()
 
 
-def derm7pt_clinical_photos(folder: Path) -> pd.DataFrame:
+def derm7pt_clinical_photos(folder: Path, split: str | None = None) -> pd.DataFrame:
     """Derm7pt's clinical (non-dermoscopic) close-up photos: image_id (the case's record id),
-    clinical_ref, diagnosis. Cases whose `clinic` field points at the dermoscopic image (the
-    dataset's notes say it was missing and replaced) are left out."""
+    clinical_ref, diagnosis; `split` "train" or "valid" keeps the cases of that published split
+    (meta/<split>_indexes.csv, row positions in meta.csv). Cases whose `clinic` field points at
+    the dermoscopic image (the dataset's notes say it was missing and replaced) are left out."""
     frame = read_csv(folder / "meta" / "meta.csv", DERM7PT_COLUMNS)
+    if split is not None:
+        positions = read_csv(folder / "meta" / f"{split}_indexes.csv", ("indexes",))["indexes"].astype(int)
+        frame = frame.iloc[positions.to_numpy()]
     rows = []
     for row in frame.to_dict("records"):
         photo = _derm7pt_image(folder, row["clinic"])
@@ -333,22 +339,29 @@ def _derm7pt_image(folder: Path, relative: str) -> str | None:
     return str(path) if path.is_file() else None
 
 
+ARCHIVE_LEVELS = ("diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5")
+
+
 def _archive_label(row: dict) -> str | None:
-    """The most specific diagnosis text the archive gives (new taxonomy or old field)."""
-    for column in ("diagnosis_3", "diagnosis_2", "diagnosis"):
-        if row.get(column):
-            return row[column]
-    return row.get("diagnosis_1") or None
+    """The archive's diagnosis as its path of levels ("Benign:...:Nevus", the form of
+    isic-metadata's DiagnosisEnum), else the old `diagnosis` field, else diagnosis_1 alone."""
+    levels = [str(row[c]).strip() for c in ARCHIVE_LEVELS if str(row.get(c) or "").strip()]
+    if len(levels) > 1:
+        return ":".join(levels)
+    return row.get("diagnosis") or (levels[0] if levels else None)
 
 
 def _archive_code(label: str | None, row: dict) -> str | None:
+    """The label's code; an unknown (never an excluded) label falls back on the words
+    melanoma and benign. None leaves the complaint to the record builder."""
     if label is None:
         return None
     code, _ = harmonise.diagnosis(label)
-    if code is None and "melanoma" in label.lower():
-        code = "MEL"
-    if code is None and (row.get("diagnosis_1") or row.get("benign_malignant", "")).lower() == "benign":
-        code = "UNK"
+    if code is None and not harmonise.excluded(label):
+        if "melanoma" in label.lower():
+            code = "MEL"
+        elif (row.get("diagnosis_1") or row.get("benign_malignant") or "").lower() == "benign":
+            code = "UNK"
     return code
 
 
