@@ -272,3 +272,51 @@ def test_isic2017_archive_export_reads_as_isic_cli(shared):
     assert records["diagnosis"].value_counts().to_dict() == {"NV": 1_316, "BKL": 296, "MEL": 234}
     assert records["melanoma"].sum() == 234 and (records["source"] == "isic_archive").all()
     assert records["lesion_id"].nunique() == 652
+
+
+def test_isic_cli_export_of_the_current_archive(tmp_path, shared):
+    """A small export as `isic image download` writes it (metadata.csv with the archive's
+    diagnosis_1..4 levels, images beside it), of real ISIC images: codes, targets, metadata
+    and ids come through; an excluded diagnosis is a problem naming why, never a silent loss."""
+    rows = [
+        # isic_id, diagnosis_1, diagnosis_2, diagnosis_3, diagnosis_4, age_approx, sex, anatom_site_general, lesion, patient
+        ("ISIC_0000000", "Malignant", "Malignant melanocytic proliferations (Melanoma)", "Melanoma Invasive",
+         "Melanoma Invasive, Superficial spreading", "55", "female", "anterior torso", "IL_0000001", "IP_0000001"),
+        ("ISIC_0000001", "Benign", "", "Nevus", "", "30", "male", "posterior torso", "IL_0000002", "IP_0000001"),
+        ("ISIC_0000002", "Malignant", "", "Melanoma Invasive", "", "70", "male", "head/neck", "IL_0000003", "IP_0000002"),
+        ("ISIC_0000003", "Malignant", "Malignant epidermal proliferations", "Keratoacanthoma", "", "", "", "",
+         "IL_0000004", "IP_0000003"),
+        ("ISIC_0000004", "Benign", "", "", "", "45", "female", "lower extremity", "", "IP_0000003"),
+        ("ISIC_0000006", "Indeterminate", "Indeterminate melanocytic proliferations", "Atypical Spitz tumor", "",
+         "15", "female", "upper extremity", "IL_0000006", "IP_0000004"),
+    ]
+    columns = ["isic_id", "diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis_4", "age_approx", "sex",
+               "anatom_site_general", "lesion_id", "patient_id"]
+    export = tmp_path / "export"
+    export.mkdir()
+    pd.DataFrame(rows, columns=columns).to_csv(export / "metadata.csv", index=False)
+    for row in rows:
+        (export / f"{row[0]}.jpg").write_bytes((shared / "isic2017" / "images" / f"{row[0]}.jpg").read_bytes())
+    (export / "attribution.txt").write_text("Anonymous\n")
+
+    assert detect_format(export) == "isic-cli"
+    loaded = read_source(str(export))
+    records = loaded.records.set_index("image_id")
+    _schema_ok(loaded.records)
+    assert (loaded.records["source"] == "isic_archive").all()
+    assert list(records.index) == [r[0] for r in rows[:5]]
+    assert records["diagnosis"].to_dict() == {
+        "ISIC_0000000": "MEL", "ISIC_0000001": "NV", "ISIC_0000002": "MEL", "ISIC_0000003": "SCC", "ISIC_0000004": "UNK",
+    }
+    assert records["melanoma"].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert records.loc["ISIC_0000000", "original_label"] == ":".join(rows[0][1:5])  # the archive's own path
+    assert records.loc["ISIC_0000001", "original_label"] == "Benign:Nevus"
+    assert records["site"].tolist() == ["torso", "torso", "head/neck", None, "lower extremity"]
+    assert records["sex"].tolist() == ["female", "male", "male", None, "female"]
+    assert records["age"].tolist()[:3] == [55.0, 30.0, 70.0] and math.isnan(records.loc["ISIC_0000003", "age"])
+    assert records["lesion_id"].tolist() == ["IL_0000001", "IL_0000002", "IL_0000003", "IL_0000004", None]
+    assert records["patient_id"].tolist() == ["IP_0000001", "IP_0000001", "IP_0000002", "IP_0000003", "IP_0000003"]
+    assert records["image_ref"].tolist() == [str(export / f"{r[0]}.jpg") for r in rows[:5]]
+    (problem,) = loaded.problems
+    assert (problem.kind, problem.skipped, problem.where) == ("bad_diagnosis", True, f"{export / 'metadata.csv'} line 7")
+    assert "is excluded: an indeterminate melanocytic tumour" in problem.message
