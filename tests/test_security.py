@@ -35,7 +35,7 @@ from dermsight.imaging.deidentify import deidentify
 from dermsight.imaging.sanitize import sanitize_image
 from dermsight.serving.app import create_app
 from dermsight.serving.limits import Settings
-from dermsight.serving.security import KEY_PATTERN, create_api_key, hash_key
+from dermsight.serving.security import KEY_PATTERN, TokenBucket, create_api_key, hash_key
 from dermsight.serving.storage import NotFound
 
 CLINIC = "https://clinic.example"
@@ -193,6 +193,37 @@ def test_rate_limits_answer_429_with_retry_after(secure, storage, monkeypatch):
     login._buckets.clear()
     tries = [secure.post("/login", data={"key": "dsk_guess"}).status_code for _ in range(3)]
     assert tries == [401, 401, 429]
+
+
+def test_a_flood_of_clients_never_resets_a_limited_one(secure, monkeypatch):
+    """Filling the table of buckets with many distinct clients (addresses) must not hand a
+    limited client a fresh bucket: only refilled buckets are forgotten, and newcomers to a
+    table of busy ones wait for the first refill."""
+    limiter = TokenBucket(rate=0.1, burst=3.0, max_clients=100)
+    start = 1_000.0
+    assert [limiter.take("guesser", start) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("guesser", start) == pytest.approx(10.0)
+    flood = [limiter.take(f"10.0.{i // 250}.{i % 250}", start + i / 1000) for i in range(1_000)]
+    assert flood[:99] == [0.0] * 99  # room for 99 more clients
+    assert all(0 < wait <= 10.0 for wait in flood[99:])  # then newcomers wait for the first refill
+    assert len(limiter._buckets) == 100 and "guesser" in limiter._buckets
+    assert limiter.take("guesser", start + 1.5) == pytest.approx((1 - 0.15) / 0.1)  # still limited
+    later = start + 10.2  # the flood's first 99 buckets have refilled; the guesser's has not
+    assert limiter.take("newcomer", later) == 0.0
+    assert len(limiter._buckets) == 2 and limiter.take("guesser", later) == 0.0  # the one token it earned back
+    assert limiter.take("guesser", later) > 0
+
+    login = secure.app.state.login_limiter
+    monkeypatch.setattr(login, "burst", 2.0)
+    monkeypatch.setattr(login, "rate", 0.01)
+    monkeypatch.setattr(login, "max_clients", 50)
+    login._buckets.clear()
+    assert [secure.post("/login", data={"key": "dsk_guess"}).status_code for _ in range(3)] == [401, 401, 429]
+    for i in range(500):
+        login.take(f"192.0.2.{i}")
+    assert len(login._buckets) <= 50
+    assert secure.post("/login", data={"key": "dsk_guess"}).status_code == 429
+    login._buckets.clear()
 
 
 def test_cors_is_an_allow_list(secure, auth, live):

@@ -10,7 +10,8 @@
   with the cookie must carry the app script's X-Requested-With header and no foreign
   Origin (cross-site request forgery).
 - **Rate limits**: a token bucket per key (in memory) answers 429 with Retry-After; a
-  bucket per client address guards the sign-in form.
+  bucket per client address guards the sign-in form. A full table of buckets forgets
+  only refilled ones, never a client being limited.
 - **Headers** on every response: a Content-Security-Policy (``default-src 'self'``),
   nosniff, DENY framing, no referrer, a Permissions-Policy, no caching of anything but
   static files, and HSTS over HTTPS.
@@ -184,24 +185,43 @@ class Authenticator:
 
 
 class TokenBucket:
-    """Per-client token buckets: `rate` tokens a second, at most `burst` saved up."""
+    """Per-client token buckets: `rate` tokens a second, at most `burst` saved up.
+
+    At most `max_clients` buckets are kept. A newcomer to a full table evicts the buckets
+    that have refilled (forgetting a full bucket changes nothing); when none has, newcomers
+    wait until one has, so flooding the table never resets a limited client."""
 
     def __init__(self, rate: float, burst: float, max_clients: int = 50_000):
         self.rate, self.burst, self.max_clients = float(rate), float(burst), max_clients
         self._buckets: dict[object, tuple[float, float]] = {}
+        self._next_refill = -math.inf  # while the table is full, no bucket refills before this time
 
     def take(self, client: object, now: float | None = None) -> float:
         """Take one token: 0.0 when allowed, else the seconds until one is available."""
         now = time.monotonic() if now is None else now
+        if client not in self._buckets and len(self._buckets) >= self.max_clients:
+            wait = self._evict_refilled(now)
+            if wait > 0:
+                return wait
         tokens, last = self._buckets.get(client, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens >= 1.0:
-            if len(self._buckets) >= self.max_clients and client not in self._buckets:
-                self._buckets.clear()  # only full buckets would be lost: a cheap, safe bound
             self._buckets[client] = (tokens - 1.0, now)
             return 0.0
         self._buckets[client] = (tokens, now)
         return (1.0 - tokens) / self.rate
+
+    def _evict_refilled(self, now: float) -> float:
+        """Forget the buckets that are full again: 0.0 when that made room, else the
+        seconds until the first one is (the table is not scanned again before then)."""
+        if now < self._next_refill:
+            return self._next_refill - now
+        full_at = {c: last + (self.burst - tokens) / self.rate for c, (tokens, last) in self._buckets.items()}
+        self._buckets = {c: self._buckets[c] for c, at in full_at.items() if at > now}
+        if len(self._buckets) < self.max_clients:
+            return 0.0
+        self._next_refill = min(full_at[c] for c in self._buckets)
+        return self._next_refill - now
 
 
 # -- middleware ---------------------------------------------------------------------------
