@@ -279,11 +279,12 @@ def test_isic_cli_export_of_the_current_archive(tmp_path, shared):
     diagnosis_1..4 levels, images beside it), of real ISIC images: codes, targets, metadata
     and ids come through; an excluded diagnosis is a problem naming why, never a silent loss."""
     rows = [
-        # isic_id, diagnosis_1, diagnosis_2, diagnosis_3, diagnosis_4, age_approx, sex, anatom_site_general, lesion, patient
+        # isic_id, diagnosis_1..4, age_approx, sex, anatom_site_general, lesion_id, patient_id
         ("ISIC_0000000", "Malignant", "Malignant melanocytic proliferations (Melanoma)", "Melanoma Invasive",
          "Melanoma Invasive, Superficial spreading", "55", "female", "anterior torso", "IL_0000001", "IP_0000001"),
         ("ISIC_0000001", "Benign", "", "Nevus", "", "30", "male", "posterior torso", "IL_0000002", "IP_0000001"),
-        ("ISIC_0000002", "Malignant", "", "Melanoma Invasive", "", "70", "male", "head/neck", "IL_0000003", "IP_0000002"),
+        ("ISIC_0000002", "Malignant", "", "Melanoma Invasive", "", "70", "male", "head/neck", "IL_0000003",
+         "IP_0000002"),
         ("ISIC_0000003", "Malignant", "Malignant epidermal proliferations", "Keratoacanthoma", "", "", "", "",
          "IL_0000004", "IP_0000003"),
         ("ISIC_0000004", "Benign", "", "", "", "45", "female", "lower extremity", "", "IP_0000003"),
@@ -306,7 +307,8 @@ def test_isic_cli_export_of_the_current_archive(tmp_path, shared):
     assert (loaded.records["source"] == "isic_archive").all()
     assert list(records.index) == [r[0] for r in rows[:5]]
     assert records["diagnosis"].to_dict() == {
-        "ISIC_0000000": "MEL", "ISIC_0000001": "NV", "ISIC_0000002": "MEL", "ISIC_0000003": "SCC", "ISIC_0000004": "UNK",
+        "ISIC_0000000": "MEL", "ISIC_0000001": "NV", "ISIC_0000002": "MEL", "ISIC_0000003": "SCC",
+        "ISIC_0000004": "UNK",
     }
     assert records["melanoma"].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert records.loc["ISIC_0000000", "original_label"] == ":".join(rows[0][1:5])  # the archive's own path
@@ -318,5 +320,6 @@ def test_isic_cli_export_of_the_current_archive(tmp_path, shared):
     assert records["patient_id"].tolist() == ["IP_0000001", "IP_0000001", "IP_0000002", "IP_0000003", "IP_0000003"]
     assert records["image_ref"].tolist() == [str(export / f"{r[0]}.jpg") for r in rows[:5]]
     (problem,) = loaded.problems
-    assert (problem.kind, problem.skipped, problem.where) == ("bad_diagnosis", True, f"{export / 'metadata.csv'} line 7")
+    where = f"{export / 'metadata.csv'} line 7"
+    assert (problem.kind, problem.skipped, problem.where) == ("bad_diagnosis", True, where)
     assert "is excluded: an indeterminate melanocytic tumour" in problem.message
