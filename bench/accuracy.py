@@ -11,6 +11,8 @@ holds actinic keratoses and intraepithelial carcinoma, so its truth is AK or SCC
 probability P(AK) + P(SCC)), the 9-class teaching set's balanced accuracy over its 8 ISIC
 codes, and the pooled out-of-fold figures, all recomputed from the predictions. Images the
 bundle trained on are scored by their out-of-fold predictions; the others by the bundle.
+"""
+
 from __future__ import annotations
 
 import json

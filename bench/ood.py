@@ -5,10 +5,13 @@ better). Prints one JSON object on stdout, a short table on stderr.
     .venv/bin/python bench/ood.py [--model BUNDLE] [--ham N]
 
 Non-skin: every sample photo of scikit-image, scikit-learn and matplotlib, 200 LFW faces,
-blank frames and pages of text (dermsight.evaluation.ood_images). Dermoscopy: all 5,545
-SIIM-ISIC 2020 test_128 images (never used in training, downsampled to 128 px) and a
-random sample of HAM10000 (training-set images; the gate's threshold is a held-out
-99th percentile, so about 1% is expected there).
+blank frames and pages of text (dermsight.evaluation.ood_images). Ordinary close-up photos
+of moles, the commonest wrong input: Derm7pt's clinical photos, its published valid split
+(never used by any gate) and train split (the gate's negatives when the bundle was trained
+with --gate-negatives). Dermoscopy: all 5,545 SIIM-ISIC 2020 test_128 images (never used in
+training, downsampled to 128 px), every image of Derm7pt, the ISIC 2017-era archive export,
+ISIC 2020 train_extra and isic9, and a random sample of HAM10000 (the gate's threshold is a
+held-out 99th percentile, so about 1% is expected on images like its training ones).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def main() -> None:
     parser.add_argument("--ham", type=int, default=2000, help="HAM10000 images to sample (default 2000).")
     args = parser.parse_args()
 
-    from dermsight.data.readers import read_ham10000
+    from dermsight.data.readers import derm7pt_clinical_photos, read_ham10000
+    from dermsight.data.sources import read_source
     from dermsight.evaluation.ood_images import non_dermoscopic_images
     from dermsight.inference.inputs import records_from_inputs
     from dermsight.inference.predictor import Predictor
@@ -58,11 +62,25 @@ def main() -> None:
     total = len(images)
     result["non_dermoscopic_rejection_rate"] = sum(len(v) for v in refused.values()) / total
 
+    result["clinical_photos"] = {}
+    for split, name in (("valid", "Derm7pt clinical photos, valid split (held out)"),
+                        ("train", "Derm7pt clinical photos, train split (gate negatives if trained with them)")):
+        photos = derm7pt_clinical_photos(args.data / "derm7pt", split=split)
+        records = pd.DataFrame({"image_id": photos["image_id"], "image_ref": photos["clinical_ref"], "patient_id": None,
+                                "age": None, "sex": None, "site": None, "patient_images": None})
+        table, _ = predictor.predict_records(records, progress=False, cache=None)
+        rejected = int((~table["looks_dermoscopic"].astype(bool)).sum())
+        result["clinical_photos"][name] = {"images": len(table), "rejected": rejected, "rejection_rate": rejected / len(table)}
+
     result["dermoscopic"] = {}
     test_128, _ = records_from_inputs([str(args.data / "isic2020" / "test_128")])
     ham = read_ham10000(args.data / "ham10000").records.sample(args.ham, random_state=0)
-    for name, records in (("isic2020 test_128 (unseen)", test_128), ("HAM10000 sample (training images)", ham)):
-        table, errors = predictor.predict_records(records, progress=False)
+    sets = [("isic2020 test_128 (unseen)", test_128), ("HAM10000 sample", ham)]
+    for name, spec in (("Derm7pt dermoscopy", "derm7pt"), ("isic2017 archive export", "isic2017"),
+                       ("isic2020 train_extra", "isic2020/train_extra.csv"), ("isic9", "isic9/train")):
+        sets.append((name, read_source(str(args.data / spec)).records))
+    for name, records in sets:
+        table, errors = predictor.predict_records(records[records["image_ref"].notna()], progress=False)
         rejected = int((~table["looks_dermoscopic"].astype(bool)).sum())
         result["dermoscopic"][name] = {"images": len(table), "rejected": rejected, "false_rejection_rate": rejected / len(table)}
 
@@ -71,6 +89,8 @@ def main() -> None:
     table(f"\n{'set':45} {'images':>7} {'refused':>8} {'rate':>7}")
     for category, row in result["non_dermoscopic"].items():
         table(f"{'non-skin: ' + category:45} {row['images']:7d} {row['rejected']:8d} {row['rejection_rate']:7.1%}")
+    for name, row in result["clinical_photos"].items():
+        table(f"{'photo: ' + name[:38]:45} {row['images']:7d} {row['rejected']:8d} {row['rejection_rate']:7.1%}")
     for name, row in result["dermoscopic"].items():
         table(f"{'dermoscopy: ' + name:45} {row['images']:7d} {row['rejected']:8d} {row['false_rejection_rate']:7.1%}")
 

@@ -46,7 +46,8 @@ from dermsight.inference.predictor import Predictor
 
 DATA = Path(os.environ.get("DERMSIGHT_DATA", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 SOURCES = ["ham10000", "isic9/train", "isic2020", "isic2019", "isic2017", "derm7pt"]
-SWEEP_PER_SOURCE = 500
+SWEEP_PER_SOURCE = 300
+HAM_HELD_OUT = 1000  # HAM10000 images scored untouched (an ensemble holds every one out in some member)
 HELD_OUT = ("left_out_source", "external_source", "unseen_images")
 
 
@@ -73,12 +74,14 @@ def held_out_table(predictor: Predictor, records: pd.DataFrame, oof: pd.DataFram
     else:
         records["member"] = -1
         keep = records["held_out"].isin(HELD_OUT)  # the network saw every other image
-    return records[keep].reset_index(drop=True)
+    records = records[keep].sample(frac=1.0, random_state=0)
+    ham = records["source"] == "ham10000"
+    return pd.concat([records[~ham], records[ham].head(HAM_HELD_OUT)]).sort_index().reset_index(drop=True)
 
 
 def paired(predictor: Predictor, oof: pd.DataFrame) -> dict:
     ham = readers.read_ham10000(DATA / "ham10000").records
-    isic9 = readers.read_class_folders(DATA / "isic9" / "train").records
+    isic9 = readers.read_class_folders(DATA / "isic9" / "train").records.drop_duplicates("image_id")  # some sit in two folders
     pairs = ham.merge(isic9[["image_id", "image_ref"]], on="image_id", suffixes=("", "_isic9"))
     pairs["fold"] = pairs["image_id"].map(oof.set_index("image_id")["fold"])
     members = members_of(predictor, pairs["fold"].to_numpy())

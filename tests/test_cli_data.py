@@ -114,3 +114,26 @@ def test_build_refuses_a_missing_source(runner, tmp_path, shared):
     assert result.exit_code == 1
     assert f"cannot read {missing}: no such file or folder" in result.stderr
     assert not output.exists()
+
+
+def test_summary_and_source_folded_build_cover_the_new_sources(runner, tmp_path, shared):
+    sources = [str(shared / "derm7pt"), str(shared / "isic2017"), str(shared / "isic2020" / "train_extra.csv")]
+    result = runner.invoke(app, ["data", "summary", "--json", *sources])
+    assert result.exit_code == 0, result.output
+    derm7pt, isic2017, extra, combined = json.loads(result.stdout).values()
+    assert (derm7pt["records"], derm7pt["melanoma"], derm7pt["lesions"], derm7pt["missing"]["age"]) == (616, 151, 616, 616)
+    assert (isic2017["records"], isic2017["melanoma"], isic2017["classes"]["BKL"]) == (1_846, 234, 296)
+    assert (extra["records"], extra["melanoma"], extra["patients"]) == (684, 419, 486)
+    assert combined["records"] == 616 + 1_846 + 684
+    output = tmp_path / "manifest.csv"
+    result = runner.invoke(app, ["data", "build", *sources, "--folds", "2", "--source-folds", "--output", str(output)])
+    _no_traceback(result)
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(output)
+    folds = manifest.groupby("source")["fold"].unique()
+    assert sorted(len(f) for f in folds) == [1, 1, 2]  # the largest (isic2017) split, the others whole
+    result = runner.invoke(app, ["data", "build", *sources, "--folds", "1", "--source-folds", "-o", str(output)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    result = runner.invoke(app, ["data", "build", *sources, str(shared / "isic9" / "train"), "--folds", "2", "--source-folds",
+                                 "-o", str(output)])
+    assert result.exit_code == 1 and "need at least as many folds" in result.output

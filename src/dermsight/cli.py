@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import typer
 from rich.console import Console
@@ -98,9 +99,14 @@ def data_build(
     output: Path = typer.Option(Path("runs/manifest.csv"), "--output", "-o", help="Manifest CSV to write."),
     folds: int = typer.Option(5, min=2, help="Number of patient/lesion-grouped folds."),
     seed: int = typer.Option(0, help="Seed of the fold assignment."),
+    source_folds: bool = typer.Option(False, "--source-folds", help="Leave-one-source-out folds: the largest source in grouped folds, every other source whole in a fold of its own."),
 ) -> None:
     """Combine sources, deduplicate by image id, assign grouped folds, save the manifest."""
-    loaded = build_dataset(sources, folds, seed)
+    try:
+        loaded = build_dataset(sources, folds, seed, by_source=source_folds)
+    except SourceError as err:
+        errors.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(1) from None
     _exit_if_unreadable_sources(loaded)  # a manifest silently missing a source is worse than none
     save_manifest(loaded, output, sources=sources, n_folds=folds, seed=seed)
     summary = summarise(loaded.records, loaded.problems)
@@ -139,6 +145,8 @@ def train_command(
     source_prior: bool = typer.Option(False, "--source-prior", help="Finetune mode: logit adjustment by each source's class mix (instead of class weights)."),
     metadata: str = typer.Option("all", help="Metadata the network reads: all, source-neutral (no patient image count: only ISIC 2020 fills it) or none."),
     metadata_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Finetune mode: share of training images shown with every metadata field missing."),
+    gate_negatives: list[Path] = typer.Option(None, "--gate-negatives", help="A Derm7pt folder: its clinical close-up photos (published train split) teach the out-of-distribution gate what an ordinary photo looks like."),
+    threshold_every_source: bool = typer.Option(False, "--threshold-every-source", help="The melanoma threshold reaches --target-sensitivity on every training source's held-out images (the lowest of their thresholds), not only pooled."),
     ensemble: bool = typer.Option(False, "--ensemble", help="Finetune mode: ship the fold networks as one averaged graph (their spread is the uncertainty) instead of a refit."),
 ) -> None:
     """Train a model bundle: out-of-fold validation, calibration, threshold, ONNX export."""
@@ -160,6 +168,7 @@ def train_command(
         int8=int8, max_images=max_images, patience=patience, source_folds=source_folds, fit=fit,
         colour_constancy=colour_constancy, acquisition_augmentation=acquisition_augmentation, source_prior=source_prior,
         metadata_features=features[metadata], metadata_dropout=metadata_dropout, ensemble=ensemble,
+        gate_negatives=tuple(str(p) for p in gate_negatives or ()), threshold_every_source=threshold_every_source,
         refit=refit and not ensemble,
     )
     bundle = train(config)
@@ -267,6 +276,7 @@ def evaluate_command(
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the 95% intervals."),
     min_count: int = typer.Option(30, min=1, help="Subgroups with fewer images are flagged too small."),
     min_positives: int = typer.Option(5, min=0, help="Subgroups with fewer melanomas are flagged too small."),
+    robustness: bool = typer.Option(False, "--robustness", help="Also re-score held-out images of DATA under other acquisitions (JPEG quality, resolution, aspect, colour, focus): the report's sweep plot."),
 ) -> None:
     """Evaluate a bundle on labelled data (scoring it, or an existing predict CSV), or report its
     cross-validation: official ISIC scores, melanoma AUC and sensitivity/specificity at the
@@ -301,6 +311,11 @@ def evaluate_command(
                 result = evaluate_predictions(
                     table, truth.records, bundle, unscored=unscored, reading_problems=truth.problems, **options
                 )
+        if robustness:
+            if not data:
+                raise EvaluationError("--robustness re-scores images: give the labelled DATA")
+            with console.status("re-scoring held-out images under other acquisitions"):
+                result["robustness"] = {"sweep": _acquisition_sweep(bundle, _truth_records(data).records)}
         with console.status("writing the report"):
             paths = write_report(result, output)
     except (EvaluationError, BundleError, SourceError, OSError) as err:
@@ -308,6 +323,29 @@ def evaluate_command(
         raise typer.Exit(1) from None
     _print_evaluation(result)
     console.print(f"report -> {paths['html']} (numbers: {paths['json']})", highlight=False)
+
+
+def _acquisition_sweep(bundle, records: pd.DataFrame, per_source: int = 300) -> list[dict]:
+    """The acquisition sweep on up to `per_source` held-out labelled images of each source, each
+    scored by a network that never saw it (see dermsight.evaluation.robustness)."""
+    from dermsight.evaluation.held_out import HeldOutError, held_out_kinds, load_out_of_fold
+    from dermsight.evaluation.robustness import acquisition_sweep, members_of
+    from dermsight.inference.predictor import Predictor
+
+    try:
+        oof = load_out_of_fold(bundle)
+    except HeldOutError:
+        oof = pd.DataFrame(columns=["image_id", "source", "patient_id", "lesion_id", "fold"])
+    predictor = Predictor(bundle)
+    records = records[records["image_ref"].notna() & records["diagnosis"].notna()].reset_index(drop=True)
+    records["fold"] = records["image_id"].map(oof.set_index("image_id")["fold"])
+    records["member"] = members_of(predictor, records["fold"].to_numpy())
+    kinds = held_out_kinds(bundle, records, oof)
+    held_out = np.isin(kinds, ("left_out_source", "external_source", "unseen_images")) | (records["member"] >= 0).to_numpy()
+    chosen = records[held_out].sample(frac=1.0, random_state=0).groupby("source").head(per_source).reset_index(drop=True)
+    if chosen.empty:
+        raise EvaluationError("no image of DATA is held out from this bundle: nothing to re-score honestly")
+    return acquisition_sweep(predictor, chosen, chosen["member"].to_numpy())
 
 
 def _truth_records(data: list[str]) -> Loaded:

@@ -146,11 +146,16 @@ def acquisition_sweep(predictor: Predictor, records: pd.DataFrame, members: np.n
     classes, threshold = predictor.classes, predictor.threshold
     y = (records["diagnosis"] == "MEL").to_numpy().astype(int)
     diagnosis = records["diagnosis"].to_numpy(dtype=object)
+    sources = records["source"].to_numpy(dtype=object)
     rows, base = [], None
     for name, transform in ACQUISITIONS.items():
         scores = held_out_scores(predictor, [transform(rgb) for rgb in originals], records, members)
         entry = {"acquisition": name, **_summary(y, diagnosis, scores["probabilities"], classes, threshold)}
         risk = scores["probabilities"][:, classes.index("MEL")]
+        entry["auc_by_source"] = {
+            str(s): float(roc_auc_score(y[sources == s], risk[sources == s]))
+            for s in sorted(set(sources)) if 0 < y[sources == s].sum() < (sources == s).sum()
+        }
         if base is None:
             base = (entry, risk)
         else:

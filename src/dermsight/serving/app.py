@@ -78,6 +78,10 @@ class PredictionOut(BaseModel):
     predicted_class: str
     predicted_class_name: str
     melanoma_risk: float = Field(description="Calibrated probability of melanoma, 0-1.")
+    risk_spread: float | None = Field(
+        None, description="Standard deviation of the melanoma risks of the ensemble's member networks (how much they "
+        "disagree); None for a single-network model."
+    )
     threshold: float = Field(description="The model's referral threshold on melanoma_risk.")
     above_threshold: bool
     looks_dermoscopic: bool = Field(description="False: not a dermoscopic image; the risk is meaningless.")
@@ -169,6 +173,7 @@ def prediction_out(prediction: Prediction) -> PredictionOut:
         predicted_class=prediction.predicted_class,
         predicted_class_name=CLASS_NAMES.get(prediction.predicted_class, prediction.predicted_class),
         melanoma_risk=prediction.melanoma_risk,
+        risk_spread=prediction.risk_spread,
         threshold=prediction.threshold,
         above_threshold=prediction.above_threshold,
         looks_dermoscopic=prediction.looks_dermoscopic,
@@ -203,8 +208,9 @@ def lesion_out(item: RankedLesion, rank: int) -> LesionOut:
     )
 
 
-def accuracy(metrics: dict) -> dict[str, str | int | None]:
-    """The bundle's pooled out-of-fold numbers as display text (None where not recorded)."""
+def accuracy(metrics: dict) -> dict[str, object]:
+    """The bundle's held-out numbers as display text (None where not recorded): per source left
+    out of training whole ("never_seen"), then pooled out-of-fold."""
     pooled = metrics.get("pooled", {})
     melanoma, multiclass = pooled.get("melanoma", {}), pooled.get("multiclass", {})
 
@@ -219,7 +225,18 @@ def accuracy(metrics: dict) -> dict[str, str | int | None]:
 
     balanced = multiclass.get("balanced_accuracy")
     sensitivity, specificity = melanoma.get("sensitivity", {}), melanoma.get("specificity", {})
+    never_seen = [
+        {
+            "name": row["name"], "images": f"{row['images']:,}", "melanomas": f"{row['melanomas']:,}",
+            "auc": with_interval(row.get("auc"), percent=False),
+            "sensitivity": with_interval(row.get("sensitivity"), percent=True),
+            "specificity": with_interval(row.get("specificity"), percent=True),
+        }
+        for row in metrics.get("per_source") or []
+        if row["held_out"] in ("left_out_source", "external_source") and row.get("auc")
+    ]
     return {
+        "never_seen": never_seen,
         "validation": metrics.get("validation"),
         "images": f"{melanoma['n']:,}" if "n" in melanoma else None,
         "melanomas": f"{melanoma['positives']:,}" if "positives" in melanoma else None,

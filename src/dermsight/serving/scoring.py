@@ -7,7 +7,7 @@ by one request at a time; one-off uploads run side by side. Off the event loop, 
 scoring is stored in one transaction.
 
 Every upload is first reduced to what may be stored (:func:`sanitize_image`: a complete
-image without metadata, DICOM de-identified to its pixels); the Predictor scores exactly
+image without metadata, a DICOM reduced to its pixels); the Predictor scores exactly
 those bytes, so what is stored is what was scored.
 """
 
@@ -156,6 +156,7 @@ class Scorer:
             probabilities={code: float(row[code]) for code in bundle.classes},
             predicted_class=str(row["predicted_class"]),
             melanoma_risk=float(row["melanoma_risk"]),
+            risk_spread=float(row["risk_spread"]) if "risk_spread" in row else None,
             threshold=bundle.melanoma_threshold,
             above_threshold=bool(row["above_threshold"]),
             looks_dermoscopic=bool(row["looks_dermoscopic"]),

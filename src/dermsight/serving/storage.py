@@ -122,6 +122,7 @@ class Prediction(Base):
     probabilities: Mapped[dict] = mapped_column(JSON)  # class code -> calibrated probability
     predicted_class: Mapped[str] = mapped_column(String(10))
     melanoma_risk: Mapped[float] = mapped_column(Float)
+    risk_spread: Mapped[float | None] = mapped_column(Float)  # sd of an ensemble's member risks; None for one network
     threshold: Mapped[float] = mapped_column(Float)
     above_threshold: Mapped[bool] = mapped_column(Boolean)
     looks_dermoscopic: Mapped[bool] = mapped_column(Boolean)
@@ -192,6 +193,7 @@ class NewPrediction:
     looks_dermoscopic: bool
     context: dict[str, float | None] | None
     heatmap_jpeg: bytes
+    risk_spread: float | None = None
 
 
 @dataclass
@@ -506,6 +508,7 @@ class Storage:
             probabilities=prediction.probabilities,
             predicted_class=prediction.predicted_class,
             melanoma_risk=prediction.melanoma_risk,
+            risk_spread=prediction.risk_spread,
             threshold=prediction.threshold,
             above_threshold=prediction.above_threshold,
             looks_dermoscopic=prediction.looks_dermoscopic,

@@ -25,6 +25,7 @@ class TrainConfig:
     class_weighting: bool = True
     l2: float = 0.1  # embed mode: L2 penalty on the standardised head weights
     target_sensitivity: float = 0.90
+    threshold_every_source: bool = False  # the threshold reaches the target sensitivity on every source's held-out images
     # finetune mode
     epochs: int = 3
     batch_size: int = 48
@@ -44,6 +45,7 @@ class TrainConfig:
     source_prior: bool = False  # finetune: logit adjustment by each source's class mix (replaces class weighting)
     metadata_features: tuple[str, ...] = METADATA_FEATURES  # what the network reads; a subset of METADATA_FEATURES
     metadata_dropout: float = 0.0  # finetune: share of training images shown with every metadata field missing
+    gate_negatives: tuple[str, ...] = ()  # Derm7pt folders: their clinical photos (train split) as the gate's negatives
     ensemble: bool = False  # finetune: ship the fold networks as one averaged graph instead of a refit (implies no refit)
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True
@@ -56,4 +58,5 @@ class TrainConfig:
         data = asdict(self)
         data["output"], data["cache_dir"] = str(self.output), str(self.cache_dir)
         data["views"], data["metadata_features"] = list(self.views), list(self.metadata_features)
+        data["gate_negatives"] = list(self.gate_negatives)
         return data

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,8 +18,11 @@ from rich.console import Console
 from dermsight.data.dataset import build_dataset
 from dermsight.data.schema import DIAGNOSES
 from dermsight.evaluation.calibration import TemperatureScaler, choose_threshold
+from dermsight.evaluation.held_out import per_source
+from dermsight.evaluation.metrics import sensitivity_specificity
 from dermsight.evaluation.metrics import binary_summary, multiclass_summary
-from dermsight.inference.ood import fit_ood_gate
+from dermsight.data.readers import derm7pt_clinical_photos
+from dermsight.inference.ood import fit_ood_gate, fit_photo_detector
 from dermsight.models.bundle import Bundle
 from dermsight.models.model_card import write_model_card
 from dermsight.models.network import DermSightNet, export_onnx
@@ -26,6 +30,7 @@ from dermsight.training import embed_mode
 from dermsight.training.config import TrainConfig
 
 console = Console(stderr=True)
+MIN_SOURCE_MELANOMAS = 20  # a source with fewer gives no threshold of its own (too noisy)
 
 
 def load_training_records(config: TrainConfig) -> tuple[pd.DataFrame, list[str]]:
@@ -82,7 +87,18 @@ def train(config: TrainConfig) -> Bundle:
     melanoma = (labels == classes.index("MEL")).astype(int)
     risk = probabilities[:, classes.index("MEL")]
     threshold = choose_threshold(melanoma, risk, config.target_sensitivity)
+    if config.threshold_every_source:  # the target sensitivity on each source's held-out images, not only pooled
+        sources = records["source"].to_numpy()
+        per_source = {
+            s: choose_threshold(melanoma[sources == s], risk[sources == s], config.target_sensitivity)["threshold"]
+            for s in np.unique(sources) if melanoma[sources == s].sum() >= MIN_SOURCE_MELANOMAS
+        }
+        lowest = min([threshold["threshold"], *per_source.values()])
+        threshold = {**choose_threshold(melanoma, risk, config.target_sensitivity), **sensitivity_specificity(melanoma, risk, lowest),
+                     "threshold": lowest, "rule": "the lowest of the pooled and each source's threshold for the target sensitivity",
+                     "per_source": {k: float(v) for k, v in per_source.items()}}
     metrics = cross_validation_metrics(records, labels, probabilities, classes, threshold["threshold"], config.folds)
+    metrics["per_source"] = source_metrics(records, labels, probabilities, classes, threshold["threshold"], config)
 
     # 3. The bundle.
     bundle = Bundle(
@@ -131,8 +147,15 @@ def fit_gate(bundle: Bundle, records: pd.DataFrame, block_sizes: tuple[int, ...]
 
     share = max(1, max_images // records["source"].nunique())
     sample = records.sample(frac=1.0, random_state=config.seed).groupby("source").head(share)
-    features, rows = Predictor(bundle).gate_features(sample["image_ref"].tolist(), progress=config.progress)
-    fit_ood_gate(features, block_sizes, sample["fold"].to_numpy()[rows]).save(bundle.path)
+    predictor = Predictor(bundle)
+    features, rows = predictor.gate_features(sample["image_ref"].tolist(), progress=config.progress)
+    folds = sample["fold"].to_numpy()[rows]
+    gate = fit_ood_gate(features, block_sizes, folds)
+    if config.gate_negatives:  # ordinary photos of moles: the published train split only, valid is for measuring
+        photos = pd.concat([derm7pt_clinical_photos(Path(folder), split="train") for folder in config.gate_negatives])
+        photo_features, _ = predictor.gate_features(photos["clinical_ref"].tolist(), progress=config.progress)
+        gate.photo = fit_photo_detector(features, folds, photo_features)
+    gate.save(bundle.path)
 
 
 def cross_validation_metrics(records, labels, probabilities, classes, threshold, n_folds: int) -> dict:
@@ -161,6 +184,20 @@ def cross_validation_metrics(records, labels, probabilities, classes, threshold,
     if len(validated) < n_folds:
         validation += f" (only fold {', '.join(map(str, validated))} of {n_folds} held out)"
     return {"validation": validation, "pooled": pooled, "per_fold": per_fold, "fold_summary": summary}
+
+
+def source_metrics(records, labels, probabilities, classes, threshold: float, config: TrainConfig) -> list[dict]:
+    """Held-out metrics of every training source (sources left out whole first, see
+    dermsight.evaluation.held_out): what the education page and the model card quote."""
+    frame = records[["image_id", "patient_id", "lesion_id", "source", "diagnosis"]].rename(columns={"image_id": "image"})
+    for i, code in enumerate(classes):
+        frame[code] = probabilities[:, i]
+    frame["melanoma"] = (labels == classes.index("MEL")).astype(int)
+    frame["melanoma_risk"] = probabilities[:, classes.index("MEL")]
+    largest = frame["source"].value_counts().idxmax()
+    left_out = config.source_folds & (frame["source"] != largest)
+    frame["held_out"] = np.where(left_out, "left_out_source", "grouped_cv")
+    return per_source(frame, [c for c in classes if c != "UNK"], threshold, n_boot=200, seed=config.seed)
 
 
 def save_out_of_fold(records: pd.DataFrame, probabilities: np.ndarray, classes: list[str], bundle: Bundle) -> None:
