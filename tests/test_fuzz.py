@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -130,27 +131,31 @@ def _unknown_vr(dicom: bytes, element: bytes) -> bytes:
 TRUNCATED_META = (b"\x00" * 128 + b"DICM" + bytes.fromhex("02000000554c0400d0000000020001004f420000020000"))
 
 
-@pytest.mark.parametrize(
-    "case", ["meta length not a multiple of 4", "unknown VR of PatientName", "meta cut mid-element"]
-)
+@pytest.mark.parametrize("case", ["meta length not a multiple of 4", "meta cut mid-element"])
 def test_dicom_findings_are_image_errors(case, seeds):
-    """pydicom raised BytesLengthException (a UL of 5 bytes in the file meta),
-    NotImplementedError (an unknown VR, met while de-identifying) and struct.error (a
-    file meta cut inside an element header)."""
-    dicom = seeds[5]
+    """pydicom raised BytesLengthException (a UL of 5 bytes in the file meta) and
+    struct.error (a file meta cut inside an element header)."""
     data = {
-        "meta length not a multiple of 4": _meta_group_length(dicom, 5),
-        "unknown VR of PatientName": _unknown_vr(dicom, b"\x10\x00\x10\x00PN"),
+        "meta length not a multiple of 4": _meta_group_length(seeds[5], 5),
         "meta cut mid-element": TRUNCATED_META,
     }[case]
     for function in (decode_image, sanitize_image):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if case == "unknown VR of PatientName" and function is decode_image:
-                decode_image(data)  # pixels are still readable; only de-identification must refuse it
-                continue
             with pytest.raises(ImageError, match="unreadable DICOM"):
                 function(data)
+
+
+def test_a_broken_header_element_is_dropped_with_the_header(seeds):
+    """An unknown VR in PatientName (pydicom raised NotImplementedError on it) does not
+    matter to the pixels, and only the pixels are stored: sanitize_image keeps them."""
+    data = _unknown_vr(seeds[5], b"\x10\x00\x10\x00PN")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pixels = decode_image(data)
+        kept = sanitize_image(data)
+    assert (kept.format, kept.original_format) == ("png", "dicom")
+    assert np.array_equal(decode_image(kept.data), pixels)
 
 
 # -- CSV readers ------------------------------------------------------------------------------

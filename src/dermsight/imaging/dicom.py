@@ -1,7 +1,9 @@
-"""DICOM: pixels and the few patient tags DermSight uses (ISIC 2020 shipped .dcm files).
+"""DICOM: pixels and the few tags DermSight uses (ISIC 2020 shipped .dcm files).
 
-Only the tags needed for a lesion record are read; nothing else of a DICOM header
-(names, birth dates, institutions) ever leaves this module.
+Only the tags needed for a lesion record (and Burned In Annotation) are read; nothing
+else of a DICOM header (names, birth dates, institutions) ever leaves this module. The
+web app stores an uploaded DICOM's pixels only, as PNG: its header is dropped whole, so
+it is never de-identified tag by tag.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def read_dataset(data: bytes, name: str) -> pydicom.Dataset:
         raise ImageError(f"{name}: unreadable DICOM ({err})") from None
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on malformed headers (fuzzing found them)
         raise ImageError(f"{name}: unreadable DICOM ({type(err).__name__} in its header)") from None
+
+
+def burned_in_annotation(dataset: pydicom.Dataset) -> bool:
+    """True when the DICOM says its pixels carry identifying text (Burned In Annotation YES)."""
+    return str(dataset.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
 
 
 def dicom_tags(dataset: pydicom.Dataset) -> dict[str, str]:

@@ -11,9 +11,9 @@ checked to be one complete image, and reduced to its pixels' container:
 - **PNG**: kept losslessly, chunk by chunk (CRCs checked): image, palette,
   transparency and colour chunks stay; text, time and EXIF chunks go (orientation
   kept as for JPEG).
-- **DICOM**: de-identified (:mod:`dermsight.imaging.deidentify`), then only its pixels
-  are kept, as a PNG: no DICOM header is ever stored. A DICOM that says its pixels
-  carry burned-in annotation is refused.
+- **DICOM**: only its pixels are kept, as a PNG; the header (names, ids, dates,
+  private tags) is dropped whole, never stored nor de-identified. A DICOM that says its
+  pixels carry burned-in annotation is refused.
 - **BMP, TIFF, WebP**: decoded and stored as PNG (lossless from the decoded pixels;
   TIFF and WebP can carry EXIF and XMP).
 
@@ -249,15 +249,14 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def _dicom_pixels(data: bytes, name: str) -> np.ndarray:
-    from dermsight.imaging.deidentify import burned_in_annotation, deidentify
-    from dermsight.imaging.dicom import dataset_pixels, read_dataset
+    """The first frame's pixels; nothing of the header is kept."""
+    from dermsight.imaging.dicom import burned_in_annotation, dataset_pixels, read_dataset
 
     with warnings.catch_warnings():  # pydicom's warnings can quote header values: never let them out
         warnings.simplefilter("ignore")
         dataset = read_dataset(data, name)
         try:
             burned_in = burned_in_annotation(dataset)
-            deidentify(dataset)
         except Exception as err:  # noqa: BLE001 - an element that cannot be read cannot be judged safe
             raise ImageError(f"{name}: unreadable DICOM ({type(err).__name__} in its header)") from None
         if burned_in:
@@ -266,4 +265,3 @@ def _dicom_pixels(data: bytes, name: str) -> np.ndarray:
                 "DermSight does not store such images"
             )
         return dataset_pixels(dataset, name)
-
