@@ -72,7 +72,8 @@ def test_heatmap_marks_activation_and_leaves_cold_regions_alone():
 
 def test_health_model_and_docs(client, serving_bundle):
     health = client.get("/api/health").json()
-    assert health == {"status": "ok", "model_version": health["model_version"], "database": "sqlite"}
+    created = json.loads((serving_bundle / "bundle.json").read_text())["training"]["created"]
+    assert created and health == {"status": "ok", "model_version": f"serving-test@{created}", "database": "sqlite"}
     model = client.get("/api/model").json()
     bundle = Predictor(serving_bundle).bundle
     assert model["name"] == bundle.name and model["version"] == health["model_version"]

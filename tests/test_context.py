@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from dermsight.data.sources import read_source
-from dermsight.inference.context import patient_context
+from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
 from dermsight.inference.predictor import Predictor
 
 
@@ -22,6 +22,45 @@ def test_the_odd_lesion_out_gets_the_highest_distance_and_score():
     assert context["risk_rank"].tolist() == [3.0, 5.0, 2.0, 3.0, 6.0, 1.0]
     assert context["distance_z"].mean() == pytest.approx(0.0, abs=1e-9)
     assert (context["patient_lesions"] == 6).all()
+
+
+def _expected_context(embeddings: np.ndarray, risk: np.ndarray) -> dict[str, list[float]]:
+    """The context of one patient's rows, written out lesion by lesion with numpy."""
+    k = len(risk)
+    distance, rank = [], []
+    for i in range(k):
+        others = np.delete(embeddings, i, axis=0)
+        mean = (others / np.linalg.norm(others, axis=1, keepdims=True)).mean(axis=0)
+        distance.append(1.0 - embeddings[i] @ mean / (np.linalg.norm(embeddings[i]) * np.linalg.norm(mean)))
+        rank.append(1.0 + sum(r > risk[i] for r in risk))  # ties share the best rank
+    logit = np.log(risk / (1 - risk))
+    distance_z = (np.array(distance) - np.mean(distance)) / np.std(distance)
+    risk_z = (logit - logit.mean()) / logit.std()
+    return {"patient_lesions": [float(k)] * k, "embedding_distance": distance, "distance_z": list(distance_z),
+            "risk_rank": rank, "risk_z": list(risk_z), "ugly_duckling_score": list((distance_z + risk_z) / 2)}
+
+
+def test_context_by_value_on_a_hand_made_patient():
+    """Two patients interleaved, one unknown row: every column, row by row, against the
+    definitions computed independently (cosine distance to the mean of the others,
+    z-scores within the patient, ranks with ties, the mean of the two z-scores)."""
+    embeddings = np.array([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 2.0, 0.0], [0.0, 1.0, 1.0],
+                           [2.0, 2.0, 0.0], [0.5, 0.5, 0.5], [1.0, 2.0, 3.0]])
+    risk = np.array([0.10, 0.30, 0.10, 0.80, 0.20, 0.05, 0.60, 0.50])
+    patients = pd.Series(["a", "b", "a", "a", "b", "b", "a", None])
+    context = patient_context(patients, embeddings, risk)
+    assert list(context.columns) == list(CONTEXT_COLUMNS)
+    for patient in ("a", "b"):
+        rows = np.flatnonzero(patients == patient)
+        expected = _expected_context(embeddings[rows], risk[rows])
+        for column in CONTEXT_COLUMNS:
+            assert context.loc[rows, column].tolist() == pytest.approx(expected[column], abs=1e-12), (patient, column)
+    # Patient a, by hand: risks 0.10, 0.10, 0.80, 0.60 rank 3, 3, 1, 2; lesion 3 ([0, 2, 0]) is the odd one out.
+    a = np.flatnonzero(patients == "a")
+    assert context.loc[a, "risk_rank"].tolist() == [3.0, 3.0, 1.0, 2.0]
+    assert context.loc[a, "embedding_distance"].idxmax() == 3 and context.loc[a, "ugly_duckling_score"].idxmax() == 3
+    assert context.loc[7, "patient_lesions"] == 1 and context.loc[7, "risk_rank"] == 1
+    assert context.loc[7, ["embedding_distance", "distance_z", "risk_z", "ugly_duckling_score"]].isna().all()
 
 
 def test_single_lesion_and_unknown_patients_fall_back_cleanly():
@@ -46,9 +85,16 @@ def test_context_on_real_multi_image_patients(trained_bundle, test_128_patients)
     for patient, rows in table.groupby("patient_id"):
         k = len(rows)
         assert (rows["patient_lesions"] == k).all()
-        assert sorted(rows["risk_rank"]) == sorted(rows["melanoma_risk"].rank(ascending=False, method="min"))
-        assert rows["risk_rank"].min() == 1
-        assert rows["risk_z"].mean() == pytest.approx(0.0, abs=1e-6)
+        # row by row: each image's own rank and z-scores, and the score is their mean
+        assert rows["risk_rank"].tolist() == rows["melanoma_risk"].rank(ascending=False, method="min").tolist()
+        risk = rows["melanoma_risk"].clip(1e-6, 1 - 1e-6).to_numpy()
+        logit = np.log(risk / (1 - risk))
+        assert rows["risk_z"].tolist() == pytest.approx(list((logit - logit.mean()) / logit.std()), abs=1e-6)
+        distance = rows["embedding_distance"].to_numpy()
+        assert rows["distance_z"].tolist() == pytest.approx(list((distance - distance.mean()) / distance.std()),
+                                                            abs=1e-6)
+        assert rows["ugly_duckling_score"].tolist() == pytest.approx(
+            list((rows["distance_z"] + rows["risk_z"]) / 2), abs=1e-12)
         top = rows.loc[rows["melanoma_risk"].idxmax()]
         assert top["risk_rank"] == 1 and top["risk_z"] == rows["risk_z"].max()
     # Real lesions of one patient differ: distances are positive and not all equal.

@@ -33,7 +33,10 @@ def test_eight_clients_get_no_errors(serving_bundle, images, tmp_path):
     print(json.dumps(report))
     assert report["statuses"] == {"201": 24}, report
     assert report["server_errors"] == report["client_errors"] == report["shed_503"] == 0
-    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    # Within capacity no upload comes near being shed (the queue timeout) nor starves behind the others.
+    latency = report["latency_ms"]
+    assert latency["max"] < 1000 * Settings().queue_timeout / 2, report
+    assert latency["p99"] <= 10 * latency["p50"], report
     assert app.state.scorer.storage.counts()["images"] == 24
 
 
