@@ -125,8 +125,8 @@ def test_isic2020_csvs_without_images_are_reported(isic2020, shared):
     assert "33126 rows" in no_images["train.csv"].message and "10982 rows" in no_images["test.csv"].message
     assert all(p.skipped for p in no_images.values())
     assert {p.kind for p in isic2020.problems} == {"no_images"}  # no missing-image noise from the subsets
-    # Exactly the images of the two subsets on disk; nothing from train.csv/test.csv only.
-    subsets = [pd.read_csv(shared / "isic2020" / f"{name}.csv", dtype=str) for name in ("train_sample", "test_128")]
+    # Exactly the images of the three subsets on disk; nothing from train.csv/test.csv only.
+    subsets = [pd.read_csv(shared / "isic2020" / f"{name}.csv", dtype=str) for name in ("train_sample", "train_extra", "test_128")]
     assert set(isic2020.records["image_id"]) == set(pd.concat(subsets)["image_name"])
 
 

@@ -17,9 +17,8 @@ from rich.console import Console
 
 from dermsight.data.dataset import build_dataset
 from dermsight.data.schema import DIAGNOSES
-from dermsight.evaluation.calibration import TemperatureScaler, choose_threshold
+from dermsight.evaluation.calibration import TemperatureScaler, choose_threshold, choose_threshold_every_source
 from dermsight.evaluation.held_out import per_source
-from dermsight.evaluation.metrics import sensitivity_specificity
 from dermsight.evaluation.metrics import binary_summary, multiclass_summary
 from dermsight.data.readers import derm7pt_clinical_photos
 from dermsight.inference.ood import fit_ood_gate, fit_photo_detector
@@ -30,7 +29,6 @@ from dermsight.training import embed_mode
 from dermsight.training.config import TrainConfig
 
 console = Console(stderr=True)
-MIN_SOURCE_MELANOMAS = 20  # a source with fewer gives no threshold of its own (too noisy)
 
 
 def load_training_records(config: TrainConfig) -> tuple[pd.DataFrame, list[str]]:
@@ -86,17 +84,10 @@ def train(config: TrainConfig) -> Bundle:
     probabilities = scaler.transform(oof_logits)
     melanoma = (labels == classes.index("MEL")).astype(int)
     risk = probabilities[:, classes.index("MEL")]
-    threshold = choose_threshold(melanoma, risk, config.target_sensitivity)
     if config.threshold_every_source:  # the target sensitivity on each source's held-out images, not only pooled
-        sources = records["source"].to_numpy()
-        per_source = {
-            s: choose_threshold(melanoma[sources == s], risk[sources == s], config.target_sensitivity)["threshold"]
-            for s in np.unique(sources) if melanoma[sources == s].sum() >= MIN_SOURCE_MELANOMAS
-        }
-        lowest = min([threshold["threshold"], *per_source.values()])
-        threshold = {**choose_threshold(melanoma, risk, config.target_sensitivity), **sensitivity_specificity(melanoma, risk, lowest),
-                     "threshold": lowest, "rule": "the lowest of the pooled and each source's threshold for the target sensitivity",
-                     "per_source": {k: float(v) for k, v in per_source.items()}}
+        threshold = choose_threshold_every_source(melanoma, risk, records["source"].to_numpy(), config.target_sensitivity)
+    else:
+        threshold = choose_threshold(melanoma, risk, config.target_sensitivity)
     metrics = cross_validation_metrics(records, labels, probabilities, classes, threshold["threshold"], config.folds)
     metrics["per_source"] = source_metrics(records, labels, probabilities, classes, threshold["threshold"], config)
 
