@@ -40,8 +40,14 @@ class DermSightNet(nn.Module):
     def from_bundle(cls, bundle) -> DermSightNet:
         """The bundle's network in float32 eager torch, from its weights.pt (the float
         reference of an int8 bundle, and the start for fine-tuning further)."""
+        path = bundle.path / "weights.pt"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path}: this bundle ships no float weights (an ensemble keeps its members' in the training run's "
+                "checkpoints folder)"
+            )
         net = cls.create(bundle.backbone, len(bundle.metadata_features), len(bundle.classes), pretrained=False)
-        state = torch.load(bundle.path / "weights.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict({k: v.float() for k, v in state.items()})
         return net.eval()
 
