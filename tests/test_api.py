@@ -374,3 +374,20 @@ def test_heat_maps_stored_as_png_before_jpeg_are_still_served(client, storage, l
     served = client.get(prediction["heatmap_url"])
     assert served.status_code == 200 and served.headers["content-type"] == "image/png"
     assert served.content == png.getvalue()
+
+
+def test_prediction_carries_a_readable_differential(client, shared):
+    meta = pd.read_csv(shared / "ham10000" / "HAM10000_metadata.csv")
+    bcc = [shared / "ham10000" / "images" / f"{i}.jpg" for i in meta[meta.dx == "bcc"].image_id[:4]]
+    response = upload(client, bcc)
+    assert response.status_code == 201, response.text
+    for prediction in response.json()["predictions"]:
+        ranked = sorted(prediction["probabilities"].items(), key=lambda item: -item[1])[:3]
+        differential = prediction["differential"]
+        assert [d["code"] for d in differential] == [code for code, _ in ranked]
+        assert [d["probability"] for d in differential] == pytest.approx([p for _, p in ranked])
+        assert all(d["malignant"] == (d["code"] in {"MEL", "BCC", "SCC", "AK"}) for d in differential)
+        assert differential[0]["code"] == prediction["predicted_class"] and differential[0]["name"] == prediction["predicted_class_name"]
+        cancer = prediction["probabilities"].get("BCC", 0) + prediction["probabilities"].get("SCC", 0)
+        assert prediction["non_melanoma_cancer_likely"] == (cancer >= 0.5)
+        assert prediction["risk_spread"] is None  # a single-network bundle has no members to disagree

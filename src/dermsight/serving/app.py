@@ -68,6 +68,23 @@ class PatientOut(BaseModel):
     url: str
 
 
+MALIGNANT: frozenset[str] = frozenset({"MEL", "BCC", "SCC", "AK"})  # AK: a precancer, treated
+NON_MELANOMA_CANCER_LEVEL = 0.5  # P(BCC) + P(SCC) at or above this: "more likely than not"
+
+
+class Diagnosis(BaseModel):
+    code: str
+    name: str
+    probability: float = Field(description="Calibrated probability, 0-1.")
+    malignant: bool = Field(description="Melanoma, basal or squamous cell carcinoma, or actinic keratosis (precancerous).")
+
+
+def differential(probabilities: dict[str, float], top: int = 3) -> list[Diagnosis]:
+    """The `top` most probable classes, most probable first ("benign, other" included)."""
+    ranked = sorted(probabilities.items(), key=lambda item: -item[1])[:top]
+    return [Diagnosis(code=c, name=CLASS_NAMES.get(c, c), probability=p, malignant=c in MALIGNANT) for c, p in ranked]
+
+
 class PredictionOut(BaseModel):
     id: int
     image_id: int
@@ -86,6 +103,10 @@ class PredictionOut(BaseModel):
     above_threshold: bool
     looks_dermoscopic: bool = Field(description="False: not a dermoscopic image; the risk is meaningless.")
     decision: str = Field(description="The outcome in plain words.")
+    differential: list[Diagnosis] = Field(description="The three most probable classes, most probable first.")
+    non_melanoma_cancer_likely: bool = Field(
+        description=f"P(BCC) + P(SCC) >= {NON_MELANOMA_CANCER_LEVEL}: a basal or squamous cell carcinoma is likely; refer."
+    )
     context: dict[str, float | None] | None = Field(description="Patient context (ugly duckling); None for one-offs.")
     created_at: datetime
     image_url: str
@@ -178,6 +199,9 @@ def prediction_out(prediction: Prediction) -> PredictionOut:
         above_threshold=prediction.above_threshold,
         looks_dermoscopic=prediction.looks_dermoscopic,
         decision=decision(prediction),
+        differential=differential(prediction.probabilities),
+        non_melanoma_cancer_likely=prediction.looks_dermoscopic
+        and prediction.probabilities.get("BCC", 0.0) + prediction.probabilities.get("SCC", 0.0) >= NON_MELANOMA_CANCER_LEVEL,
         context=prediction.context,
         created_at=prediction.created_at,
         image_url=f"/api/images/{image.id}/file",

@@ -59,7 +59,11 @@ function renderCard(prediction, title, context = null) {
         "Upload a dermoscopic image, or ask a clinician."),
     );
   } else {
-    const best = prediction.probabilities[prediction.predicted_class];
+    const ranked = el("ol", { class: "differential" }, ...prediction.differential.map((d) =>
+      el("li", {}, `${d.name} ${percent(d.probability)}`, d.malignant ? el("span", { class: "malignant" }, " malignant") : "")));
+    const agreement = prediction.risk_spread === null || prediction.risk_spread === undefined ? null :
+      el("p", { class: "muted" }, `The ensemble's networks give this lesion melanoma risks within about ` +
+        `±${(100 * prediction.risk_spread).toFixed(0)} points of each other.`);
     card.append(
       el("div", { class: "pictures" },
         figure(prediction.image_url, "lesion image", "Image"),
@@ -67,7 +71,11 @@ function renderCard(prediction, title, context = null) {
       el("p", { class: "risk" }, el("span", { class: "risk-value" }, percent(prediction.melanoma_risk)),
         " melanoma risk"),
       el("p", { class: "decision" }, prediction.decision),
-      el("p", {}, `Most similar to: ${prediction.predicted_class_name} (${percent(best)}).`),
+      prediction.non_melanoma_cancer_likely
+        ? el("p", { class: "decision" }, "A non-melanoma skin cancer (basal or squamous cell carcinoma) is likely: refer.")
+        : "",
+      el("p", {}, "Most similar to:"), ranked,
+      agreement || "",
       el("p", { class: "muted" }, `Referral threshold ${percent(prediction.threshold)} · model ${prediction.model_version}`),
     );
   }
