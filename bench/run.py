@@ -740,7 +740,15 @@ def section_train(args, settings: Settings, results: dict) -> dict:
     bundle = load_bundle_or_exit(args.model)
     sources = shared_sources(bundle.training.get("config", {}).get("sources", []))
     workdir = Path(tempfile.mkdtemp(prefix="dermsight-bench-train-"))
-    out: dict = {"what": "dermsight train (embed mode) on the bundle's sources", "sources": sources}
+    out: dict = {
+        "what": "dermsight train (embed mode) on the bundle's sources",
+        "sources": sources,
+        "shipped_recipe": {
+            "command": bundle.training.get("command"),
+            "seconds": bundle.training.get("duration_seconds"),
+            "note": "the default bundle's own recipe (finetune) as its training run timed itself; not rerun here",
+        },
+    }
     try:
         def train(cache: Path, name: str, max_images: int | None) -> dict:
             cmd = [*dermsight_command(), "train", *sources, "-o", str(workdir / name)]
@@ -856,7 +864,7 @@ def child_finetune(args, settings: Settings) -> dict:
     batches = iter(loader)
     for _ in range(len(loader)):
         started = now()
-        images, meta, target = next(batches)  # augmentation happens here
+        images, meta, target, _ = next(batches)  # augmentation happens here (the last item: source-prior offsets)
         loss = criterion(net(images.to(memory_format=torch.channels_last), meta)[0], target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
