@@ -8,9 +8,9 @@ for every row or file it had to skip or repair.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pandas as pd
+
+from dermsight.imaging.errors import Problem  # noqa: F401  (re-exported; it lives in imaging, which reports them too)
 
 # ISIC 2019 diagnosis codes; UNK is "benign, no specific diagnosis" (ISIC 2020 "unknown").
 DIAGNOSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
@@ -66,19 +66,6 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "source",  # reader name, e.g. "ham10000"
     "patient_images",  # images of this patient in the whole source dataset (ISIC 2020), NaN if unknown
 )
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something a reader skipped or repaired; `where` names the file (and row)."""
-
-    kind: str  # short machine key, e.g. "bad_age", "missing_image"
-    where: str  # "path/to/file.csv row 17" or "path/to/image.jpg"
-    message: str
-    skipped: bool = False  # True when the whole record was dropped
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}" + (" [record skipped]" if self.skipped else "")
 
 
 def empty_records() -> pd.DataFrame:

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 from rich.progress import Progress
 
-from dermsight.data.schema import Problem
-from dermsight.imaging.decode import ImageError, decode_file
+from dermsight.imaging.decode import decode_file
+from dermsight.imaging.errors import ImageError, Problem
 
 CHECK_SIDE = 32  # decode at reduced scale: enough to prove the file is whole
 
