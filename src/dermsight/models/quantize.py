@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermsight.inference.onnx_session import static_padding_model
+from dermsight.models.graph_rewrite import static_padding_model
 
 CALIBRATION_BATCH = 16
 HEAD_OP_TYPES = {"ReduceMean", "GlobalAveragePool", "Concat", "Gemm", "Einsum", "MatMul"}
