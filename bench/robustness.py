@@ -13,7 +13,8 @@ image (see dermsight.evaluation.robustness.held_out_scores):
 - sweep: held-out images (up to SWEEP_PER_SOURCE per source) under the fixed acquisitions
   of dermsight.evaluation.robustness.ACQUISITIONS: AUC, balanced accuracy, share flagged, mean
   risk, and each one's change against the untouched images;
-- population: the share of ISIC 2020 test_128 flagged (with its metadata, and images alone),
+- population: the share of ISIC 2020 test_128 flagged (a random 2,500 of its images, with their metadata
+  and images alone; patient image counts from the whole of test_128),
   and of the held-out benign images of every source;
 - ugly_duckling: ISIC 2020 patients with a melanoma and a benign lesion (held-out scores):
   how often a melanoma ranks first by risk, by the ugly-duckling score, by a cross-fitted
@@ -47,6 +48,7 @@ from dermsight.inference.predictor import Predictor
 DATA = Path(os.environ.get("DERMSIGHT_DATA", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 SOURCES = ["ham10000", "isic9/train", "isic2020", "isic2019", "isic2017", "derm7pt"]
 SWEEP_PER_SOURCE = 300
+TEST_128_SAMPLE = 2500  # of the 5,545 test_128 images: the flag rate to about +-1 point
 HAM_HELD_OUT = 1000  # HAM10000 images scored untouched (an ensemble holds every one out in some member)
 HELD_OUT = ("left_out_source", "external_source", "unseen_images")
 
@@ -96,7 +98,7 @@ def paired(predictor: Predictor, oof: pd.DataFrame) -> dict:
 
 
 def population(predictor: Predictor, held_out: pd.DataFrame, untouched: dict) -> dict:
-    test = load_sources([str(DATA / "isic2020" / "test_128.csv")]).records
+    test = load_sources([str(DATA / "isic2020" / "test_128.csv")]).records.sample(TEST_128_SAMPLE, random_state=0)
     with_metadata, _ = predictor.predict_records(test, progress=False)
     blank = test.assign(age=np.nan, sex=None, site=None, patient_images=np.nan, patient_id=None)
     images_alone, _ = predictor.predict_records(blank, progress=False)
