@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+import system_deps
 from fastapi.testclient import TestClient
 from live_server import in_thread, raw_request, status_of
 from PIL import Image
@@ -572,10 +573,8 @@ def test_exif_gps_is_stripped_losslessly(secure, auth, lesion):
 
 
 def test_sign_in_page_in_a_browser(live, lesion_images):
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("Chromium is not installed at /usr/bin/chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = system_deps.chromium()  # skips without it, fails in CI
+    sync_api = system_deps.playwright_sync_api()
     from test_web_e2e import CHROMIUM_ARGS, wait_until
 
     url, key, _ = live

@@ -3,7 +3,6 @@ by content, one transaction per scoring run, rankings, and deletes that leave no
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import system_deps
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from PIL import Image as PILImage
@@ -23,18 +23,11 @@ from sqlalchemy import create_engine, inspect
 from dermsight.serving.storage import Base, NewImage, NewPrediction, NotFound, Storage, ranked_lesions
 
 
-def _initdb() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return found[-1] if found else None
-
-
 @pytest.fixture(scope="module")
 def postgres_server():
-    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port; yields its base URL."""
-    initdb = _initdb()
-    if initdb is None:
-        pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
-    bin_dir = Path(initdb).parent
+    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port; yields its base URL. Without
+    PostgreSQL its tests skip, or fail in CI (system_deps)."""
+    bin_dir = Path(system_deps.initdb()).parent
     root = Path(tempfile.mkdtemp(prefix="dermsight-pg-"))
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:

@@ -12,9 +12,9 @@ import pytest
 
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.app import create_app
+import system_deps
 from live_server import in_thread
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -32,11 +32,11 @@ def server(serving_bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (scripts/test.sh installs it with apt-get)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    """Chromium under Playwright; without either its tests skip, or fail in CI (system_deps)."""
+    chromium = system_deps.chromium()
+    sync_api = system_deps.playwright_sync_api()
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 

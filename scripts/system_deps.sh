@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The system packages some tests drive: Debian's Chromium for the browser tests (Playwright never
+# downloads a browser here) and PostgreSQL for the storage tests (a throwaway cluster). Installs the
+# missing ones with apt-get when root. One still missing afterwards: outside CI a warning (its tests
+# skip); in CI (CI=true) an error, so a run that could not test the browser or PostgreSQL fails.
+# CHROMIUM, INITDB_GLOB and APT_GET can be overridden (tests/test_system_deps.py does).
+set -euo pipefail
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+INITDB_GLOB=${INITDB_GLOB:-/usr/lib/postgresql/*/bin/initdb}
+APT_GET=${APT_GET:-apt-get}
+
+find_missing() {
+  missing=()
+  [ -x "$CHROMIUM" ] || missing+=(chromium)
+  compgen -G "$INITDB_GLOB" >/dev/null || missing+=(postgresql)
+}
+
+find_missing
+[ ${#missing[@]} -gt 0 ] || exit 0
+if [ "$(id -u)" = 0 ]; then
+  ("$APT_GET" update -qq && DEBIAN_FRONTEND=noninteractive "$APT_GET" install -y -qq "${missing[@]}") >/dev/null \
+    || echo "apt-get could not install ${missing[*]}" >&2
+  find_missing
+  [ ${#missing[@]} -gt 0 ] || exit 0
+else
+  echo "not root: cannot apt-get install ${missing[*]}" >&2
+fi
+case "${CI:-}" in
+  true | TRUE | True | 1)
+    echo "error: CI=true and ${missing[*]} not installed (want $CHROMIUM and $INITDB_GLOB):" \
+      "the browser and PostgreSQL tests must run in CI" >&2
+    exit 1 ;;
+esac
+echo "warning: ${missing[*]} not installed; their tests will be skipped (with CI=true this is an error)" >&2

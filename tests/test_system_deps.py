@@ -1,0 +1,101 @@
+"""In CI (CI=true) a missing Chromium or PostgreSQL fails the run instead of skipping its
+tests: the fixtures' helpers (system_deps) fail rather than skip, and scripts/system_deps.sh
+(which scripts/test.sh runs first) exits non-zero when the install did not bring them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import system_deps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def nothing_installed(tmp_path, monkeypatch):
+    monkeypatch.setattr(system_deps, "CHROMIUM", tmp_path / "no" / "chromium")
+    monkeypatch.setattr(system_deps, "INITDB_GLOB", str(tmp_path / "no" / "*" / "bin" / "initdb"))
+    monkeypatch.setitem(sys.modules, "playwright", None)  # `import playwright` raises ImportError
+
+
+@pytest.mark.parametrize("ci", ["true", "TRUE", "1"])
+@pytest.mark.parametrize("helper", ["chromium", "initdb", "playwright_sync_api"])
+def test_in_ci_a_missing_program_fails_the_test(nothing_installed, monkeypatch, ci, helper):
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.fail.Exception, match="with CI=true that fails the test") as failed:
+        getattr(system_deps, helper)()
+    assert not isinstance(failed.value, pytest.skip.Exception)
+
+
+@pytest.mark.parametrize("ci", [None, "", "false", "0"])
+@pytest.mark.parametrize("helper", ["chromium", "initdb", "playwright_sync_api"])
+def test_outside_ci_a_missing_program_skips_the_test(nothing_installed, monkeypatch, ci, helper):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.skip.Exception, match="not installed|not importable") as skipped:
+        getattr(system_deps, helper)()
+    assert "CI=true" not in str(skipped.value)
+
+
+def test_installed_programs_are_found_in_ci(tmp_path, monkeypatch):
+    chromium = tmp_path / "chromium"
+    chromium.touch()
+    for version in ("15", "17"):
+        (tmp_path / "pg" / version / "bin").mkdir(parents=True)
+        (tmp_path / "pg" / version / "bin" / "initdb").touch()
+    monkeypatch.setattr(system_deps, "CHROMIUM", chromium)
+    monkeypatch.setattr(system_deps, "INITDB_GLOB", str(tmp_path / "pg" / "*" / "bin" / "initdb"))
+    monkeypatch.setenv("CI", "true")
+    assert system_deps.chromium() == chromium
+    assert system_deps.initdb() == str(tmp_path / "pg" / "17" / "bin" / "initdb")  # the newest
+
+
+def run_system_deps(tmp_path: Path, ci: str | None, installed: bool) -> subprocess.CompletedProcess:
+    """scripts/system_deps.sh with its paths in `tmp_path` and an apt-get that only records its
+    calls and whose install fails (as with no such package), so nothing is ever installed for real."""
+    calls = tmp_path / "apt-get.calls"
+    apt_get = tmp_path / "apt-get"
+    apt_get.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" = update ] || exit 100\n')
+    apt_get.chmod(0o755)
+    chromium = tmp_path / "bin" / "chromium"
+    initdb = tmp_path / "postgresql" / "17" / "bin" / "initdb"
+    if installed:
+        for program in (chromium, initdb):
+            program.parent.mkdir(parents=True, exist_ok=True)
+            program.write_text("#!/bin/sh\n")
+            program.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env |= {"CHROMIUM": str(chromium), "INITDB_GLOB": str(tmp_path / "postgresql" / "*" / "bin" / "initdb"),
+            "APT_GET": str(apt_get)}
+    if ci is not None:
+        env["CI"] = ci
+    return subprocess.run(["bash", str(REPO / "scripts" / "system_deps.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_script_fails_in_ci_when_the_install_did_not_bring_them(tmp_path):
+    result = run_system_deps(tmp_path, ci="true", installed=False)
+    assert result.returncode != 0
+    assert "error: CI=true and chromium postgresql not installed" in result.stderr
+    if os.geteuid() == 0:  # root: it tried to install them first
+        assert "install -y -qq chromium postgresql" in (tmp_path / "apt-get.calls").read_text()
+
+
+def test_the_script_only_warns_outside_ci(tmp_path):
+    result = run_system_deps(tmp_path, ci=None, installed=False)
+    assert result.returncode == 0
+    assert "warning: chromium postgresql not installed; their tests will be skipped" in result.stderr
+    assert "error:" not in result.stderr
+
+
+@pytest.mark.parametrize("ci", ["true", None])
+def test_the_script_passes_quietly_when_both_are_installed(tmp_path, ci):
+    result = run_system_deps(tmp_path, ci=ci, installed=True)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert not (tmp_path / "apt-get.calls").exists()  # nothing to install
