@@ -136,6 +136,8 @@ def _run(records: pd.DataFrame, bundle: Bundle, bundle_files: list, workers: int
     if table.empty:
         return pd.DataFrame(columns=list(PREDICTION_COLUMNS)), errors
     columns = list(PREDICTION_COLUMNS)
+    if "risk_spread" in table.columns:  # an ensemble bundle: where the local table has it
+        columns.insert(columns.index("melanoma_risk") + 1, "risk_spread")
     if with_patients and table["patient_id"].notna().any():
         columns = [columns[0], "patient_id", *columns[1:], *CONTEXT_COLUMNS]
     return table[columns], errors
@@ -238,7 +240,7 @@ class _Scorer:
             "probabilities": probabilities,
             "embeddings": embeddings,
             "looks_dermoscopic": looks,
-            "member_probabilities": members,
+            "member_probabilities": members.reshape(n, -1),  # 2-D: Arrow blocks keep it whole
         }
 
 
@@ -257,7 +259,7 @@ def _table(batch: dict[str, np.ndarray], classes: list[str], threshold: float, w
             batch["embeddings"][rows].astype(np.float32),
             np.zeros((int(rows.sum()), 0, 0), np.float32),  # heat maps are not part of the table
             batch["looks_dermoscopic"][rows].astype(bool),
-            batch["member_probabilities"][rows].astype(np.float32),
+            np.asarray(batch["member_probabilities"][rows], np.float32).reshape(int(rows.sum()), -1, len(classes)),
         )
         patient_ids = None
         if with_patients:
