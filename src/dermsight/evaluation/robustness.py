@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from dermsight.imaging.decode import decode_image, read_image_bytes
+from dermsight.imaging.preprocess import views
 from dermsight.inference.context import patient_context
 from dermsight.inference.predictor import Predictor, softmax
 from dermsight.models.metadata import encode_metadata
@@ -95,7 +96,7 @@ def held_out_scores(
     for start in range(0, len(rgbs), batch):
         images = np.stack([prep.normalise(prep.resize(rgb)) for rgb in rgbs[start : start + batch]])
         n = len(images)
-        stacked = np.stack([_view(images, name) for name in names]).reshape(-1, *images.shape[1:])
+        stacked = views(images, names).reshape(-1, *images.shape[1:])
         meta = np.tile(metadata[start : start + n].astype(np.float32), (len(names), 1))
         outputs = [o.reshape(len(names), n, *o.shape[1:]).mean(axis=0) for o in predictor.session.run(wanted, {"image": stacked, "metadata": meta})]
         logits, embedding = outputs[0], outputs[1]
@@ -110,12 +111,6 @@ def held_out_scores(
         probabilities.append(softmax(logits / predictor.bundle.temperature, axis=1))
         embeddings.append(embedding)
     return {"probabilities": np.concatenate(probabilities), "embeddings": np.concatenate(embeddings)}
-
-
-def _view(images: np.ndarray, name: str) -> np.ndarray:
-    from dermsight.imaging.preprocess import view
-
-    return np.ascontiguousarray(view(images, name))
 
 
 def decode_all(refs: Sequence[str]) -> list[np.ndarray]:
