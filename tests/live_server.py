@@ -1,30 +1,38 @@
 """Real servers on 127.0.0.1 for the security, crash and load tests: the app under uvicorn
 in a thread, or `dermsight serve` as a subprocess; and raw HTTP over a socket for what
-an HTTP client library would not send (slow bodies, lying lengths, un-normalised paths)."""
+an HTTP client library would not send (slow bodies, lying lengths, un-normalised paths).
+
+The subprocess and the free port come from bench/_server.py, the one copy shared with the
+benchmarks (see its docstring for why it lives there); it is loaded by path, as `_server`,
+so that bench/load.py imported by a test finds the same module."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
+import importlib.util
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import uvicorn
 
-DERMSIGHT = Path(sys.executable).with_name("dermsight")
+
+def _load_server_helper():
+    if "_server" in sys.modules:
+        return sys.modules["_server"]
+    path = Path(__file__).resolve().parents[1] / "bench" / "_server.py"
+    spec = importlib.util.spec_from_file_location("_server", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_server"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+_server = _load_server_helper()
+free_port = _server.free_port
 
 
 @contextlib.contextmanager
@@ -46,45 +54,18 @@ def in_thread(app, **options) -> Iterator[str]:
         thread.join(10)
 
 
-class Subprocess:
-    """`dermsight serve ARGS` on a free port, its output in a log file."""
+class Subprocess(_server.ServeProcess):
+    """`dermsight serve ARGS` on a free port, its output in a log file (bench/_server.py's
+    ServeProcess; `wait_ready`, `stop`, `kill`, `url`, `port`, `process`, `log`)."""
 
     def __init__(self, args: list[str], log: Path, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        command = [str(DERMSIGHT), "serve", "--port", str(self.port), *args]
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
+        super().__init__(args, log, env)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the server exited:\n{self.log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the server did not answer within {timeout} s:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown handler, no flush, no goodbye."""
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        try:
+            super().wait_ready(timeout)
+        except RuntimeError as err:
+            raise AssertionError(str(err)) from None
 
 
 def raw_request(url: str, request: bytes, *, then: bytes = b"", pause: float = 0.0, timeout: float = 10.0) -> bytes:
