@@ -106,7 +106,9 @@ class ServeProcess:
                 return self.startup_seconds
             if time.perf_counter() > deadline:
                 self.kill()
-                raise RuntimeError(f"dermsight serve did not answer /api/health within {timeout:g} s:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"dermsight serve did not answer /api/health within {timeout:g} s:\n{self.log_tail()}"
+                )
             time.sleep(poll)
 
     def kill(self) -> None:

@@ -166,7 +166,8 @@ async def burst(url: str, images, count: int, *, timeout: float = 60.0, headers:
         started = time.perf_counter()
         answers = await asyncio.gather(*(_post(http, pick()) for _ in range(count)))
         wall = time.perf_counter() - started
-    uploads = [{"status": status, "seconds": seconds, "attempts": [(status, seconds)]} for status, seconds, _ in answers]
+    uploads = [{"status": status, "seconds": seconds, "attempts": [(status, seconds)]}
+               for status, seconds, _ in answers]
     return _summary(uploads, wall, concurrent=count) | {
         "retry_after_s": sorted({retry for status, _, retry in answers if status == 503})}
 
@@ -232,7 +233,9 @@ def main() -> None:
                 server.url, images, clients, args.requests, retries=args.retries, retry_cap=args.retry_cap,
                 max_seconds=args.max_seconds, headers=headers, first_image=first)))
             first += clients * args.requests
-        shed = asyncio.run(burst(server.url, images, args.burst, headers=headers, first_image=first)) if args.burst else None
+        shed = None
+        if args.burst:
+            shed = asyncio.run(burst(server.url, images, args.burst, headers=headers, first_image=first))
         model = httpx.get(f"{server.url}/api/model", headers=headers, timeout=10).json()
         startup = server.startup_seconds
     finally:

@@ -3,14 +3,25 @@ timed tests: nothing here asserts a speed, only that the figures are there."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from live_server import _server
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench_run():
+    """bench/run.py as a module (it puts bench/ on sys.path for its sections package)."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_quick_ceiling_prints_the_report_json():
@@ -22,6 +33,7 @@ def test_bench_quick_ceiling_prints_the_report_json():
     report = json.loads(result.stdout)
     assert report["quick"] is True and report["sections"] == ["ceiling"] and report["errors"] == {}
     assert {"cpus", "onnxruntime", "load_average_at_start", "load_average_at_end"} <= set(report["machine"])
+    assert len(report["machine"]["load_average_at_start"]) == 3  # 1, 5 and 15 minutes
     ceiling = report["results"]["ceiling"]
     for key in ("images_per_second", "best_images_per_second", "ms_per_image", "session_create_seconds"):
         assert isinstance(ceiling[key], float) and ceiling[key] > 0, key
@@ -70,3 +82,59 @@ def test_ham_accuracy_counts_akiec_as_ak_or_scc():
     rows = pd.concat([rows[["diagnosis"]], pd.DataFrame(rows["p"].tolist(), columns=codes)], axis=1)
     assert accuracy.restricted_accuracy(rows, accuracy.HAM_CLASSES, {"SCC": "AK"}) == pytest.approx(1.0)
     # Without P(SCC) in akiec, both akiec images would be called BKL: akiec recall 0, balanced accuracy 2/3.
+
+
+def test_the_train_target_is_the_shipped_recipes_and_unmeasured_for_a_finetune_bundle():
+    """Embed-mode timings do not stand in for a finetune bundle's training time."""
+    run = _bench_run()
+    shipped = {"mode": "finetune", "recorded_minutes": 109.5}
+    finetune = {"train": {"minutes_cold": 4.0, "shipped_recipe": shipped, "shipped_recipe_minutes_measured": None}}
+    entry = run.summarise(finetune)["train_minutes"]
+    assert entry["measured"] is None and entry["met"] is None
+    assert "unmeasured" in entry["note"] and "109.5" in entry["note"]
+    embed = {"train": {"minutes_cold": 4.0, "shipped_recipe": {"mode": "embed"}, "shipped_recipe_minutes_measured": 4.0}}
+    assert run.summarise(embed)["train_minutes"] == {"target": "<= 10", "measured": 4.0, "met": True}
+
+
+def test_naive_baseline_is_the_onnx_graph_where_a_bundle_has_no_float_weights(tmp_path):
+    _bench_run()  # bench/ on sys.path
+    from sections import naive
+
+    class Bundle:
+        path = tmp_path
+
+    assert naive.baseline_of(Bundle()) == "onnx"  # the default ensemble ships no weights.pt
+    (tmp_path / "weights.pt").write_bytes(b"")
+    assert naive.baseline_of(Bundle()) == "torch"
+    assert naive.baseline_of(Bundle(), "onnx") == "onnx"
+
+
+def test_api_section_sends_a_different_image_with_every_request():
+    _bench_run()
+    from sections import api
+    from sections.common import Settings
+
+    settings = Settings(quick=True)  # 3 warm-up + 10 idle + 8 x 4 closed loop + 8 x 3 paced
+    assert api.requests_needed(settings) == 3 + 10 + 32 + 24
+    uploads = api.api_uploads(5)
+    assert len({jpeg for jpeg, _ in uploads}) == 5
+    assert all(jpeg[:2] == b"\xff\xd8" for jpeg, _ in uploads)
+    assert {"age", "sex", "site"} <= set(uploads[0][1])
+    body, content_type = api.multipart(*uploads[0])
+    assert content_type.startswith("multipart/form-data") and b'name="site"' in body
+
+
+def test_serve_process_starts_the_production_server_with_an_api_key(serving_bundle, tmp_path):
+    """bench/_server.py: `dermsight keys create` + `dermsight serve` (keys required) on a free
+    port, ready when /api/health answers; the key opens the API; stop() ends the process."""
+    data_dir = tmp_path / "data"
+    key = _server.create_api_key(data_dir, "bench test")
+    server = _server.ServeProcess(["--model", str(serving_bundle), "--data-dir", str(data_dir), "--rate-limit", "500",
+                                   "--burst", "500", "--log-level", "warning"], tmp_path / "serve.log")
+    with server:
+        assert server.wait_ready(120) > 0 and server.startup_seconds > 0
+        assert httpx.get(f"{server.url}/api/model", timeout=10).status_code == 401
+        answer = httpx.get(f"{server.url}/api/model", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["name"] == "serving-test"
+    assert server.process.poll() is not None
+    assert _server.health_status("127.0.0.1", server.port, timeout=1) is None

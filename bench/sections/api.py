@@ -1,0 +1,266 @@
+"""api: a real `dermsight serve` subprocess as a clinic runs it (API keys required: one key
+for the bench, made with `dermsight keys create`, its per-key rate limit set by the bench
+and reported; `--api-dev` measures the development server instead), a different real image
+on every request (HAM10000 images with their age, sex and site, enlarged in memory to
+600x450, the size of HAM10000's originals: the shared copy is 200x150; never written to
+disk), so every upload is stored, scored and given a heat map like a new one. Start-up time;
+p50/p99 latency idle, under 8 concurrent closed-loop clients (each sends its next request as
+soon as it has an answer: saturation; with the server's CPU per upload and the p50 floor it
+implies), and 8 paced clients at 8, 32 and 64 requests/s in all (the first is the paced
+target figure); RSS after the requests."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import itertools
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import _server
+
+from .common import (
+    DATA, Settings, child_env, now, percentile, process_cpu_seconds, process_tree_memory, rounded,
+)
+
+IMAGE_SIZE = (600, 450)
+
+
+def api_uploads(count: int) -> list[tuple[bytes, dict[str, str]]]:
+    """`count` different HAM10000 images (the first `count` by image id), each enlarged to
+    600x450 and encoded as JPEG (quality 90) in memory, with its own form fields (age, sex,
+    site; a missing one is left out)."""
+    from PIL import Image
+
+    from dermsight.data import readers
+
+    records = readers.read_ham10000(DATA / "ham10000").records
+    records = records[records["image_ref"].notna()].sort_values("image_id").head(count)
+    if len(records) < count:
+        raise RuntimeError(f"the api section needs {count} images; HAM10000 has {len(records)}")
+    uploads = []
+    for row in records.itertuples():
+        with Image.open(row.image_ref) as image:
+            enlarged = image.convert("RGB").resize(IMAGE_SIZE, Image.BICUBIC)
+        buffer = io.BytesIO()
+        enlarged.save(buffer, format="JPEG", quality=90)
+        form = {}
+        if row.age == row.age:  # not NaN
+            form["age"] = f"{row.age:g}"
+        if isinstance(row.sex, str) and row.sex:
+            form["sex"] = row.sex
+        if isinstance(row.site, str) and row.site:
+            form["site"] = row.site
+        uploads.append((buffer.getvalue(), form))
+    return uploads
+
+
+def multipart(jpeg: bytes, form: dict[str, str]) -> tuple[bytes, str]:
+    boundary = "dermsightbench0123456789"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="lesion.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode() + jpeg + b"\r\n",
+        *(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+          for name, value in form.items()),
+        f"--{boundary}--\r\n".encode(),
+    ]
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def requests_needed(settings: Settings) -> int:
+    """Requests of the whole section (warm-up, idle, closed loop, paced): one image each."""
+    paced = sum(settings.api_clients * max(3, round(settings.api_paced_seconds / (settings.api_clients / rate)))
+                for rate in settings.api_paced_rates)
+    return 3 + settings.api_idle_requests + settings.api_clients * settings.api_requests_per_client + paced
+
+
+def start_server(workdir: Path, settings: Settings, model: Path | None, dev: bool) -> tuple[_server.ServeProcess, dict]:
+    """`dermsight serve` on a free port (production with one bench key unless `dev`) and the
+    headers of the bench's requests."""
+    data_dir = workdir / "data"
+    headers = {"Connection": "keep-alive"}
+    args = ["--data-dir", str(data_dir)]
+    if dev:
+        args.append("--dev")
+    else:
+        headers["Authorization"] = f"Bearer {_server.create_api_key(data_dir, 'bench api', child_env())}"
+        args += ["--rate-limit", f"{settings.api_rate_limit:g}", "--burst", str(settings.api_burst)]
+    if model:
+        args += ["--model", str(model)]
+    server = _server.ServeProcess(args, workdir / "serve.log", env=child_env())
+    server.wait_ready(120, poll=0.02)
+    return server, headers
+
+
+class Client:
+    """One keep-alive HTTP connection (stdlib: the client's own overhead stays small)."""
+
+    def __init__(self, port: int, headers: dict):
+        self.port, self.headers = port, headers
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                content_type: str | None = None) -> tuple[int, bytes]:
+        headers = dict(self.headers)
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            self.connection.request(method, path, body=body, headers=headers)
+            response = self.connection.getresponse()
+        except (ConnectionError, http.client.HTTPException):
+            self.connection.close()
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            self.connection.request(method, path, body=body, headers=headers)
+            response = self.connection.getresponse()
+        return response.status, response.read()
+
+
+def run(args, settings: Settings, results: dict) -> dict:
+    dev = bool(getattr(args, "api_dev", False))
+    needed = requests_needed(settings)
+    uploads = api_uploads(needed)
+    bodies = [multipart(jpeg, form) for jpeg, form in uploads]  # made before any timing
+    counter = itertools.count()
+
+    def next_body() -> tuple[bytes, str]:  # a different image for every request (count() is atomic)
+        return bodies[next(counter) % len(bodies)]
+
+    workdir = Path(tempfile.mkdtemp(prefix="dermsight-bench-api-"))
+    server = None
+    try:
+        server, headers = start_server(workdir, settings, args.model, dev)
+        process, port, startup, cmd = server.process, server.port, server.startup_seconds, server.command
+        client = Client(port, headers)
+        for _ in range(3):  # warm-up
+            status, payload = client.request("POST", "/api/images", *next_body())
+            if status != 201:
+                raise RuntimeError(f"POST /api/images answered {status}: {payload[:300]!r}; serve log: "
+                                   f"{server.log_tail(1500)}")
+        idle = []
+        for _ in range(settings.api_idle_requests):
+            body, content_type = next_body()
+            started = now()
+            status, _ = client.request("POST", "/api/images", body, content_type)
+            idle.append((now() - started) * 1000)
+            assert status == 201, status
+
+        loaded: list[float] = []
+        failures: list[int] = []
+        lock = threading.Lock()
+
+        def worker() -> None:
+            own = Client(port, headers)
+            for _ in range(settings.api_requests_per_client):
+                body, content_type = next_body()
+                started = now()
+                status, _ = own.request("POST", "/api/images", body, content_type)
+                elapsed = (now() - started) * 1000
+                with lock:
+                    (loaded if status == 201 else failures).append(elapsed if status == 201 else status)
+
+        threads = [threading.Thread(target=worker) for _ in range(settings.api_clients)]
+        cpu_before = process_cpu_seconds(process.pid)
+        started = now()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = now() - started
+        server_cpu_ms = (process_cpu_seconds(process.pid) - cpu_before) * 1000 / max(1, len(loaded))
+
+        # Paced: the same 8 clients, each starting one request every 8 / rate seconds (random
+        # phase): a steady offered load below saturation, at each rate in turn.
+        rng = np.random.default_rng(0)
+        paced: dict[float, list[float]] = {}
+
+        def paced_worker(phase: float, interval: float, count: int, into: list[float]) -> None:
+            own = Client(port, headers)
+            begin = now() + phase
+            for k in range(count):
+                delay = begin + k * interval - now()
+                body, content_type = next_body()
+                if delay > 0:
+                    time.sleep(delay)
+                sent = now()
+                status, _ = own.request("POST", "/api/images", body, content_type)
+                elapsed = (now() - sent) * 1000
+                with lock:
+                    (into if status == 201 else failures).append(elapsed if status == 201 else status)
+
+        for rate in settings.api_paced_rates:
+            interval = settings.api_clients / rate
+            count = max(3, round(settings.api_paced_seconds / interval))  # as requests_needed counts them
+            paced[rate] = []
+            threads = [
+                threading.Thread(target=paced_worker, args=(phase, interval, count, paced[rate]))
+                for phase in rng.uniform(0, interval, settings.api_clients)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        memory = process_tree_memory(process.pid)
+        requests_sent = next(counter)
+    finally:
+        if server is not None:
+            server.stop(20)
+        shutil.rmtree(workdir, ignore_errors=True)
+    service_ms = statistics.median(idle)
+    jpeg_bytes = [len(jpeg) for jpeg, _ in uploads[:requests_sent]]
+    return {
+        "what": "POST /api/images, a different 600x450 JPEG (+ its age, sex, site) per request, real "
+                f"`dermsight serve` on 127.0.0.1 ({'--dev: no API key, no rate limit' if dev else 'with an API key'})",
+        "command": " ".join(["dermsight", *cmd[cmd.index("serve"):]]),
+        "dev": dev,
+        "api_key": None if dev else "one key (`dermsight keys create`), sent as Authorization: Bearer",
+        "per_key_rate_limit": None if dev else {"requests_per_second": settings.api_rate_limit,
+                                                "burst": settings.api_burst},
+        "images": f"HAM10000, the first {min(requests_sent, len(uploads))} by image id, each enlarged in memory to "
+                  f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} (HAM10000's original size; the shared copy is 200x150), JPEG "
+                  "quality 90, with its own metadata",
+        "distinct_images": min(requests_sent, len(uploads)),
+        "requests_sent": requests_sent,
+        "jpeg_bytes_median": int(statistics.median(jpeg_bytes)) if jpeg_bytes else None,
+        # From the process start to /api/health 200 (the database was created by `keys create` before).
+        "startup_seconds_to_health": rounded(startup, 2),
+        "idle": {
+            "requests": len(idle), "p50_ms": rounded(percentile(idle, 50), 1),
+            "p99_ms": rounded(percentile(idle, 99), 1),
+        },
+        "concurrent": {
+            "clients": settings.api_clients,
+            "requests": len(loaded),
+            "p50_ms": rounded(percentile(loaded, 50), 1) if loaded else None,
+            "p99_ms": rounded(percentile(loaded, 99), 1) if loaded else None,
+            "requests_per_second": rounded(len(loaded) / wall, 1),
+            "closed_loop": True,
+            "clients_x_idle_p50_ms": rounded(settings.api_clients * service_ms, 1),
+            # Little's law: 8 clients always waiting on the server see p50 ~ 8 / throughput, and
+            # throughput cannot pass cores / CPU per request: this is the floor of p50 here.
+            "server_cpu_ms_per_request": rounded(server_cpu_ms, 2),
+            "p50_floor_ms_clients_x_cpu_per_core": rounded(
+                settings.api_clients * server_cpu_ms / (os.cpu_count() or 1), 1),
+        },
+        # The first rate (1 request per client per second) is the "paced" figure of the targets.
+        "paced": {
+            "clients": settings.api_clients,
+            "offered_requests_per_second": settings.api_paced_rates[0],
+            "requests": len(paced[settings.api_paced_rates[0]]),
+            "p50_ms": rounded(percentile(paced[settings.api_paced_rates[0]], 50), 1),
+            "p99_ms": rounded(percentile(paced[settings.api_paced_rates[0]], 99), 1),
+        },
+        "paced_by_offered_rate": {
+            str(rate): {"requests": len(times), "p50_ms": rounded(percentile(times, 50), 1),
+                        "p99_ms": rounded(percentile(times, 99), 1)}
+            for rate, times in paced.items()
+        },
+        "failures": len(failures),
+        "serve_memory_after_requests": {k: rounded(v, 1) for k, v in memory.items()},
+    }
