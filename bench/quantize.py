@@ -17,9 +17,21 @@ Data, grouped so that no lesion is on both sides:
   images is reported beside it.
 * calibration: HAM10000 images of lesions outside that fold, in every view of the bundle.
 The float reference is the bundle's float network (weights.pt), so an int8 bundle is checked
-the same way. Quantization is `dermsight.models.quantize.quantize_graph`, what
-`dermsight train --int8` runs (backbone only; the head stays float). Every format x
-calibration method given is tried.
+the same way. An ensemble bundle (the default: four int8 fold networks in one graph) ships no
+float weights, so it cannot be checked here: give --model a single-network bundle, e.g. the
+previous default from git:
+
+    git archive 1165ff0^ bundles/default | tar -x -C /tmp/previous
+    .venv/bin/python bench/quantize.py --model /tmp/previous/bundles/default --formats qdq --methods minmax
+
+Quantization is `dermsight.models.quantize.quantize_graph`, what `dermsight train --int8`
+runs (backbone only; the head stays float). Every format x calibration method given is tried.
+
+Speed, measured fairly: every graph (fp32 and each int8 variant) is first warmed up (a predict
+pass over a few images and --warmup-seconds of forward runs each), then the end-to-end passes
+over the evaluation images alternate between the graphs, --rounds times with the order
+rotated each round (median per graph); the batch-32 forward figures alternate in blocks too.
+The machine's load averages at the start and the end are in the JSON.
 """
 
 from __future__ import annotations
@@ -116,11 +128,27 @@ def embedding_error(reference, candidate, feeds: dict) -> float:
     return float(np.linalg.norm(b - a) / np.linalg.norm(a - a.mean(axis=0)))
 
 
-def forward_speed(sessions: dict, size: int, n_meta: int, runs: int, batch: int = 32) -> dict:
-    """Images/s of a batch-32 forward (random input), sessions interleaved against noise."""
+def forward_feeds(size: int, n_meta: int, batch: int = 32) -> dict:
     rng = np.random.default_rng(0)
-    feeds = {"image": rng.standard_normal((batch, 3, size, size)).astype(np.float32),
-             "metadata": np.zeros((batch, n_meta), np.float32)}
+    return {"image": rng.standard_normal((batch, 3, size, size)).astype(np.float32),
+            "metadata": np.zeros((batch, n_meta), np.float32)}
+
+
+def warm_up(sessions: dict, feeds: dict, seconds: float) -> None:
+    """Forward runs of every session in turn for `seconds` in all (at least one each): arenas,
+    page mapping and CPU clocks settle before anything is timed."""
+    until = time.perf_counter() + seconds
+    while True:
+        for session in sessions.values():
+            session.run(None, feeds)
+        if time.perf_counter() >= until:
+            return
+
+
+def forward_speed(sessions: dict, size: int, n_meta: int, runs: int, batch: int = 32) -> dict:
+    """Images/s of a batch-32 forward (random input), sessions interleaved against noise
+    (after `warm_up`)."""
+    feeds = forward_feeds(size, n_meta, batch)
     for session in sessions.values():
         session.run(None, feeds)
     times = {name: [] for name in sessions}
@@ -144,8 +172,13 @@ def main() -> None:
     parser.add_argument("--methods", default="minmax,percentile",
                         help="Calibration methods to try: minmax, percentile, entropy.")
     parser.add_argument("--keep-float", default="",
-                        help="Also keep float the nodes whose name contains one of these (comma-separated), e.g. /conv_head/.")
+                        help="Also keep float the nodes whose name contains one of these (comma-separated), "
+                             "e.g. /conv_head/.")
     parser.add_argument("--save", type=Path, default=None, help="Keep the (first format's) int8 graph here.")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="End-to-end passes per graph, alternating (default 3; quick 1).")
+    parser.add_argument("--warmup-seconds", type=float, default=None,
+                        help="Forward runs of all graphs before timing (default 5; quick 1).")
     parser.add_argument("--output", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
 
@@ -156,6 +189,16 @@ def main() -> None:
     from dermsight.models.quantize import is_quantized, quantize_graph
 
     bundle = load_bundle(args.model)
+    if not (bundle.path / "weights.pt").exists():
+        raise SystemExit(
+            f"{bundle.path} ships no float weights (weights.pt): an ensemble bundle keeps its members' float weights "
+            "in its training run's checkpoints, so its int8 graph has no float reference here. Run this on a "
+            "single-network bundle, e.g. the previous default: `git archive 1165ff0^ bundles/default | tar -x -C "
+            "/tmp/previous` and --model /tmp/previous/bundles/default"
+        )
+    load_at_start = os.getloadavg()
+    rounds = args.rounds or (1 if args.quick else 3)
+    warmup_seconds = args.warmup_seconds if args.warmup_seconds is not None else (1.0 if args.quick else 5.0)
     n_eval = args.eval_images or (300 if args.quick else None)
     n_cal = args.calibration or (48 if args.quick else 256)
     evaluation, calibration = held_out_split(bundle, args.fold, n_eval, n_cal)
@@ -165,12 +208,7 @@ def main() -> None:
     export_onnx(DermSightNet.from_bundle(bundle), fp32_path, bundle.preprocessing.size)
 
     predictor = Predictor(bundle)
-    predictor.session = ParallelSession(fp32_path)
-    started = time.perf_counter()
-    fp32_table, errors = predictor.predict_records(evaluation, progress=False)
-    fp32_seconds = time.perf_counter() - started
-    assert not errors and list(fp32_table["image"]) == list(evaluation["image_id"])
-    fp32_risk = fp32_table["melanoma_risk"].to_numpy()
+    sessions = {"fp32": ParallelSession(fp32_path)}
     report = {
         "bundle": bundle.name,
         "bundle_graph": "int8" if is_quantized(bundle.onnx_path) else "float",
@@ -183,21 +221,52 @@ def main() -> None:
                         "kept_float": ["pool, metadata concat, linear head, CAM",
                                        *[p for p in args.keep_float.split(",") if p]],
                         "source": "HAM10000 images of lesions outside the evaluation fold"},
-        "auc_fp32": round(melanoma_auc(truth, fp32_risk), 4),
         "auc_bundle_out_of_fold_same_images": round(melanoma_auc(truth, evaluation["oof_mel"].to_numpy()), 4),
-        "fp32_end_to_end_images_per_second": round(len(evaluation) / fp32_seconds, 1),
         "max_auc_drop_allowed": MAX_AUC_DROP,
+        "timing": {"warmup": f"a predict pass over 32 images and {warmup_seconds:g} s of forward runs of every graph",
+                   "end_to_end_rounds": rounds,
+                   "order": "end-to-end passes alternate between the graphs, the order rotated each round; median"},
         "int8": {},
     }
     started = time.perf_counter()
     calibration_inputs = model_inputs(calibration, bundle)
     report["calibration"]["prepare_seconds"] = round(time.perf_counter() - started, 1)
-    sessions = {"fp32": predictor.session}
-    predictor_fp32_session = predictor.session
     probe = dict(zip(("image", "metadata"), model_inputs(evaluation.iloc[:32], bundle)))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     variants = [(f, m.strip()) for m in args.methods.split(",") if m.strip() for f in formats]
     threshold = bundle.melanoma_threshold
+    paths = {"fp32": fp32_path}
+    for i, (fmt, method) in enumerate(variants):
+        name = f"{fmt}-{method}"
+        path = args.save if (args.save and i == 0) else workdir / f"model.{name}.onnx"
+        started = time.perf_counter()
+        quantize_graph(fp32_path, path, *calibration_inputs, method=method, quant_format=fmt,
+                       keep_float=tuple(p for p in args.keep_float.split(",") if p))
+        report["int8"][name] = {"format": fmt, "calibration_method": method,
+                                "quantize_seconds": round(time.perf_counter() - started, 1)}
+        sessions[name], paths[name] = ParallelSession(path), path
+
+    # Warm every graph up, then alternate the end-to-end passes (fp32 no longer runs cold first).
+    for session in sessions.values():
+        predictor.session = session
+        predictor.predict_records(evaluation.iloc[:32], progress=False)
+    warm_up(sessions, forward_feeds(bundle.preprocessing.size, len(bundle.metadata_features)), warmup_seconds)
+    tables: dict[str, pd.DataFrame] = {}
+    seconds: dict[str, list[float]] = {name: [] for name in sessions}
+    names = list(sessions)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            predictor.session = sessions[name]
+            started = time.perf_counter()
+            table, errors = predictor.predict_records(evaluation, progress=False)
+            seconds[name].append(time.perf_counter() - started)
+            assert not errors and list(table["image"]) == list(evaluation["image_id"])
+            tables.setdefault(name, table)
+    report["end_to_end_seconds_by_round"] = {name: [round(x, 2) for x in t] for name, t in seconds.items()}
+    fp32_table = tables["fp32"]
+    fp32_risk = fp32_table["melanoma_risk"].to_numpy()
+    report["auc_fp32"] = round(melanoma_auc(truth, fp32_risk), 4)
+    report["fp32_end_to_end_images_per_second"] = round(len(evaluation) / statistics.median(seconds["fp32"]), 1)
 
     def at_threshold(risk: np.ndarray) -> dict:
         flagged = risk >= threshold
@@ -205,26 +274,14 @@ def main() -> None:
                 "specificity": round(float((~flagged[truth == 0]).mean()), 4)}
 
     report["fp32_at_threshold"] = at_threshold(fp32_risk)
-    for i, (fmt, method) in enumerate(variants):
-        name = f"{fmt}-{method}"
-        path = args.save if (args.save and i == 0) else workdir / f"model.{name}.onnx"
-        started = time.perf_counter()
-        quantize_graph(fp32_path, path, *calibration_inputs, method=method, quant_format=fmt,
-                       keep_float=tuple(p for p in args.keep_float.split(",") if p))
-        quantize_seconds = time.perf_counter() - started
-        session = ParallelSession(path)
-        predictor.session = session
-        started = time.perf_counter()
-        table, _ = predictor.predict_records(evaluation, progress=False)
-        seconds = time.perf_counter() - started
+    for name, entry in report["int8"].items():
+        table = tables[name]
         risk = table["melanoma_risk"].to_numpy()
         auc = melanoma_auc(truth, risk)
         low, high = paired_bootstrap(
             truth, fp32_risk, risk, evaluation["lesion_id"].to_numpy(), 200 if args.quick else 1000
         )
-        report["int8"][name] = {
-            "format": fmt,
-            "calibration_method": method,
+        entry.update({
             "auc": round(auc, 4),
             "auc_drop": round(report["auc_fp32"] - auc, 4),
             "auc_drop_95ci": [round(low, 4), round(high, 4)],
@@ -234,18 +291,18 @@ def main() -> None:
             "referral_decisions_changed": int(((risk >= threshold) != (fp32_risk >= threshold)).sum()),
             # The embedding also feeds the out-of-distribution gate and the patient context.
             "ood_gate_decisions_changed": int((table["looks_dermoscopic"] != fp32_table["looks_dermoscopic"]).sum()),
-            "embedding_relative_error": round(embedding_error(predictor_fp32_session, session, probe), 4),
-            "end_to_end_images_per_second": round(len(evaluation) / seconds, 1),
-            "model_mb": round(path.stat().st_size / 1e6, 1),
-            "quantize_seconds": round(quantize_seconds, 1),
-        }
-        sessions[name] = session
+            "embedding_relative_error": round(embedding_error(sessions["fp32"], sessions[name], probe), 4),
+            "end_to_end_images_per_second": round(len(evaluation) / statistics.median(seconds[name]), 1),
+            "end_to_end_speedup": round(statistics.median(seconds["fp32"]) / statistics.median(seconds[name]), 2),
+            "model_mb": round(paths[name].stat().st_size / 1e6, 1),
+        })
     speed = forward_speed(sessions, bundle.preprocessing.size, len(bundle.metadata_features), 3 if args.quick else 15)
     report["forward_images_per_second_batch32"] = speed
     for name in report["int8"]:
         report["int8"][name]["forward_speedup"] = round(speed[name] / speed["fp32"], 2)
     report["fp32_model_mb"] = round(Path(fp32_path).stat().st_size / 1e6, 1)
-    report["load_average"] = round(os.getloadavg()[0], 2)
+    report["load_average_at_start"] = [round(x, 2) for x in load_at_start]  # 1, 5, 15 min; the whole machine
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     kept = sorted(
         (name for name, r in report["int8"].items() if r["kept"] and r["forward_speedup"] > 1.05),
         key=lambda name: -report["int8"][name]["forward_speedup"],

@@ -92,7 +92,8 @@ def test_the_train_target_is_the_shipped_recipes_and_unmeasured_for_a_finetune_b
     entry = run.summarise(finetune)["train_minutes"]
     assert entry["measured"] is None and entry["met"] is None
     assert "unmeasured" in entry["note"] and "109.5" in entry["note"]
-    embed = {"train": {"minutes_cold": 4.0, "shipped_recipe": {"mode": "embed"}, "shipped_recipe_minutes_measured": 4.0}}
+    embed = {"train": {"minutes_cold": 4.0, "shipped_recipe": {"mode": "embed"},
+                       "shipped_recipe_minutes_measured": 4.0}}
     assert run.summarise(embed)["train_minutes"] == {"target": "<= 10", "measured": 4.0, "met": True}
 
 
