@@ -17,6 +17,10 @@ DermSight's dependencies (the base install) and must read the image paths as the
 names them (a shared filesystem); the bundle travels with the job, and so does the
 dermsight package itself (Ray's `py_modules`). Through a Ray Client (ray://), which Ray Data
 cannot drive from, the pipeline is driven by a task on the cluster instead.
+
+The steps (`engine_rows`, `decode_rows`, `RowScorer`, `table_rows`, `finish_table`) are
+shared with the Spark engine (`dermsight.inference.spark_engine`), which runs them as
+pandas UDFs.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from dermsight.models.metadata import encode_metadata, patient_image_counts
 BUNDLE_FILES: tuple[str, ...] = ("bundle.json", "model.onnx", OOD_FILE)
 ROWS_PER_BLOCK = 256  # records per input block at most: one decode task each (~40 MB of 224 px squares)
 DECODE_CPUS = 0.5  # decoding is light; also keeps the decode and scoring stages unfused
+# What a scored row carries on from `decode_rows`, besides its scores.
+SCORED_KEYS: tuple[str, ...] = ("position", "image_id", "patient_key", "has_patient", "error")
 
 
 class RayEngineError(RuntimeError):
@@ -88,7 +94,7 @@ def predict_ray(
             threads = max(1, int(total_cpus))
         elif threads is None and workers > 1:
             threads = 1
-        bundle_files = [ray.put(_bundle_files(bundle))]  # read here; in a list, so tasks get the reference
+        bundle_files = [ray.put(worker_bundle_files(bundle))]  # read here; in a list, so tasks get the reference
         arguments = (records, bundle, bundle_files, workers, threads, total_cpus, batch_size, progress)
         if _ray_client(ray):  # Ray Data cannot drive from a Ray Client: drive from a task on the cluster
             return ray.get(ray.remote(num_cpus=0)(_run).remote(*arguments))
@@ -104,13 +110,13 @@ def _run(records: pd.DataFrame, bundle: Bundle, bundle_files: list, workers: int
     import ray
 
     _quiet_ray_data(ray, progress)
-    rows = _rows(records)
+    rows = engine_rows(records)
     with_patients = bool(rows["has_patient"].any())
     # Enough blocks for every actor to have work (blocks are the unit handed to an actor).
     blocks = max(math.ceil(len(rows) / ROWS_PER_BLOCK), min(math.ceil(len(rows) / batch_size), 4 * workers))
     dataset = ray.data.from_pandas([rows.iloc[part] for part in np.array_split(np.arange(len(rows)), blocks)])
     decoded = dataset.map_batches(
-        _decode, batch_format="pandas", batch_size=None, num_cpus=DECODE_CPUS,
+        decode_rows, batch_format="pandas", batch_size=None, num_cpus=DECODE_CPUS,
         fn_kwargs={"prep": bundle.preprocessing, "features": tuple(bundle.metadata_features)},
     )
     # Scoring actors reserve at most an equal share of the CPUs with the decode stage, so
@@ -121,15 +127,21 @@ def _run(records: pd.DataFrame, bundle: Bundle, bundle_files: list, workers: int
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"bundle_files": bundle_files[0], "threads": threads},
     )
-    options = {"classes": list(bundle.classes), "threshold": bundle.melanoma_threshold, "with_patients": with_patients}
+    options = {"bundle": bundle, "with_patients": with_patients}
     if with_patients:
         patients = int(rows.loc[rows["has_patient"], "patient_key"].nunique()) + 1
         tables = scored.groupby("patient_key", num_partitions=max(1, min(patients, 2 * workers))).map_groups(
-            _table, batch_format="numpy", fn_kwargs=options
+            table_rows, batch_format="numpy", fn_kwargs=options
         )
     else:
-        tables = scored.map_batches(_table, batch_format="numpy", fn_kwargs=options)
-    table = _collect(ray, tables).sort_values("position", kind="stable").reset_index(drop=True)
+        tables = scored.map_batches(table_rows, batch_format="numpy", fn_kwargs=options)
+    return finish_table(_collect(ray, tables), with_patients)
+
+
+def finish_table(table: pd.DataFrame, with_patients: bool) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The rows `table_rows` made, gathered from every piece in any order -> the local
+    engine's (table, {image_id: error}): input order, unreadable rows split off, its columns."""
+    table = table.sort_values("position", kind="stable").reset_index(drop=True)
     failed = table["error"] != ""
     errors = dict(zip(table.loc[failed, "image"], table.loc[failed, "error"]))
     table = table[~failed].drop(columns=["position", "error"]).reset_index(drop=True)
@@ -150,7 +162,7 @@ def _collect(ray, dataset) -> pd.DataFrame:
     return pa.concat_tables(ray.get(dataset.to_arrow_refs()), promote_options="default").to_pandas()
 
 
-def _rows(records: pd.DataFrame) -> pd.DataFrame:
+def engine_rows(records: pd.DataFrame) -> pd.DataFrame:
     """The columns the tasks need, self-contained: patient image counts from the whole
     input (as `encode_metadata` computes them over the single-process frame)."""
     counted = patient_image_counts(records)
@@ -177,7 +189,7 @@ def _text(column: pd.Series) -> pd.Series:
     return column.where(column.notna(), "").astype(str)
 
 
-def _decode(batch: pd.DataFrame, prep: Preprocessing, features: tuple[str, ...]) -> dict[str, np.ndarray]:
+def decode_rows(batch: pd.DataFrame, prep: Preprocessing, features: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A block of rows -> uint8 model-input squares (normalised by the actor: 4x less to
     move), encoded metadata and, for unreadable images, the reason (as `iter_batches`)."""
     squares = np.zeros((len(batch), prep.size, prep.size, 3), np.uint8)
@@ -209,19 +221,29 @@ class _Scorer:
         try:
             for name, data in bundle_files.items():
                 (folder / name).write_bytes(data)
-            self.predictor = Predictor(folder, threads)  # the session and gate are in memory after this
+            self.score = RowScorer(Predictor(folder, threads))  # the session and gate are in memory after this
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self.prep = self.predictor.bundle.preprocessing
-        width = self.predictor.session.get_outputs()[1].shape[1]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.score(batch)
+
+
+class RowScorer:
+    """Scores what `decode_rows` made with one Predictor (shared by the Ray and Spark
+    engines): probabilities, embeddings, gate verdicts and member probabilities, zeros
+    for unreadable rows."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.prep = predictor.bundle.preprocessing
+        width = predictor.session.get_outputs()[1].shape[1]
         if not isinstance(width, int):
             blank = np.zeros((1, 3, self.prep.size, self.prep.size), np.float32)
-            width = self.predictor.score(blank, np.zeros((1, self._metadata_width()), np.float32)).embeddings.shape[1]
+            metadata = np.zeros((1, len(predictor.bundle.metadata_features)), np.float32)
+            width = predictor.score(blank, metadata).embeddings.shape[1]
         self.width = width
-        self.members = int(self.predictor.bundle.training.get("members", 1))
-
-    def _metadata_width(self) -> int:
-        return len(self.predictor.bundle.metadata_features)
+        self.members = int(predictor.bundle.training.get("members", 1))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
@@ -236,7 +258,7 @@ class _Scorer:
             probabilities[ok], embeddings[ok], looks[ok] = scores.probabilities, scores.embeddings, scores.looks_dermoscopic
             members[ok] = scores.member_probabilities
         return {
-            **{key: batch[key] for key in ("position", "image_id", "patient_key", "has_patient", "error")},
+            **{key: batch[key] for key in SCORED_KEYS},
             "probabilities": probabilities,
             "embeddings": embeddings,
             "looks_dermoscopic": looks,
@@ -244,11 +266,12 @@ class _Scorer:
         }
 
 
-def _table(batch: dict[str, np.ndarray], classes: list[str], threshold: float, with_patients: bool) -> pd.DataFrame:
+def table_rows(batch: dict[str, np.ndarray], bundle: Bundle, with_patients: bool) -> pd.DataFrame:
     """Prediction-table rows for one patient (or, without patients, any batch of rows), with
     their input position and error ("" when scored). The patient context comes from the
     scored rows alone; unreadable rows get placeholder values of the same types (one schema
     for every block) and are split off by the driver."""
+    classes = list(bundle.classes)
     ok = batch["error"] == ""
     parts = []
     for rows in (ok, ~ok):
@@ -264,14 +287,15 @@ def _table(batch: dict[str, np.ndarray], classes: list[str], threshold: float, w
         patient_ids = None
         if with_patients:
             patient_ids = pd.Series(np.where(batch["has_patient"][rows], batch["patient_key"][rows], None), dtype=object)
-        part = prediction_table(scores, list(batch["image_id"][rows]), patient_ids, classes, threshold)
+        part = prediction_table(scores, list(batch["image_id"][rows]), patient_ids, classes, bundle.melanoma_threshold)
         part.insert(0, "position", batch["position"][rows])
         part["error"] = batch["error"][rows].astype(str)
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 
 
-def _bundle_files(bundle: Bundle) -> dict[str, bytes]:
+def worker_bundle_files(bundle: Bundle) -> dict[str, bytes]:
+    """The files of `bundle` a scoring worker needs (BUNDLE_FILES), by name."""
     return {name: (bundle.path / name).read_bytes() for name in BUNDLE_FILES if (bundle.path / name).exists()}
 
 
