@@ -50,7 +50,7 @@ def test_new_metadata_new_image_or_bundle_are_scored_again(trained_bundle, recor
     predictor.predict_records(records.iloc[:12], progress=False, cache=cache)
     scored = []
     real = predictor.score_views
-    monkeypatch.setattr(predictor, "score_views", lambda images, meta: scored.append(images.shape[1]) or real(images, meta))
+    monkeypatch.setattr(predictor, "score_views", lambda images, *rest: scored.append(images.shape[1]) or real(images, *rest))
     changed = records.copy()
     changed.loc[3, "age"] = 85.0 if changed.loc[3, "age"] != 85.0 else 20.0
     table, _ = predictor.predict_records(changed, progress=False, cache=cache)

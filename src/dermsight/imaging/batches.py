@@ -15,6 +15,7 @@ import numpy as np
 
 from dermsight.imaging.decode import ImageError, decode_image, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing, view
+from dermsight.imaging.quality import QUALITY_MEASURES, measure_quality
 
 # Images one decode task loads: a task per image cost ~0.2 ms of CPU per image in futures
 # and thread hand-offs (1.0 vs 0.73 ms of decoding and preprocessing a test_128 image).
@@ -26,11 +27,21 @@ class Batch:
     indices: list[int]  # positions in the input sequence
     images: np.ndarray  # float32 (n, 3, S, S), preprocessed; (V, n, 3, S, S) when views were asked for
     errors: dict[int, str]  # input position -> why it could not be read
+    quality: np.ndarray  # float32 (n, QUALITY_MEASURES) image-quality measures (NaN unless asked for)
 
 
-def load_square(data: bytes, prep: Preprocessing, name: str) -> np.ndarray:
-    """Encoded bytes -> preprocessed uint8 square (S, S, 3)."""
-    return prep.resize(decode_image(data, name=name, min_side=prep.size))
+def load_square(data: bytes, prep: Preprocessing, name: str, quality: np.ndarray | None = None) -> np.ndarray:
+    """Encoded bytes -> preprocessed uint8 square (S, S, 3). With `quality` (a float32
+    (QUALITY_MEASURES,) array), the image-quality measures are written into it; a blank image
+    then raises ImageError."""
+    rgb = decode_image(data, name=name, min_side=prep.size)
+    square = prep.fit_square(rgb)
+    if quality is not None:
+        try:
+            quality[:] = measure_quality(rgb.shape, square)
+        except ImageError as err:
+            raise ImageError(f"{name}: {err}") from None
+    return prep.colour_normalise(square)
 
 
 def iter_batches(
@@ -41,6 +52,7 @@ def iter_batches(
     on_item: Callable[[], None] | None = None,
     views: Sequence[str] | None = None,
     lookahead: int = 2,
+    measure: bool = False,
 ) -> Iterator[Batch]:
     """Batches of preprocessed images for `items` (image_refs or encoded bytes), in order.
     Unreadable items are reported in `Batch.errors`, never raised.
@@ -50,17 +62,18 @@ def iter_batches(
     then (V, n, 3, S, S). So the consumer's thread does nothing but run the model while
     the next `lookahead` batches are decoded (Pillow and numpy release the GIL). The first
     batches ramp up (4, 8, 16, ... images) so that the model starts after a few decodes,
-    not a whole batch of them: it matters for a handful of big photos."""
+    not a whole batch of them: it matters for a handful of big photos. With `measure`, each
+    image's quality measures fill `Batch.quality` (and a blank image is reported as unreadable)."""
     names = tuple(views) if views else None
     size = prep.size
     leading = (len(names),) if names else ()
 
-    def load(position: int, slot: int, out: np.ndarray) -> str | None:
+    def load(position: int, slot: int, out: np.ndarray, quality: np.ndarray) -> str | None:
         item = items[position]
         name = f"image {position}" if isinstance(item, bytes) else str(item)
         try:
             data = item if isinstance(item, bytes) else read_image_bytes(item)
-            square = load_square(data, prep, name)
+            square = load_square(data, prep, name, quality[slot] if measure else None)
         except ImageError as err:
             return str(err)
         if names is None:
@@ -73,22 +86,23 @@ def iter_batches(
                 out[v, slot] = view(base, view_name)
         return None
 
-    def load_run(chunk: range, slots: range, out: np.ndarray) -> list[str | None]:
-        return [load(chunk[slot], slot, out) for slot in slots]
+    def load_run(chunk: range, slots: range, out: np.ndarray, quality: np.ndarray) -> list[str | None]:
+        return [load(chunk[slot], slot, out, quality) for slot in slots]
 
     chunks = _chunks(len(items), batch_size)
     with ThreadPoolExecutor(workers) as pool:
 
         def submit(chunk: range):
             out = np.empty((*leading, len(chunk), 3, size, size), np.float32)  # image slots: axis -4
+            quality = np.full((len(chunk), len(QUALITY_MEASURES)), np.nan, np.float32)
             runs = [range(i, min(i + IMAGES_PER_TASK, len(chunk))) for i in range(0, len(chunk), IMAGES_PER_TASK)]
-            return chunk, out, [pool.submit(load_run, chunk, slots, out) for slots in runs]
+            return chunk, out, quality, [pool.submit(load_run, chunk, slots, out, quality) for slots in runs]
 
         pending = [submit(chunk) for chunk in chunks[:lookahead]]
         for k in range(len(chunks)):
             if k + lookahead < len(chunks):
                 pending.append(submit(chunks[k + lookahead]))
-            chunk, out, futures = pending.pop(0)
+            chunk, out, quality, futures = pending.pop(0)
             messages = [message for future in futures for message in future.result()]
             errors = {position: message for position, message in zip(chunk, messages) if message is not None}
             if on_item:
@@ -97,7 +111,7 @@ def iter_batches(
             ok = [slot for slot, position in enumerate(chunk) if position not in errors]
             if len(ok) < len(chunk):
                 out = out[..., ok, :, :, :] if ok else out[..., :0, :, :, :]
-            yield Batch([chunk[slot] for slot in ok], out, errors)
+            yield Batch([chunk[slot] for slot in ok], out, errors, quality[ok])
 
 
 def _chunks(n: int, batch_size: int, first: int = 4) -> list[range]:

@@ -45,7 +45,14 @@ class Preprocessing:
     def resize(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 (S, S, 3) the network reads: resized (bicubic) by `fit`, then colour-normalised
         when `colour_constancy` is set."""
-        square = self._squash(rgb) if self.fit == "squash" else self._crop(rgb)
+        return self.colour_normalise(self.fit_square(rgb))
+
+    def fit_square(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (S, S, 3): the frame resized (bicubic) by `fit`, colours untouched."""
+        return self._squash(rgb) if self.fit == "squash" else self._crop(rgb)
+
+    def colour_normalise(self, square: np.ndarray) -> np.ndarray:
+        """Shades of Gray when `colour_constancy` is set, else the square itself."""
         return shades_of_gray(square) if self.colour_constancy else square
 
     def _squash(self, rgb: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from rich.progress import Progress
 from dermsight.data.schema import DIAGNOSES
 from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.preprocess import view, views
+from dermsight.imaging.quality import QUALITY_MEASURES, quality_warnings
 from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
 from dermsight.inference.ood import OODGate
 from dermsight.inference.onnx_session import ParallelSession
@@ -36,6 +37,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "predicted_class",
     "above_threshold",
     "looks_dermoscopic",
+    "quality_warnings",
 )
 
 
@@ -43,26 +45,32 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
 class Scores:
     """Model outputs for a batch: calibrated probabilities (N, K), embeddings (N, F),
     melanoma class activation maps (N, h, w), whether each image passed the
-    out-of-distribution gate (N,), and each member network's calibrated probabilities
-    (N, members, K): one member for a single network, the fold networks of an ensemble."""
+    out-of-distribution gate (N,), each member network's calibrated probabilities
+    (N, members, K): one member for a single network, the fold networks of an ensemble, and
+    the image-quality measures taken while loading (N, QUALITY_MEASURES; NaN when not taken)."""
 
     probabilities: np.ndarray
     embeddings: np.ndarray
     melanoma_cam: np.ndarray
     looks_dermoscopic: np.ndarray
     member_probabilities: np.ndarray
+    image_quality: np.ndarray
 
     def risk_spread(self, melanoma_index: int) -> np.ndarray:
         """Standard deviation of the members' melanoma risks (0 for a single network)."""
         return self.member_probabilities[:, :, melanoma_index].std(axis=1)
 
 
-def prediction_table(
-    scores: Scores, image_ids: Sequence[str], patient_ids: pd.Series | None, classes: Sequence[str], threshold: float
-) -> pd.DataFrame:
-    """`Predictor.predict_table` without a Predictor (no ONNX session): what the Ray engine's
-    group-by tasks run on one patient's scores. `classes` are the bundle's, in its order."""
-    classes = list(classes)
+def no_quality(n: int) -> np.ndarray:
+    """Image-quality measures of `n` images that were not measured."""
+    return np.full((n, len(QUALITY_MEASURES)), np.nan, np.float32)
+
+
+def prediction_table(scores: Scores, image_ids: Sequence[str], patient_ids: pd.Series | None, bundle: Bundle) -> pd.DataFrame:
+    """`Predictor.predict_table` without a Predictor (no ONNX session): what the batch engines'
+    group-by tasks run on one patient's scores, with the bundle's classes, threshold, input
+    size (for the quality warnings) and uncertainty level."""
+    classes, threshold = list(bundle.classes), bundle.melanoma_threshold
     n = len(scores.probabilities)
     risk = scores.probabilities[:, classes.index("MEL")]
     columns: dict[str, object] = {"image": list(image_ids)}
@@ -73,9 +81,16 @@ def prediction_table(
     columns["melanoma_risk"] = risk
     if scores.member_probabilities.shape[1] > 1:
         columns["risk_spread"] = scores.risk_spread(classes.index("MEL"))
+        if bundle.unsure_level is not None:
+            columns["unsure"] = columns["risk_spread"] > bundle.unsure_level
     columns["predicted_class"] = np.asarray(classes, dtype=object)[scores.probabilities.argmax(axis=1)]
     columns["above_threshold"] = risk >= threshold
     columns["looks_dermoscopic"] = scores.looks_dermoscopic
+    warnings = [""] * n  # images whose quality was not measured (Ray without measures) get none
+    measured = np.flatnonzero(~np.isnan(scores.image_quality).any(axis=1))
+    for i, codes in zip(measured, quality_warnings(scores.image_quality[measured], bundle.preprocessing.size)):
+        warnings[i] = ";".join(codes)
+    columns["quality_warnings"] = warnings
     if patient_ids is not None:
         context = patient_context(patient_ids, scores.embeddings, risk)
         columns.update({column: context[column].to_numpy() for column in CONTEXT_COLUMNS})
@@ -90,6 +105,11 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 class Predictor:
+    """A bundle's ONNX graph, gate and decision rule behind one interface: score preprocessed
+    arrays (`score`), encoded uploads (`predict_images`, the API) or records with image files
+    (`predict_records`, the CLI, evaluation and the batch engines), always into the same
+    prediction table. `threads`: ONNX Runtime runs in flight (default: one per core)."""
+
     def __init__(self, bundle: Bundle | Path | str | None = None, threads: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.session = ParallelSession(self.bundle.onnx_path, threads)
@@ -103,13 +123,13 @@ class Predictor:
     def threshold(self) -> float:
         return self.bundle.melanoma_threshold
 
-    def score(self, images: np.ndarray, metadata: np.ndarray) -> Scores:
-        """Preprocessed images (N, 3, S, S) + encoded metadata (N, M) -> Scores.
-        Logits are averaged over the bundle's views; each view's heat map is mapped
-        back to the original orientation before averaging."""
-        return self.score_views(views(images, tuple(self.bundle.views)), metadata)
+    def score(self, images: np.ndarray, metadata: np.ndarray, quality: np.ndarray | None = None) -> Scores:
+        """Preprocessed images (N, 3, S, S) + encoded metadata (N, M) -> Scores, carrying the
+        images' quality measures when given. Logits are averaged over the bundle's views; each
+        view's heat map is mapped back to the original orientation before averaging."""
+        return self.score_views(views(images, tuple(self.bundle.views)), metadata, quality)
 
-    def score_views(self, stacked: np.ndarray, metadata: np.ndarray) -> Scores:
+    def score_views(self, stacked: np.ndarray, metadata: np.ndarray, quality: np.ndarray | None = None) -> Scores:
         """`score` on images already stacked in every bundle view: (V, N, 3, S, S), as
         `iter_batches(..., views=bundle.views)` delivers them."""
         names = tuple(self.bundle.views)
@@ -130,7 +150,10 @@ class Predictor:
             members = outputs[4].reshape(len(names), n, *outputs[4].shape[1:]).mean(axis=0)
         else:
             members = logits[:, None, :]
-        return Scores(softmax(logits / temperature, axis=1), embeddings, cam, accepted, softmax(members / temperature, axis=2))
+        return Scores(
+            softmax(logits / temperature, axis=1), embeddings, cam, accepted, softmax(members / temperature, axis=2),
+            no_quality(n) if quality is None else np.asarray(quality, np.float32),
+        )
 
     def gate_features(self, refs: Sequence, batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, list[int]]:
         """The out-of-distribution gate's input for each readable image (means over the
@@ -153,23 +176,26 @@ class Predictor:
 
     def predict_table(self, scores: Scores, image_ids: Sequence[str], patient_ids: pd.Series | None = None) -> pd.DataFrame:
         """The documented prediction table: one row per image, in PREDICTION_COLUMNS order,
-        plus patient-context columns when patient ids are given."""
-        return prediction_table(scores, image_ids, patient_ids, self.classes, self.threshold)
+        plus `risk_spread` and `unsure` for an ensemble, and patient-context columns when
+        patient ids are given."""
+        return prediction_table(scores, image_ids, patient_ids, self.bundle)
 
     def predict_images(self, images: Sequence[bytes], metadata: pd.DataFrame) -> tuple[pd.DataFrame, Scores, np.ndarray]:
         """Score encoded images (the API's path). `metadata` has one row per image with
         age, sex, site (schema vocabulary) and optionally patient_id, patient_images and
-        image_id. Raises ImageError naming the first unreadable image. Returns the
+        image_id. Raises ImageError naming the first unreadable (or blank) image. Returns the
         prediction table, the raw Scores, and the model-input squares (N, S, S, 3) uint8
         on which the heat maps lie."""
         prep = self.bundle.preprocessing
-        squares = np.stack([load_square(data, prep, f"image {i + 1}") for i, data in enumerate(images)])
+        quality = no_quality(len(images))
+        squares = np.stack([load_square(data, prep, f"image {i + 1}", quality[i]) for i, data in enumerate(images)])
         frame = metadata.reset_index(drop=True).copy()
         for column in ("age", "sex", "site", "patient_id"):
             if column not in frame.columns:
                 frame[column] = None
         frame["image_id"] = frame["image_id"] if "image_id" in frame.columns else [f"image {i + 1}" for i in range(len(frame))]
-        scores = self.score(np.stack([prep.normalise(s) for s in squares]), encode_metadata(frame, self.bundle.metadata_features))
+        metadata = encode_metadata(frame, self.bundle.metadata_features)
+        scores = self.score(np.stack([prep.normalise(s) for s in squares]), metadata, quality)
         has_patients = frame["patient_id"].notna().any()
         table = self.predict_table(scores, frame["image_id"], frame["patient_id"] if has_patients else None)
         return table, scores, squares
@@ -204,14 +230,14 @@ class Predictor:
             task = bar.add_task(f"scoring {len(todo)} images", total=len(todo))
             batches = iter_batches(
                 [refs[i] for i in todo], self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task),
-                views=self.bundle.views,
+                views=self.bundle.views, measure=True,
             )
             in_flight: deque[tuple[list[int], Future]] = deque()
             for batch in batches:
                 errors.update({records["image_id"][todo[i]]: e for i, e in batch.errors.items()})
                 if batch.indices:
                     rows = [todo[i] for i in batch.indices]
-                    in_flight.append((rows, scorers.submit(self.score_views, batch.images, metadata[rows])))
+                    in_flight.append((rows, scorers.submit(self.score_views, batch.images, metadata[rows], batch.quality)))
                 if len(in_flight) == 2:
                     finish(*in_flight.popleft())
             while in_flight:

@@ -40,7 +40,7 @@ from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing
 from dermsight.inference.context import CONTEXT_COLUMNS
 from dermsight.inference.ood import OOD_FILE
-from dermsight.inference.predictor import PREDICTION_COLUMNS, Predictor, Scores, prediction_table
+from dermsight.inference.predictor import PREDICTION_COLUMNS, Predictor, Scores, no_quality, prediction_table
 from dermsight.models.bundle import Bundle, load_bundle
 from dermsight.models.metadata import encode_metadata, patient_image_counts
 
@@ -148,8 +148,9 @@ def finish_table(table: pd.DataFrame, with_patients: bool) -> tuple[pd.DataFrame
     if table.empty:
         return pd.DataFrame(columns=list(PREDICTION_COLUMNS)), errors
     columns = list(PREDICTION_COLUMNS)
-    if "risk_spread" in table.columns:  # an ensemble bundle: where the local table has it
-        columns.insert(columns.index("melanoma_risk") + 1, "risk_spread")
+    for extra in ("unsure", "risk_spread"):  # an ensemble bundle: where the local table has them
+        if extra in table.columns:
+            columns.insert(columns.index("melanoma_risk") + 1, extra)
     if with_patients and table["patient_id"].notna().any():
         columns = [columns[0], "patient_id", *columns[1:], *CONTEXT_COLUMNS]
     return table[columns], errors
@@ -191,12 +192,14 @@ def _text(column: pd.Series) -> pd.Series:
 
 def decode_rows(batch: pd.DataFrame, prep: Preprocessing, features: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A block of rows -> uint8 model-input squares (normalised by the actor: 4x less to
-    move), encoded metadata and, for unreadable images, the reason (as `iter_batches`)."""
+    move), image-quality measures, encoded metadata and, for unreadable images, the reason
+    (as `iter_batches`)."""
     squares = np.zeros((len(batch), prep.size, prep.size, 3), np.uint8)
+    quality = no_quality(len(batch))
     errors = np.full(len(batch), "", dtype=object)
     for i, ref in enumerate(batch["image_ref"]):
         try:
-            squares[i] = load_square(read_image_bytes(ref), prep, ref)
+            squares[i] = load_square(read_image_bytes(ref), prep, ref, quality[i])
         except ImageError as err:
             errors[i] = str(err)
     return {
@@ -206,6 +209,7 @@ def decode_rows(batch: pd.DataFrame, prep: Preprocessing, features: tuple[str, .
         "has_patient": batch["has_patient"].to_numpy(dtype=bool),
         "metadata": encode_metadata(batch.assign(patient_id=batch["patient_key"].where(batch["has_patient"], None)), features),
         "square": squares,
+        "image_quality": quality,
         "error": errors,
     }
 
@@ -254,7 +258,7 @@ class RowScorer:
         members = np.zeros((n, self.members, len(self.predictor.classes)), np.float32)
         if ok.any():
             images = np.stack([self.prep.normalise(square) for square in batch["square"][ok]])
-            scores = self.predictor.score(images, batch["metadata"][ok])
+            scores = self.predictor.score(images, batch["metadata"][ok], batch["image_quality"][ok])
             probabilities[ok], embeddings[ok], looks[ok] = scores.probabilities, scores.embeddings, scores.looks_dermoscopic
             members[ok] = scores.member_probabilities
         return {
@@ -263,6 +267,7 @@ class RowScorer:
             "embeddings": embeddings,
             "looks_dermoscopic": looks,
             "member_probabilities": members.reshape(n, -1),  # 2-D: Arrow blocks keep it whole
+            "image_quality": batch["image_quality"],
         }
 
 
@@ -283,11 +288,12 @@ def table_rows(batch: dict[str, np.ndarray], bundle: Bundle, with_patients: bool
             np.zeros((int(rows.sum()), 0, 0), np.float32),  # heat maps are not part of the table
             batch["looks_dermoscopic"][rows].astype(bool),
             np.asarray(batch["member_probabilities"][rows], np.float32).reshape(int(rows.sum()), -1, len(classes)),
+            np.asarray(batch["image_quality"][rows], np.float32),
         )
         patient_ids = None
         if with_patients:
             patient_ids = pd.Series(np.where(batch["has_patient"][rows], batch["patient_key"][rows], None), dtype=object)
-        part = prediction_table(scores, list(batch["image_id"][rows]), patient_ids, classes, bundle.melanoma_threshold)
+        part = prediction_table(scores, list(batch["image_id"][rows]), patient_ids, bundle)
         part.insert(0, "position", batch["position"][rows])
         part["error"] = batch["error"][rows].astype(str)
         parts.append(part)

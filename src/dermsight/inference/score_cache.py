@@ -21,9 +21,9 @@ from dermsight.cache import content_hash, default_cache_dir
 from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.models.bundle import Bundle
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS scores_v2 (
+SCHEMA = """CREATE TABLE IF NOT EXISTS scores_v3 (
     key TEXT PRIMARY KEY, probabilities BLOB, embedding BLOB, cam BLOB, cam_height INTEGER, looks_dermoscopic INTEGER,
-    member_probabilities BLOB
+    member_probabilities BLOB, image_quality BLOB
 )"""
 
 
@@ -62,9 +62,9 @@ class ScoreCache:
                 keys.append(None)
         return keys
 
-    def get(self, keys: Sequence[str | None]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]]:
+    def get(self, keys: Sequence[str | None]) -> dict[int, tuple]:
         """{position in `keys`: (probabilities, embedding, melanoma cam, looks_dermoscopic, member
-        probabilities (members, K))} of the cached ones."""
+        probabilities (members, K), image-quality measures)} of the cached ones: Scores' fields."""
         wanted = {k: i for i, k in enumerate(keys) if k}
         found = {}
         names = list(wanted)
@@ -72,8 +72,8 @@ class ScoreCache:
             with self._connect() as db:
                 for start in range(0, len(names), 500):
                     chunk = names[start : start + 500]
-                    query = f"SELECT * FROM scores_v2 WHERE key IN ({','.join('?' * len(chunk))})"
-                    for key, probabilities, embedding, cam, height, accepted, members in db.execute(query, chunk):
+                    query = f"SELECT * FROM scores_v3 WHERE key IN ({','.join('?' * len(chunk))})"
+                    for key, probabilities, embedding, cam, height, accepted, members, quality in db.execute(query, chunk):
                         probabilities = np.frombuffer(probabilities, np.float32)
                         found[wanted[key]] = (
                             probabilities,
@@ -81,22 +81,23 @@ class ScoreCache:
                             np.frombuffer(cam, np.float32).reshape(height, -1),
                             bool(accepted),
                             np.frombuffer(members, np.float32).reshape(-1, len(probabilities)),
+                            np.frombuffer(quality, np.float32),
                         )
         except sqlite3.Error:  # a damaged cache file costs time, never a result
             return {}
         return found
 
-    def put(self, keys: Sequence[str | None], probabilities, embeddings, cams, accepted, member_probabilities) -> None:
+    def put(self, keys: Sequence[str | None], probabilities, embeddings, cams, accepted, member_probabilities, quality) -> None:
         rows = [
             (
                 k, p.astype(np.float32).tobytes(), e.astype(np.float32).tobytes(), c.astype(np.float32).tobytes(), c.shape[0],
-                int(a), m.astype(np.float32).tobytes(),
+                int(a), m.astype(np.float32).tobytes(), q.astype(np.float32).tobytes(),
             )
-            for k, p, e, c, a, m in zip(keys, probabilities, embeddings, cams, accepted, member_probabilities)
+            for k, p, e, c, a, m, q in zip(keys, probabilities, embeddings, cams, accepted, member_probabilities, quality)
             if k
         ]
         try:
             with self._connect() as db:
-                db.executemany("INSERT OR REPLACE INTO scores_v2 VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT OR REPLACE INTO scores_v3 VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error:
             pass  # not cached this time; the scores themselves are returned all the same

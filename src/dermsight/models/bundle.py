@@ -1,7 +1,8 @@
 """A model bundle: one directory that carries everything needed to use a model.
 
     bundle.json   classes, preprocessing, metadata features, TTA views, calibration,
-                  operating threshold, validation metrics, how it was trained
+                  operating threshold, validation metrics, how it was trained, and the
+                  uncertainty level (the members' risk spread called "unsure")
     model.onnx    image + metadata -> logits, embedding, class activation maps, gate
                   features (float, or int8 when trained with --int8)
     weights.pt    the float torch weights (stored fp16): the float reference, for fine-tuning further
@@ -28,6 +29,11 @@ class BundleError(ValueError):
 
 @dataclass
 class Bundle:
+    """A bundle directory as read (`load_bundle`) or about to be written (`save`): what the
+    Predictor needs to see images as the network was trained on them (classes, preprocessing,
+    metadata features, test-time views), to calibrate and decide (temperature, threshold,
+    uncertainty level), and what the model card reports (metrics, training provenance)."""
+
     path: Path
     name: str
     backbone: str
@@ -39,6 +45,13 @@ class Bundle:
     threshold: dict = field(default_factory=dict)  # {"melanoma": t, "target_sensitivity": .., ...}
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    uncertainty: dict = field(default_factory=dict)  # {"risk_spread_level": s, ...}: bench/uncertainty.py
+
+    @property
+    def unsure_level(self) -> float | None:
+        """The members' risk spread above which a result is called unsure (None: no level fitted)."""
+        level = self.uncertainty.get("risk_spread_level")
+        return None if level is None else float(level)
 
     @property
     def onnx_path(self) -> Path:
@@ -65,6 +78,7 @@ class Bundle:
             "threshold": self.threshold,
             "metrics": self.metrics,
             "training": self.training,
+            **({"uncertainty": self.uncertainty} if self.uncertainty else {}),
         }
 
     def save(self) -> None:
@@ -94,6 +108,7 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
             threshold=data.get("threshold", {}),
             metrics=data.get("metrics", {}),
             training=data.get("training", {}),
+            uncertainty=data.get("uncertainty", {}),
         )
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise BundleError(f"{config_path}: malformed bundle config ({err})") from None
