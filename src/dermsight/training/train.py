@@ -47,6 +47,10 @@ def load_training_records(config: TrainConfig) -> tuple[pd.DataFrame, list[str]]
 
 
 def train(config: TrainConfig) -> Bundle:
+    """Train, validate, calibrate and export one bundle into `config.output`: out-of-fold
+    predictions on the grouped (or source) folds, temperature and sensitivity-first threshold
+    fitted on them, the final network (or the fold networks as one ensemble graph), the OOD
+    gate, the model card. Resumes from the run's checkpoints when interrupted."""
     started = time.time()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
