@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import dermsight.serving.app as app_module
+import dermsight.serving.routes.images as images_routes
 from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.app import create_app
@@ -266,7 +266,7 @@ def test_bad_upload_is_refused_and_stores_nothing(case, client, storage, lesion_
 
 
 def test_oversized_file_is_413(client, storage, lesion_images, monkeypatch):
-    monkeypatch.setattr(app_module, "MAX_FILE_BYTES", 1024)
+    monkeypatch.setattr(images_routes, "MAX_FILE_BYTES", 1024)
     before = storage.counts()
     response = upload(client, lesion_images[:1])
     assert response.status_code == 413 and "over the" in response.json()["detail"]
@@ -319,7 +319,7 @@ def test_concurrent_one_off_uploads_each_store_their_own_image(serving_bundle, l
 
     from dermsight.inference.predictor import Predictor
     from dermsight.serving.scoring import Scorer, Upload, parse_metadata
-    from dermsight.serving.storage import Storage
+    from dermsight.serving.storage.repository import Storage
 
     storage = Storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "files")
     scorer = Scorer(Predictor(serving_bundle), storage)
@@ -343,7 +343,7 @@ def test_concurrent_uploads_to_one_patient_each_see_the_ones_before(serving_bund
     from concurrent.futures import ThreadPoolExecutor
 
     from dermsight.serving.scoring import Scorer, Upload, parse_metadata
-    from dermsight.serving.storage import Storage
+    from dermsight.serving.storage.repository import Storage
 
     storage = Storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "files")
     scorer = Scorer(Predictor(serving_bundle), storage)
@@ -367,7 +367,7 @@ def test_heat_maps_stored_as_png_before_jpeg_are_still_served(client, storage, l
     storage.file(legacy).write_bytes(png.getvalue())
     from sqlalchemy import update
 
-    from dermsight.serving.storage import Prediction
+    from dermsight.serving.storage.models import Prediction
 
     with storage.sessions.begin() as session:
         session.execute(update(Prediction).where(Prediction.id == row.id).values(heatmap_path=legacy))

@@ -17,8 +17,9 @@ from PIL import Image
 from sqlalchemy import select
 
 from dermsight.imaging.sanitize import sanitize_image
-from dermsight.serving.storage import Image as ImageRow
-from dermsight.serving.storage import NewImage, NewPrediction, Prediction, Storage
+from dermsight.serving.storage.models import Image as ImageRow
+from dermsight.serving.storage.models import Prediction
+from dermsight.serving.storage.repository import NewImage, NewPrediction, Storage
 
 
 def _prediction(risk: float) -> NewPrediction:

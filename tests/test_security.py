@@ -36,7 +36,7 @@ from dermsight.imaging.sanitize import sanitize_image
 from dermsight.serving.app import create_app
 from dermsight.serving.limits import Settings
 from dermsight.serving.security import KEY_PATTERN, TokenBucket, create_api_key, hash_key
-from dermsight.serving.storage import NotFound
+from dermsight.serving.storage.models import NotFound
 
 CLINIC = "https://clinic.example"
 MARKERS = ("Doe^Jane", "Jane", "7Q4X", "MRN-7Q4X-11", "19610203", "St Marker Hospital", "Who^Doctor")

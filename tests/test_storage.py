@@ -20,7 +20,8 @@ from alembic.migration import MigrationContext
 from PIL import Image as PILImage
 from sqlalchemy import create_engine, inspect
 
-from dermsight.serving.storage import Base, NewImage, NewPrediction, NotFound, Storage, ranked_lesions
+from dermsight.serving.storage.models import Base, NotFound, ranked_lesions
+from dermsight.serving.storage.repository import NewImage, NewPrediction, Storage
 
 
 @pytest.fixture(scope="module")

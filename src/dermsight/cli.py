@@ -539,7 +539,7 @@ DATA_DIR_HELP = "The server's --data-dir (default: $DERMSIGHT_DATA_DIR or ./.der
 
 def _key_storage(data_dir: Path | None):
     from dermsight.serving.app import resolve_locations
-    from dermsight.serving.storage import Storage
+    from dermsight.serving.storage.repository import Storage
 
     storage_dir, database_url = resolve_locations(data_dir)
     return Storage(database_url, storage_dir)

@@ -3,7 +3,7 @@
 - **Request size**: a request whose Content-Length is over the cap is answered 413
   before any of its body is read; a body without a length is counted as it arrives
   and cut off at the cap (413). Each uploaded file has its own, smaller cap
-  (`app.MAX_FILE_BYTES`, 20 MB; 413).
+  (`routes.images.MAX_FILE_BYTES`, 20 MB; 413).
 - **Slow uploads**: the body must keep coming (at most `body_idle_timeout` seconds
   between chunks) and be complete within `body_deadline`; else 408 and the
   connection closes. (uvicorn bounds header size and keep-alive idling; a reverse

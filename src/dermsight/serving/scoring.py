@@ -30,7 +30,8 @@ from dermsight.imaging.sanitize import sanitize_image
 from dermsight.inference.context import CONTEXT_COLUMNS
 from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.predictor import Predictor
-from dermsight.serving.storage import NewImage, NewPrediction, NotFound, Prediction, Storage
+from dermsight.serving.storage.models import NotFound, Prediction
+from dermsight.serving.storage.repository import NewImage, NewPrediction, Storage
 
 MAX_FILES = 20  # images per upload
 

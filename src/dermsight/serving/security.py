@@ -41,7 +41,7 @@ from urllib.parse import quote, urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dermsight.serving.storage import Storage
+from dermsight.serving.storage.repository import Storage
 
 KEY_PATTERN = re.compile(r"dsk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 SESSION_COOKIE = "dermsight_session"

@@ -1,10 +1,10 @@
 """Alembic environment: the app passes its connection in `config.attributes["connection"]`
-(see storage.upgrade_database); `alembic` on the command line uses sqlalchemy.url."""
+(see storage.database.upgrade_database); `alembic` on the command line uses sqlalchemy.url."""
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from dermsight.serving.storage import Base
+from dermsight.serving.storage.models import Base
 
 
 def run(connection) -> None:

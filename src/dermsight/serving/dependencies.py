@@ -1,0 +1,86 @@
+"""FastAPI dependency providers: what a route needs, from the state that ``create_app``
+gives the app. Use the ``...Dep`` aliases as parameter types, e.g. ``storage: StorageDep``.
+
+The providers are ``async`` so that FastAPI calls them on the event loop instead of
+sending each one to a worker thread."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.responses import HTMLResponse
+
+from dermsight.inference.predictor import Predictor
+from dermsight.serving.limits import Admission
+from dermsight.serving.schemas import DISCLAIMER
+from dermsight.serving.scoring import Scorer
+from dermsight.serving.security import Authenticator, Principal, TokenBucket
+from dermsight.serving.storage.repository import Storage
+
+
+async def get_predictor(request: Request) -> Predictor:
+    """The one Predictor of the loaded bundle."""
+    return request.app.state.predictor
+
+
+async def get_storage(request: Request) -> Storage:
+    """The rows and files."""
+    return request.app.state.storage
+
+
+async def get_scorer(request: Request) -> Scorer:
+    """Scores uploads and patients and stores the predictions."""
+    return request.app.state.scorer
+
+
+async def get_admission(request: Request) -> Admission:
+    """Bounds how many scorings run and wait at once."""
+    return request.app.state.admission
+
+
+async def get_auth(request: Request) -> Authenticator | None:
+    """The API keys and browser sessions; None in dev mode (no keys needed)."""
+    return request.app.state.auth
+
+
+async def get_login_limiter(request: Request) -> TokenBucket:
+    """Sign-in attempts per client address."""
+    return request.app.state.login_limiter
+
+
+async def get_principal(request: Request) -> Principal | None:
+    """The key the request acts for (set by the AccessControl middleware); None in dev mode
+    and on public paths."""
+    return getattr(request.state, "principal", None)
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+ScorerDep = Annotated[Scorer, Depends(get_scorer)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
+AuthDep = Annotated[Authenticator | None, Depends(get_auth)]
+LoginLimiterDep = Annotated[TokenBucket, Depends(get_login_limiter)]
+PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
+
+
+class Page:
+    """Renders a page template with what every page shows (the disclaimer, whether keys
+    are on and whether a browser session is signed in)."""
+
+    def __init__(self, request: Request, auth: Authenticator | None, principal: Principal | None):
+        self.request = request
+        self.common = {"disclaimer": DISCLAIMER, "signed_in": principal is not None and principal.via == "session",
+                       "auth": auth is not None}
+
+    def __call__(self, name: str, status_code: int = 200, **context) -> HTMLResponse:
+        templates = self.request.app.state.templates
+        return templates.TemplateResponse(self.request, name, {**self.common, **context}, status_code=status_code)
+
+
+async def get_page(request: Request, auth: AuthDep, principal: PrincipalDep) -> Page:
+    """The page renderer for this request."""
+    return Page(request, auth, principal)
+
+
+PageDep = Annotated[Page, Depends(get_page)]

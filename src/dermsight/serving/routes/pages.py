@@ -1,0 +1,87 @@
+"""The HTML pages: upload (/), the patient list and a patient's view (their data come from
+the JSON API through static/app.js), and the public education page (/learn) with the
+bundle's held-out numbers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+from dermsight.data.schema import CLASS_NAMES, SEXES, SITES
+from dermsight.serving.dependencies import PageDep, PredictorDep, StorageDep
+from dermsight.serving.schemas import RowId, patient_out
+from dermsight.serving.scoring import MAX_FILES
+from dermsight.serving.storage.models import NotFound
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/", response_class=HTMLResponse)
+def index(page: PageDep, storage: StorageDep) -> HTMLResponse:
+    patients = [patient_out(p, n) for p, n in storage.list_patients()]
+    return page("index.html", patients=patients, sites=SITES, sexes=SEXES, max_files=MAX_FILES)
+
+
+@router.get("/patients", response_class=HTMLResponse)
+def patients_page(page: PageDep, storage: StorageDep) -> HTMLResponse:
+    return page("patients.html", patients=[patient_out(p, n) for p, n in storage.list_patients()])
+
+
+@router.get("/patients/{patient_id}", response_class=HTMLResponse)
+def patient_page(patient_id: RowId, page: PageDep, storage: StorageDep) -> HTMLResponse:
+    try:
+        patient = patient_out(storage.get_patient(patient_id), 0)
+    except NotFound as err:
+        return page("missing.html", status_code=404, message=str(err))
+    return page("patient.html", patient=patient)
+
+
+@router.get("/learn", response_class=HTMLResponse)
+def learn(page: PageDep, predictor: PredictorDep) -> HTMLResponse:
+    bundle = predictor.bundle
+    return page(
+        "learn.html", bundle=bundle, numbers=accuracy(bundle.metrics),
+        threshold=bundle.threshold, class_names=[CLASS_NAMES[c] for c in bundle.classes],
+    )
+
+
+def accuracy(metrics: dict) -> dict[str, object]:
+    """The bundle's held-out numbers as display text (None where not recorded): per source left
+    out of training whole ("never_seen"), then pooled out-of-fold."""
+    pooled = metrics.get("pooled", {})
+    melanoma, multiclass = pooled.get("melanoma", {}), pooled.get("multiclass", {})
+
+    def with_interval(entry: dict | None, percent: bool) -> str | None:
+        if not entry or entry.get("value") is None:
+            return None
+        show = (lambda v: f"{100 * v:.0f}%") if percent else (lambda v: f"{v:.2f}")
+        text = show(entry["value"])
+        if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
+            text += f" (95% interval {show(entry['ci_low'])} to {show(entry['ci_high'])})"
+        return text
+
+    balanced = multiclass.get("balanced_accuracy")
+    sensitivity, specificity = melanoma.get("sensitivity", {}), melanoma.get("specificity", {})
+    never_seen = [
+        {
+            "name": row["name"], "images": f"{row['images']:,}", "melanomas": f"{row['melanomas']:,}",
+            "auc": with_interval(row.get("auc"), percent=False),
+            "sensitivity": with_interval(row.get("sensitivity"), percent=True),
+            "specificity": with_interval(row.get("specificity"), percent=True),
+        }
+        for row in metrics.get("per_source") or []
+        if row["held_out"] in ("left_out_source", "external_source") and row.get("auc")
+    ]
+    return {
+        "never_seen": never_seen,
+        "validation": metrics.get("validation"),
+        "images": f"{melanoma['n']:,}" if "n" in melanoma else None,
+        "melanomas": f"{melanoma['positives']:,}" if "positives" in melanoma else None,
+        "auc": with_interval(melanoma.get("auc"), percent=False),
+        "sensitivity": with_interval(sensitivity, percent=True),
+        "specificity": with_interval(specificity, percent=True),
+        "balanced_accuracy": f"{100 * balanced:.0f}%" if balanced is not None else None,
+        "classes": str(len(multiclass["classes"])) if "classes" in multiclass else None,
+        "melanomas_flagged": round(100 * sensitivity["value"]) if sensitivity.get("value") is not None else None,
+        "benign_cleared": round(100 * specificity["value"]) if specificity.get("value") is not None else None,
+    }

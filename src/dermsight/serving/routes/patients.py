@@ -1,0 +1,63 @@
+"""Patients: create, list, get with their lesions ranked, delete, and score again."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+
+from dermsight.serving.dependencies import AdmissionDep, PredictorDep, ScorerDep, StorageDep
+from dermsight.serving.schemas import (
+    PatientDetail,
+    PatientIn,
+    PatientOut,
+    RowId,
+    ScoringOut,
+    lesion_out,
+    patient_out,
+    scoring_out,
+)
+from dermsight.serving.storage.models import ranked_lesions
+
+router = APIRouter(prefix="/api/patients", tags=["patients"])
+
+
+@router.post("", response_model=PatientOut, status_code=201)
+def create_patient(body: PatientIn, storage: StorageDep) -> PatientOut:
+    reference = (body.reference or "").strip() or None
+    return patient_out(storage.create_patient(reference), 0)
+
+
+@router.get("", response_model=list[PatientOut])
+def list_patients(storage: StorageDep) -> list[PatientOut]:
+    return [patient_out(patient, n) for patient, n in storage.list_patients()]
+
+
+@router.get("/{patient_id}", response_model=PatientDetail)
+def get_patient(
+    patient_id: RowId,
+    storage: StorageDep,
+    order: Annotated[Literal["risk", "ugly_duckling"], Query(description="Rank lesions by this.")] = "risk",
+) -> PatientDetail:
+    patient = storage.get_patient(patient_id)
+    return PatientDetail(
+        **patient_out(patient, len(patient.lesions)).model_dump(),
+        order=order,
+        lesions=[lesion_out(item, rank) for rank, item in enumerate(ranked_lesions(patient, order), start=1)],
+    )
+
+
+@router.delete("/{patient_id}", status_code=204)
+def delete_patient(patient_id: RowId, storage: StorageDep) -> Response:
+    storage.delete_patient(patient_id)
+    return Response(status_code=204)
+
+
+@router.post("/{patient_id}/rescore", response_model=ScoringOut)
+async def rescore_patient(
+    patient_id: RowId, scorer: ScorerDep, admission: AdmissionDep, predictor: PredictorDep
+) -> ScoringOut:
+    """Score the newest image of each lesion again with the model now loaded; older
+    predictions stay as history."""
+    predictions = await admission.run(scorer.rescore, patient_id)
+    return scoring_out(patient_id, predictor.bundle.version, predictions)

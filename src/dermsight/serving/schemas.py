@@ -1,0 +1,210 @@
+"""The API's request and response models, and the converters from stored rows to them.
+
+A new field of a prediction (in the JSON and on the result card) goes into
+:class:`PredictionOut` and is filled in :func:`prediction_out`; every endpoint that returns
+predictions (uploads, re-scoring, images, patients) goes through that one converter."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import Path as PathParam
+from pydantic import BaseModel, Field
+
+from dermsight.data.schema import CLASS_NAMES
+from dermsight.serving.storage.models import Image, Patient, Prediction, RankedLesion
+
+ID_MAX = 2**31 - 1  # ids are INTEGER (32 bits on PostgreSQL); 2**63 overflowed SQLite: a 500 found by fuzzing
+RowId = Annotated[int, PathParam(ge=1, le=ID_MAX, description="A row id.")]
+DISCLAIMER = "Decision support, not a diagnosis."
+MALIGNANT: frozenset[str] = frozenset({"MEL", "BCC", "SCC", "AK"})  # AK: a precancer, treated
+NON_MELANOMA_CANCER_LEVEL = 0.5  # P(BCC) + P(SCC) at or above this: "more likely than not"
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+class PatientIn(BaseModel):
+    reference: str | None = Field(None, max_length=200, description="A pseudonymous clinic code; never a name.")
+
+
+class PatientOut(BaseModel):
+    id: int
+    reference: str | None
+    created_at: datetime
+    lesion_count: int
+    url: str
+
+
+class Diagnosis(BaseModel):
+    code: str
+    name: str
+    probability: float = Field(description="Calibrated probability, 0-1.")
+    malignant: bool = Field(
+        description="Melanoma, basal or squamous cell carcinoma, or actinic keratosis (precancerous)."
+    )
+
+
+class PredictionOut(BaseModel):
+    id: int
+    image_id: int
+    lesion_id: int
+    patient_id: int | None
+    model_version: str
+    probabilities: dict[str, float] = Field(description="Calibrated probability of each class.")
+    predicted_class: str
+    predicted_class_name: str
+    melanoma_risk: float = Field(description="Calibrated probability of melanoma, 0-1.")
+    risk_spread: float | None = Field(
+        None, description="Standard deviation of the melanoma risks of the ensemble's member networks (how much they "
+        "disagree); None for a single-network model."
+    )
+    threshold: float = Field(description="The model's referral threshold on melanoma_risk.")
+    above_threshold: bool
+    looks_dermoscopic: bool = Field(description="False: not a dermoscopic image; the risk is meaningless.")
+    decision: str = Field(description="The outcome in plain words.")
+    differential: list[Diagnosis] = Field(description="The three most probable classes, most probable first.")
+    non_melanoma_cancer_likely: bool = Field(
+        description=f"P(BCC) + P(SCC) >= {NON_MELANOMA_CANCER_LEVEL}: a basal or squamous cell carcinoma is likely; "
+        "refer."
+    )
+    context: dict[str, float | None] | None = Field(description="Patient context (ugly duckling); None for one-offs.")
+    created_at: datetime
+    image_url: str
+    heatmap_url: str
+    disclaimer: str = DISCLAIMER
+
+
+class ImageOut(BaseModel):
+    id: int
+    lesion_id: int
+    patient_id: int | None
+    sha256: str
+    format: str
+    width: int
+    height: int
+    age: float | None
+    sex: str | None
+    site: str | None
+    uploaded_at: datetime
+    file_url: str
+    predictions: list[PredictionOut] = Field(description="Oldest first; the last is current.")
+
+
+class LesionOut(BaseModel):
+    lesion_id: int
+    site: str | None
+    rank: int = Field(description="1 = first in the requested order.")
+    ugly_duckling_score: float | None
+    prediction: PredictionOut
+
+
+class PatientDetail(PatientOut):
+    order: Literal["risk", "ugly_duckling"]
+    lesions: list[LesionOut]
+
+
+class ScoringOut(BaseModel):
+    patient_id: int | None
+    patient_url: str | None
+    model_version: str
+    predictions: list[PredictionOut]
+    disclaimer: str = DISCLAIMER
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    classes: list[str]
+    class_names: dict[str, str]
+    melanoma_threshold: float
+    threshold: dict = Field(description="The operating point and how it was chosen.")
+    metrics: dict = Field(description="Out-of-fold validation metrics of the bundle.")
+    training: dict
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    model_version: str
+    database: str
+
+
+# -- converters -----------------------------------------------------------------------
+
+
+def differential(probabilities: dict[str, float], top: int = 3) -> list[Diagnosis]:
+    """The `top` most probable classes, most probable first ("benign, other" included)."""
+    ranked = sorted(probabilities.items(), key=lambda item: -item[1])[:top]
+    return [Diagnosis(code=c, name=CLASS_NAMES.get(c, c), probability=p, malignant=c in MALIGNANT) for c, p in ranked]
+
+
+def decision(prediction: Prediction) -> str:
+    if not prediction.looks_dermoscopic:
+        return "This does not look like a dermoscopic image, so DermSight gives no risk for it."
+    if prediction.above_threshold:
+        return "Above the referral threshold: have a dermatologist examine this lesion."
+    return (
+        "Below the threshold: DermSight does not flag this lesion. "
+        "See a dermatologist anyway if it changes or worries you."
+    )
+
+
+def prediction_out(prediction: Prediction) -> PredictionOut:
+    image = prediction.image
+    probabilities = prediction.probabilities
+    return PredictionOut(
+        id=prediction.id,
+        image_id=image.id,
+        lesion_id=image.lesion_id,
+        patient_id=image.lesion.patient_id,
+        model_version=prediction.model_version,
+        probabilities=probabilities,
+        predicted_class=prediction.predicted_class,
+        predicted_class_name=CLASS_NAMES.get(prediction.predicted_class, prediction.predicted_class),
+        melanoma_risk=prediction.melanoma_risk,
+        risk_spread=prediction.risk_spread,
+        threshold=prediction.threshold,
+        above_threshold=prediction.above_threshold,
+        looks_dermoscopic=prediction.looks_dermoscopic,
+        decision=decision(prediction),
+        differential=differential(probabilities),
+        non_melanoma_cancer_likely=prediction.looks_dermoscopic
+        and probabilities.get("BCC", 0.0) + probabilities.get("SCC", 0.0) >= NON_MELANOMA_CANCER_LEVEL,
+        context=prediction.context,
+        created_at=prediction.created_at,
+        image_url=f"/api/images/{image.id}/file",
+        heatmap_url=f"/api/predictions/{prediction.id}/heatmap",
+    )
+
+
+def image_out(image: Image) -> ImageOut:
+    return ImageOut(
+        id=image.id, lesion_id=image.lesion_id, patient_id=image.lesion.patient_id, sha256=image.sha256,
+        format=image.format, width=image.width, height=image.height, age=image.age, sex=image.sex,
+        site=image.lesion.site, uploaded_at=image.uploaded_at, file_url=f"/api/images/{image.id}/file",
+        predictions=[prediction_out(p) for p in image.predictions],
+    )
+
+
+def patient_out(patient: Patient, lesion_count: int) -> PatientOut:
+    return PatientOut(
+        id=patient.id, reference=patient.reference, created_at=patient.created_at,
+        lesion_count=lesion_count, url=f"/patients/{patient.id}",
+    )
+
+
+def lesion_out(item: RankedLesion, rank: int) -> LesionOut:
+    return LesionOut(
+        lesion_id=item.lesion.id, site=item.lesion.site, rank=rank,
+        ugly_duckling_score=item.ugly_duckling_score, prediction=prediction_out(item.prediction),
+    )
+
+
+def scoring_out(patient_id: int | None, model_version: str, predictions: list[Prediction]) -> ScoringOut:
+    return ScoringOut(
+        patient_id=patient_id,
+        patient_url=f"/patients/{patient_id}" if patient_id is not None else None,
+        model_version=model_version,
+        predictions=[prediction_out(p) for p in predictions],
+    )

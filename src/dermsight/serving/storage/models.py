@@ -1,0 +1,156 @@
+"""The tables: patients, lesions, images, predictions and API keys (SQLAlchemy ORM), and
+how a patient's loaded lesions are ranked. The schema is built by the migrations
+(``serving/migrations``); a test checks they match these classes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class NotFound(LookupError):
+    """A patient, image, prediction or stored file that does not exist (any more)."""
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite hands them back naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime}
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    reference: Mapped[str | None] = mapped_column(String(200))  # a clinic's pseudonymous code; never a name
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    lesions: Mapped[list[Lesion]] = relationship(
+        back_populates="patient", cascade="all, delete-orphan", passive_deletes=True, order_by="Lesion.id"
+    )
+
+
+class Lesion(Base):
+    """One skin lesion; without a patient it is an anonymous one-off prediction."""
+
+    __tablename__ = "lesions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    site: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    patient: Mapped[Patient | None] = relationship(back_populates="lesions")
+    images: Mapped[list[Image]] = relationship(
+        back_populates="lesion", cascade="all, delete-orphan", passive_deletes=True, order_by="Image.id"
+    )
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    lesion_id: Mapped[int] = mapped_column(ForeignKey("lesions.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(200))  # relative to the storage directory
+    format: Mapped[str] = mapped_column(String(10))  # jpeg, png, ... (from the magic bytes)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    age: Mapped[float | None] = mapped_column(Float)  # the patient's age when the image was taken
+    sex: Mapped[str | None] = mapped_column(String(10))
+    uploaded_at: Mapped[datetime] = mapped_column(default=now)
+    lesion: Mapped[Lesion] = relationship(back_populates="images")
+    predictions: Mapped[list[Prediction]] = relationship(
+        back_populates="image", cascade="all, delete-orphan", passive_deletes=True, order_by="Prediction.id"
+    )
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version: Mapped[str] = mapped_column(String(200))
+    probabilities: Mapped[dict] = mapped_column(JSON)  # class code -> calibrated probability
+    predicted_class: Mapped[str] = mapped_column(String(10))
+    melanoma_risk: Mapped[float] = mapped_column(Float)
+    risk_spread: Mapped[float | None] = mapped_column(Float)  # sd of an ensemble's member risks; None for one network
+    threshold: Mapped[float] = mapped_column(Float)
+    above_threshold: Mapped[bool] = mapped_column(Boolean)
+    looks_dermoscopic: Mapped[bool] = mapped_column(Boolean)
+    context: Mapped[dict | None] = mapped_column(JSON)  # patient context (ugly duckling), None for one-offs
+    heatmap_path: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    image: Mapped[Image] = relationship(back_populates="predictions")
+
+
+class ApiKey(Base):
+    """An API key: its public prefix (how a presented key finds its row) and the SHA-256
+    of the whole key. The key itself is shown once, when created, and never stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+# -- ranking a patient's lesions -----------------------------------------------------------
+
+
+@dataclass
+class RankedLesion:
+    """A lesion with its newest image and that image's newest prediction."""
+
+    lesion: Lesion
+    image: Image
+    prediction: Prediction
+
+    @property
+    def ugly_duckling_score(self) -> float | None:
+        return (self.prediction.context or {}).get("ugly_duckling_score")
+
+
+RANKINGS = ("risk", "ugly_duckling")
+
+
+def ranked_lesions(patient: Patient, by: str = "risk") -> list[RankedLesion]:
+    """The patient's (fully loaded) lesions that have a prediction, highest first by
+    melanoma risk or by ugly-duckling score (missing scores and ties fall back to risk).
+    Images that do not look dermoscopic have no meaningful risk and go last."""
+    if by not in RANKINGS:
+        raise ValueError(f"unknown ranking {by!r} (expected one of {', '.join(RANKINGS)})")
+    ranked = [
+        RankedLesion(lesion, lesion.images[-1], lesion.images[-1].predictions[-1])
+        for lesion in patient.lesions
+        if lesion.images and lesion.images[-1].predictions
+    ]
+
+    def key(item: RankedLesion) -> tuple:
+        duckling = item.ugly_duckling_score if by == "ugly_duckling" else None
+        return (
+            not item.prediction.looks_dermoscopic,
+            -duckling if duckling is not None else math.inf,
+            -item.prediction.melanoma_risk,
+            item.lesion.id,
+        )
+
+    return sorted(ranked, key=key)
