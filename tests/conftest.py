@@ -1,5 +1,6 @@
 """Shared fixtures: the real ISIC datasets (read in place, never copied into the repo)
-and the readers' output on them, loaded once per test worker."""
+and the readers' output on them, loaded once per test worker; and fresh databases on
+both storage backends (SQLite, and a throwaway PostgreSQL cluster per test worker)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,19 @@ import io
 import json
 import os
 import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import system_deps
 from PIL import Image, ImageDraw
+from sqlalchemy import create_engine
 
 from dermsight.data import readers
 from dermsight.data.records import Loaded
@@ -28,6 +36,7 @@ EXPECTED = (
     "isic2019/ISIC_2019_Training_GroundTruth.csv",
     "isic2018/ISIC2018_Task3_Training_GroundTruth.csv",
 )
+BACKENDS = ("sqlite", "postgresql")  # the web app's storage backends, for parametrised fixtures
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +154,65 @@ def serving_bundle(tiny_bundle, lesion_images, document_png, tmp_path_factory) -
     _, scores, _ = Predictor(copy).predict_images(images, pd.DataFrame({"age": [None] * len(images)}))
     assert scores.looks_dermoscopic.tolist() == [True] * len(lesion_images) + [False]
     return copy
+
+
+# -- databases ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port (initdb in a temporary
+    directory, run as user postgres when root), one per test worker; yields its base URL.
+    Without PostgreSQL its tests skip, or fail in CI (system_deps)."""
+    bin_dir = Path(system_deps.initdb()).parent
+    root = Path(tempfile.mkdtemp(prefix="dermsight-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = root / "data"
+    run = lambda *args: subprocess.run([*as_postgres, *args], check=True, capture_output=True)  # noqa: E731
+    run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o", options, "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def new_database(request) -> Callable[[str, Path], str]:
+    """`new_database(backend, folder)`: the URL of a fresh, empty database of `backend`
+    ("sqlite": dermsight.db in `folder`, where the app puts it by default; "postgresql": a new
+    database on `postgres_server`, started on first use)."""
+
+    def make(backend: str, folder: Path) -> str:
+        if backend == "sqlite":
+            return f"sqlite:///{folder / 'dermsight.db'}"
+        assert backend == "postgresql", backend
+        base = request.getfixturevalue("postgres_server")
+        name = f"t_{uuid.uuid4().hex}"
+        admin = create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+        admin.dispose()
+        return f"{base}/{name}"
+
+    return make
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request, new_database, tmp_path) -> str:
+    """A fresh, empty database for this test, once on each backend."""
+    return new_database(request.param, tmp_path)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_database_url(request, new_database, tmp_path_factory) -> str:
+    """A fresh, empty database shared by a module's tests, once on each backend (every test
+    of the module that uses it runs twice)."""
+    return new_database(request.param, tmp_path_factory.mktemp(f"db-{request.param}"))

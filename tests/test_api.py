@@ -1,5 +1,6 @@
 """The JSON API and the pages it serves, in process (TestClient), on real ISIC images:
-every endpoint, and every bad input answered with a 4xx sentence and an unchanged store."""
+every endpoint, and every bad input answered with a 4xx sentence and an unchanged store.
+The app's tests run on SQLite and on PostgreSQL, each on a fresh database."""
 
 from __future__ import annotations
 
@@ -17,17 +18,28 @@ import dermsight.serving.routes.images as images_routes
 from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.app import create_app
+from dermsight.serving.scoring import Scorer, Upload, parse_metadata
+from dermsight.serving.storage.models import Prediction
+from dermsight.serving.storage.repository import Storage
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def database(module_database_url) -> str:
+    """The app's database: a fresh one on each backend (the app tests run on both)."""
+    return module_database_url
+
+
+@pytest.fixture(scope="module")
+def data_dir(database, tmp_path_factory):
+    """The app's files: a fresh folder for each backend's database."""
     return tmp_path_factory.mktemp("app")
 
 
 @pytest.fixture(scope="module")
-def client(serving_bundle, data_dir):
-    with TestClient(create_app(serving_bundle, storage_dir=data_dir, dev=True)) as client:
+def client(serving_bundle, data_dir, database):
+    with TestClient(create_app(serving_bundle, database, storage_dir=data_dir, dev=True)) as client:
         yield client
+    client.app.state.storage.engine.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +82,11 @@ def test_heatmap_marks_activation_and_leaves_cold_regions_alone():
 # -- service endpoints ---------------------------------------------------------------
 
 
-def test_health_model_and_docs(client, serving_bundle):
+def test_health_model_and_docs(client, serving_bundle, database):
     health = client.get("/api/health").json()
     created = json.loads((serving_bundle / "bundle.json").read_text())["training"]["created"]
-    assert created and health == {"status": "ok", "model_version": f"serving-test@{created}", "database": "sqlite"}
+    backend = database.split(":")[0].split("+")[0]  # sqlite, postgresql
+    assert created and health == {"status": "ok", "model_version": f"serving-test@{created}", "database": backend}
     model = client.get("/api/model").json()
     bundle = Predictor(serving_bundle).bundle
     assert model["name"] == bundle.name and model["version"] == health["model_version"]
@@ -155,7 +168,7 @@ def test_patient_lesions_ranked_with_ugly_duckling_context(client, lesion_images
     assert client.get(f"/api/patients/{patient}", params={"order": "size"}).status_code == 422
 
 
-def test_rescore_with_a_new_model_keeps_history(client, serving_bundle, data_dir, lesion_images, tmp_path):
+def test_rescore_with_a_new_model_keeps_history(client, serving_bundle, data_dir, database, lesion_images, tmp_path):
     patient = new_patient(client)
     upload(client, lesion_images[:2], age=40, patient_id=patient)
     # A new model: restart the app on the same store with another bundle.
@@ -164,7 +177,7 @@ def test_rescore_with_a_new_model_keeps_history(client, serving_bundle, data_dir
     config = json.loads((newer / "bundle.json").read_text())
     config["name"] = "newer-model"
     (newer / "bundle.json").write_text(json.dumps(config))
-    with TestClient(create_app(newer, storage_dir=data_dir, dev=True)) as restarted:
+    with TestClient(create_app(newer, database, storage_dir=data_dir, dev=True)) as restarted:
         result = restarted.post(f"/api/patients/{patient}/rescore")
         assert result.status_code == 200, result.text
         body = result.json()
@@ -174,6 +187,7 @@ def test_rescore_with_a_new_model_keeps_history(client, serving_bundle, data_dir
         assert [p["model_version"].split("@")[0] for p in image["predictions"]] == ["serving-test", "newer-model"]
         lesions = restarted.get(f"/api/patients/{patient}").json()["lesions"]
         assert all(lesion["prediction"]["model_version"].startswith("newer-model@") for lesion in lesions)
+    restarted.app.state.storage.engine.dispose()
     assert client.post(f"/api/patients/{new_patient(client)}/rescore").json()["predictions"] == []
 
 
@@ -312,16 +326,20 @@ def test_serve_command_starts_the_app(serving_bundle, tmp_path, monkeypatch):
     assert missing.exit_code == 1 and "not a DermSight model bundle" in missing.output
 
 
-def test_concurrent_one_off_uploads_each_store_their_own_image(serving_bundle, lesion_images, tmp_path):
+@pytest.fixture
+def storage_on(database_url, tmp_path):
+    """A Storage on a fresh database of each backend, for the scorer's concurrency tests."""
+    store = Storage(database_url, tmp_path / "files")
+    yield store
+    store.engine.dispose()
+
+
+def test_concurrent_one_off_uploads_each_store_their_own_image(serving_bundle, lesion_images, storage_on):
     """One-off uploads are scored and stored side by side (no lock): sent all at once, each
     must come back with its own image, score and heat map, all stored."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dermsight.inference.predictor import Predictor
-    from dermsight.serving.scoring import Scorer, Upload, parse_metadata
-    from dermsight.serving.storage.repository import Storage
-
-    storage = Storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "files")
+    storage = storage_on
     scorer = Scorer(Predictor(serving_bundle), storage)
     images = [path.read_bytes() for path in lesion_images]
     metadata = parse_metadata("60", "female", "torso")
@@ -336,16 +354,13 @@ def test_concurrent_one_off_uploads_each_store_their_own_image(serving_bundle, l
         assert Image.open(storage.file(prediction.heatmap_path)).format == "JPEG"
 
 
-def test_concurrent_uploads_to_one_patient_each_see_the_ones_before(serving_bundle, lesion_images, tmp_path):
+def test_concurrent_uploads_to_one_patient_each_see_the_ones_before(serving_bundle, lesion_images, storage_on):
     """A patient is scored by one request at a time: the k-th of six uploads sent at once
     rescores the k-1 lesions stored before it, so 1 + 2 + ... + 6 predictions are stored
     (scorings that overlapped would each miss the others' lesions)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dermsight.serving.scoring import Scorer, Upload, parse_metadata
-    from dermsight.serving.storage.repository import Storage
-
-    storage = Storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "files")
+    storage = storage_on
     scorer = Scorer(Predictor(serving_bundle), storage)
     patient = storage.create_patient("P-concurrent").id
     metadata = parse_metadata("60", "female", "torso")
@@ -366,8 +381,6 @@ def test_heat_maps_stored_as_png_before_jpeg_are_still_served(client, storage, l
     legacy = row.heatmap_path.removesuffix(".jpg") + ".png"
     storage.file(legacy).write_bytes(png.getvalue())
     from sqlalchemy import update
-
-    from dermsight.serving.storage.models import Prediction
 
     with storage.sessions.begin() as session:
         session.execute(update(Prediction).where(Prediction.id == row.id).values(heatmap_path=legacy))

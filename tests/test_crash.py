@@ -1,6 +1,7 @@
 """No lost data: every upload the server acknowledged (2xx) survives a SIGKILL of the
 server in the middle of a batch of uploads, intact; and the startup check leaves no
-file without a row (rows without their file are reported, never silently kept)."""
+file without a row (rows without their file are reported, never silently kept). On SQLite
+and on PostgreSQL, each on a fresh database."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def _prediction(risk: float) -> NewPrediction:
     )
 
 
-def test_startup_check_removes_orphans_and_reports_missing_files(shared, tmp_path):
-    storage = Storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "files")
+def test_startup_check_removes_orphans_and_reports_missing_files(shared, database_url, tmp_path):
+    storage = Storage(database_url, tmp_path / "files")
     jpegs = [p.read_bytes() for p in sorted((shared / "ham10000" / "images").glob("*.jpg"))[:3]]
     rows = storage.save_scoring(None, [(NewImage(j, "jpeg", 200, 150, None, None, None), _prediction(0.1 * i))
                                        for i, j in enumerate(jpegs[:2])])
@@ -53,6 +54,7 @@ def test_startup_check_removes_orphans_and_reports_missing_files(shared, tmp_pat
     again = storage.check_files(remove=False)
     assert (again.orphans, again.temporary, again.missing) == ([], [], [lost])
     assert storage.file(rows[0].image.path).read_bytes() == jpegs[0]  # referenced files are never touched
+    storage.engine.dispose()
 
 
 def _with_gps(jpeg: bytes) -> bytes:
@@ -63,14 +65,15 @@ def _with_gps(jpeg: bytes) -> bytes:
     return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
 
 
-def test_sigkill_during_uploads_loses_no_acknowledged_upload(serving_bundle, shared, tmp_path):
+def test_sigkill_during_uploads_loses_no_acknowledged_upload(serving_bundle, shared, database_url, tmp_path):
     data_dir = tmp_path / "store"
+    database = {"DERMSIGHT_DATABASE_URL": database_url}  # how `dermsight serve` is told where its rows go
     arguments = ["--dev", "--model", str(serving_bundle), "--data-dir", str(data_dir), "--log-level", "info"]
     paths = sorted((shared / "isic2020" / "test_128").glob("*.jpg"))[:60]
     uploads = [(p.name, _with_gps(p.read_bytes()) if i % 3 == 0 else p.read_bytes()) for i, p in enumerate(paths)]
     log = tmp_path / "server.log"
 
-    server = Subprocess(arguments, log)
+    server = Subprocess(arguments, log, env=database)
     server.wait_ready()
     acknowledged: dict[int, str] = {}  # image id -> SHA-256 of what must be stored
     failed_in_flight = []
@@ -110,7 +113,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(serving_bundle, sha
     (data_dir / "heatmaps" / ".incoming-k1ll3d").write_bytes(b"half written")
 
     # Restart on the same store: the startup check runs, and every acknowledged upload is there.
-    restarted = Subprocess(arguments, log)
+    restarted = Subprocess(arguments, log, env=database)
     try:
         restarted.wait_ready()
         text = log.read_text()
@@ -133,7 +136,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(serving_bundle, sha
         restarted.stop()
 
     # Nothing dangling: every file has a row, every row its file, no temporary file is left.
-    storage = Storage(f"sqlite:///{data_dir / 'dermsight.db'}", data_dir)
+    storage = Storage(database_url, data_dir)
     check = storage.check_files(remove=False)
     assert check.clean, check
     with storage.sessions() as session:

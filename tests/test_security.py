@@ -2,7 +2,8 @@
 page behind a key. Real ISIC images; DICOM and EXIF built from them. In-process
 (TestClient) where that shows the behaviour, a real uvicorn on 127.0.0.1 where only the
 wire does (lying lengths, stalled bodies, un-normalised paths), and a real Chromium for
-the sign-in page."""
+the sign-in page. The tests where the database matters (keys, what a refused upload
+leaves, deletes, PHI in the rows) run on SQLite and on PostgreSQL; the rest on SQLite."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from live_server import in_thread, raw_request, status_of
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from sqlalchemy import create_engine, inspect, make_url, text
 from test_dicom_tfrecord import dicom_bytes
 from typer.testing import CliRunner
 
@@ -40,16 +42,21 @@ from dermsight.serving.storage.models import NotFound
 
 CLINIC = "https://clinic.example"
 MARKERS = ("Doe^Jane", "Jane", "7Q4X", "MRN-7Q4X-11", "19610203", "St Marker Hospital", "Who^Doctor")
+# The tests where the backend matters take `secure` on each backend; the others get it on SQLite.
+on_both_backends = pytest.mark.parametrize("secure", ["sqlite", "postgresql"], indirect=True)
 
 
 @pytest.fixture(scope="module")
-def secure(serving_bundle, tmp_path_factory):
+def secure(serving_bundle, new_database, tmp_path_factory, request):
     """The app as `dermsight serve` runs it without --dev (API keys required), with a CORS
-    allow-list of one clinic origin."""
-    app = create_app(serving_bundle, storage_dir=tmp_path_factory.mktemp("secure"),
+    allow-list of one clinic origin, on a fresh database (SQLite unless parametrised)."""
+    backend = getattr(request, "param", "sqlite")
+    folder = tmp_path_factory.mktemp(f"secure-{backend}")
+    app = create_app(serving_bundle, new_database(backend, folder), storage_dir=folder,
                      settings=Settings(cors_origins=(CLINIC,)))
     with TestClient(app) as client:
         yield client
+    app.state.storage.engine.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +93,23 @@ def upload(client, files, headers, **form):
     return client.post("/api/images", files=parts, data={k: str(v) for k, v in form.items()}, headers=headers)
 
 
+def database_bytes(url: str) -> bytes:
+    """Everything the database at `url` holds: SQLite's files (with its write-ahead log), or
+    every row of every PostgreSQL table as text."""
+    url = make_url(url)
+    if url.get_backend_name() == "sqlite":
+        return b"".join(path.read_bytes() for path in Path(url.database).parent.glob(f"{Path(url.database).name}*"))
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            tables = inspect(connection).get_table_names()
+            rows = [row for table in tables for row in connection.execute(text(f'SELECT t::text FROM "{table}" t'))]
+    finally:
+        engine.dispose()
+    assert rows, "no rows in the database"
+    return "\n".join(row[0] for row in rows).encode()
+
+
 def store_snapshot(storage) -> tuple[dict, set[str]]:
     files = {str(p.relative_to(storage.files_dir)) for p in storage.files_dir.rglob("*") if p.is_file()}
     return storage.counts(), {f for f in files if f.startswith(("images/", "heatmaps/"))}
@@ -119,8 +143,11 @@ def test_api_needs_a_valid_key(secure, key, storage):
     assert secure.get("/api/nothing-here").status_code == 401
 
 
-def test_keys_are_stored_hashed_and_revocable(secure, storage, serving_bundle, tmp_path, monkeypatch):
+@on_both_backends
+def test_keys_are_stored_hashed_and_revocable(secure, storage, new_database, tmp_path, monkeypatch):
     data_dir = tmp_path / "store"
+    database_url = new_database(storage.backend, data_dir)
+    monkeypatch.setenv("DERMSIGHT_DATABASE_URL", database_url)  # `dermsight keys` on the same backend
     created = CliRunner().invoke(cli, ["keys", "create", "dr-who", "--data-dir", str(data_dir)])
     assert created.exit_code == 0, created.output
     new_key = created.stdout.strip().splitlines()[0]
@@ -128,7 +155,7 @@ def test_keys_are_stored_hashed_and_revocable(secure, storage, serving_bundle, t
     listed = CliRunner().invoke(cli, ["keys", "list", "--data-dir", str(data_dir)])
     prefix = KEY_PATTERN.fullmatch(new_key).group(1)
     assert "dr-who" in listed.stdout and prefix in listed.stdout and new_key not in listed.stdout
-    database = b"".join(path.read_bytes() for path in data_dir.glob("dermsight.db*"))
+    database = database_bytes(database_url)
     assert new_key.encode() not in database and hash_key(new_key).encode() in database
 
     # Revocation on a running server: within the key cache's few seconds (here: at once).
@@ -326,6 +353,7 @@ HOSTILE = {
 }
 
 
+@on_both_backends
 @pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
 def test_hostile_files_are_refused_and_store_nothing(case, secure, auth, storage, lesion):
     build, words = HOSTILE[case]
@@ -421,6 +449,7 @@ def test_no_path_traversal(live):
             storage.file(relative)
 
 
+@on_both_backends
 def test_deleting_a_patient_removes_its_files(secure, auth, storage, lesion_images):
     patient = secure.post("/api/patients", json={"reference": "P-del"}, headers=auth).json()["id"]
     files = [(name, lesion_images[i].read_bytes(), "image/jpeg") for name, i in (("a.jpg", 4), ("b.jpg", 5))]
@@ -497,6 +526,7 @@ def test_only_the_pixels_of_a_dicom_are_kept(lesion):
     assert sanitize_image(phi_dicom(lesion, BurnedInAnnotation="NO")).data == kept.data
 
 
+@on_both_backends
 def test_dicom_phi_never_reaches_logs_database_or_storage(secure, auth, storage, lesion, capfd):
     data = phi_dicom(lesion)
     assert all(marker.encode() in data for marker in MARKERS)
@@ -529,7 +559,7 @@ def test_dicom_phi_never_reaches_logs_database_or_storage(secure, auth, storage,
 
     output = capfd.readouterr()
     logs = "\n".join(capture.lines + [str(w.message) for w in caught] + [output.out, output.err])
-    database = b"".join(p.read_bytes() for p in storage.files_dir.glob("dermsight.db*"))
+    database = database_bytes(storage.engine.url.render_as_string(hide_password=False))
     stored = b"".join(p.read_bytes() for f in ("images", "heatmaps") for p in (storage.files_dir / f).iterdir())
     for marker in MARKERS:
         assert marker not in logs, f"{marker!r} in the logs"

@@ -1,68 +1,27 @@
-"""The web app's store on SQLite and (where installed) PostgreSQL: migrations, files named
-by content, one transaction per scoring run, rankings, and deletes that leave nothing."""
+"""The web app's store on SQLite and PostgreSQL (a throwaway cluster, conftest): migrations,
+files named by content, one transaction per scoring run, rankings, and deletes that leave nothing."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
-import system_deps
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from PIL import Image as PILImage
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import inspect
 
 from dermsight.serving.storage.models import Base, NotFound, ranked_lesions
 from dermsight.serving.storage.repository import NewImage, NewPrediction, Storage
 
 
-@pytest.fixture(scope="module")
-def postgres_server():
-    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port; yields its base URL. Without
-    PostgreSQL its tests skip, or fail in CI (system_deps)."""
-    bin_dir = Path(system_deps.initdb()).parent
-    root = Path(tempfile.mkdtemp(prefix="dermsight-pg-"))
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        shutil.chown(root, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    data = root / "data"
-    run = lambda *args: subprocess.run([*as_postgres, *args], check=True, capture_output=True)  # noqa: E731
-    run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o", options, "start")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage(request, tmp_path) -> Storage:
-    """A fresh Storage on an empty database of each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'test.db'}"
-    else:
-        base = request.getfixturevalue("postgres_server")
-        name = f"t_{abs(hash(request.node.nodeid)) % 10**9}"
-        admin = create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-        admin.dispose()
-        url = f"{base}/{name}"
-    store = Storage(url, tmp_path / "files")
+@pytest.fixture
+def storage(database_url, tmp_path) -> Storage:
+    """A fresh Storage on an empty database of each backend (conftest's `database_url`)."""
+    store = Storage(database_url, tmp_path / "files")
     yield store
     store.engine.dispose()
 
