@@ -234,11 +234,6 @@ class Storage:
         with self.sessions() as session:
             return session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
 
-    def api_key_active(self, key_id: int) -> bool:
-        with self.sessions() as session:
-            key = session.get(ApiKey, key_id)
-            return key is not None and key.revoked_at is None
-
     def list_api_keys(self) -> list[ApiKey]:
         with self.sessions() as session:
             return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
