@@ -1,12 +1,14 @@
-"""The system programs some tests drive: Debian's Chromium (through Playwright) and a
-PostgreSQL cluster (initdb). A missing one skips its tests with the reason, except in CI
-(CI=true), where it fails them: scripts/system_deps.sh installs both there, and a skip
-would hide that the browser and PostgreSQL tests never ran."""
+"""The system programs some tests drive: Debian's Chromium (through Playwright), a
+PostgreSQL cluster (initdb) and Java with PySpark (the Spark engine). A missing one skips its
+tests with the reason, except in CI (CI=true), where it fails them: scripts/system_deps.sh
+and scripts/install.sh install them there, and a skip would hide that the browser,
+PostgreSQL or Spark tests never ran."""
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 from pathlib import Path
 from typing import NoReturn
 
@@ -50,3 +52,23 @@ def initdb() -> str:
     if not found:
         unavailable(f"PostgreSQL is not installed (no {INITDB_GLOB}): apt-get install postgresql")
     return found[-1]
+
+
+def java() -> str:
+    """The java PySpark starts: $JAVA_HOME/bin/java, else java on PATH."""
+    home = os.environ.get("JAVA_HOME")
+    if home and os.access(Path(home) / "bin" / "java", os.X_OK):
+        return str(Path(home) / "bin" / "java")
+    found = shutil.which("java")
+    if found is None:
+        unavailable("Java is not installed (no java on PATH, no $JAVA_HOME/bin/java): apt-get install openjdk-17-jre-headless")
+    return found
+
+
+def pyspark():
+    """The `pyspark` package (the spark extra installs it)."""
+    try:
+        import pyspark
+    except ImportError as err:
+        unavailable(f"pyspark is not importable ({err}): pip install -e '.[spark]'")
+    return pyspark
