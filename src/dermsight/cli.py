@@ -189,10 +189,25 @@ def predict_command(
     ),
     model: Path = typer.Option(None, "--model", "-m", help="Bundle directory (default: the committed default bundle)."),
     batch_size: int = typer.Option(32, min=1),
-    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: every core, or a Ray cluster with --address)."),
+    engine: str = typer.Option(
+        "local", help="local (this process), ray (Ray Data: every core, or a Ray cluster with --address) "
+        "or spark (Apache Spark: local[N], or a cluster with --master).",
+    ),
     address: str = typer.Option(None, help="Ray engine: the cluster to run on (ray://HEAD:10001, HEAD:6379 or auto); default a local Ray."),
     workers: int = typer.Option(None, min=1, help="Ray engine: scoring actors, one ONNX session each (default: one per local CPU)."),
     num_cpus: int = typer.Option(None, min=1, help="Ray engine without --address: CPUs of the local Ray (default: all)."),
+    master: str = typer.Option(
+        None, help="Spark engine: local[N], local[*], spark://HOST:PORT, yarn or k8s://HOST:PORT (default local[*]).",
+    ),
+    executor_memory: str = typer.Option(
+        None, help="Spark engine: memory per executor, e.g. 4g (spark.executor.memory).",
+    ),
+    partitions: int = typer.Option(
+        None, min=1, help="Spark engine: input partitions, one task each (default 2 per core, <= 1,024 images each).",
+    ),
+    spark_conf: list[str] = typer.Option(
+        None, "--spark-conf", help="Spark engine: a Spark setting KEY=VALUE (repeatable), e.g. spark.executor.cores=4."
+    ),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse scores of images this bundle scored before ($DERMSIGHT_CACHE/scores)."),
 ) -> None:
     """Score images: one row per image with class probabilities, calibrated melanoma_risk,
@@ -201,12 +216,28 @@ def predict_command(
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import BundleError, load_bundle
 
-    if engine not in ("local", "ray"):
-        errors.print(f"[bold red]error:[/] unknown engine {engine!r}; expected local or ray", highlight=False)
+    if engine not in ("local", "ray", "spark"):
+        errors.print(f"[bold red]error:[/] unknown engine {engine!r}; expected local, ray or spark", highlight=False)
         raise typer.Exit(2)
-    if engine == "local" and (address or workers or num_cpus):
+    if engine != "ray" and (address or workers or num_cpus):
         errors.print("[bold red]error:[/] --address, --workers and --num-cpus apply to --engine ray", highlight=False)
         raise typer.Exit(2)
+    if engine != "spark" and (master or executor_memory or partitions or spark_conf):
+        errors.print(
+            "[bold red]error:[/] --master, --executor-memory, --partitions and --spark-conf apply to --engine spark",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    if engine == "spark":
+        from dermsight.inference.spark_engine import SparkEngineError, check_master, parse_conf
+
+        try:
+            settings = parse_conf(spark_conf or ())
+            if master is not None:
+                check_master(master)
+        except SparkEngineError as err:
+            errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
     records, problems = records_from_inputs(inputs)
     for problem in problems:
         console.print(f"[yellow]skipped[/] {problem}", highlight=False)
@@ -222,6 +253,18 @@ def predict_command(
                 records, bundle, address=address, workers=workers, num_cpus=num_cpus, batch_size=batch_size
             )
         except (RayEngineError, BundleError) as err:
+            errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    elif engine == "spark":
+        from dermsight.inference.spark_engine import predict_spark
+
+        try:
+            bundle = load_bundle(model)
+            table, unreadable = predict_spark(
+                records, bundle, master=master, executor_memory=executor_memory, conf=settings, partitions=partitions,
+                batch_size=batch_size,
+            )
+        except (SparkEngineError, BundleError) as err:
             errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
     else:
