@@ -25,6 +25,7 @@ def run(args, settings: Settings, results: dict) -> dict:
     config = bundle.training.get("config", {})
     shipped_mode = config.get("mode", "embed")
     recorded = bundle.training.get("duration_seconds")
+    members = bundle.training.get("members")  # a count in bundle.json (4 for the default ensemble)
     out: dict = {
         "what": "dermsight train in embed mode on the bundle's sources, cold and warm embedding cache"
         + ("" if shipped_mode == "embed" else
@@ -35,7 +36,7 @@ def run(args, settings: Settings, results: dict) -> dict:
         "shipped_recipe": {
             "command": bundle.training.get("command"),
             "mode": shipped_mode,
-            "ensemble_members": len(bundle.training.get("members") or []) or None,
+            "ensemble_members": members if isinstance(members, int) else len(members or []) or None,
             "recorded_seconds": recorded,
             "recorded_minutes": rounded(recorded / 60, 1) if recorded else None,
             "timed_by_this_bench": shipped_mode == "embed",
