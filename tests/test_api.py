@@ -404,3 +404,72 @@ def test_prediction_carries_a_readable_differential(client, shared):
         cancer = prediction["probabilities"].get("BCC", 0) + prediction["probabilities"].get("SCC", 0)
         assert prediction["non_melanoma_cancer_likely"] == (cancer >= 0.5)
         assert prediction["risk_spread"] is None  # a single-network bundle has no members to disagree
+
+
+# -- how sure the model is, and what is wrong with the photo ---------------------------
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive_melanoma(shared) -> np.ndarray:
+    """A real 256 x 256 ISIC archive melanoma (sharp, well exposed, larger than the network input)."""
+    from dermsight.data.readers import read_isic_cli
+
+    records = read_isic_cli(shared / "isic2017").records
+    return np.asarray(Image.open(records.loc[records["diagnosis"] == "MEL", "image_ref"].iloc[1]).convert("RGB"))
+
+
+def test_quality_warnings_name_what_is_wrong_with_each_photo(client, archive_melanoma):
+    from PIL import ImageFilter
+
+    blurred = np.asarray(Image.fromarray(archive_melanoma).filter(ImageFilter.GaussianBlur(4.5)))
+    tiny = np.asarray(Image.fromarray(archive_melanoma).resize((100, 100), Image.BICUBIC))
+    files = [("sharp.jpg", _jpeg(archive_melanoma)), ("blurred.jpg", _jpeg(blurred)), ("tiny.jpg", _jpeg(tiny))]
+    response = upload(client, files)
+    assert response.status_code == 201, response.text
+    sharp, blur, small = response.json()["predictions"]
+    assert sharp["quality_warnings"] == []
+    assert [w["code"] for w in blur["quality_warnings"]] == ["out_of_focus"]
+    assert "out of focus" in blur["quality_warnings"][0]["message"]
+    assert "too_small" in [w["code"] for w in small["quality_warnings"]]
+    assert any(w["message"].startswith("The image is only 100 x 100 px") for w in small["quality_warnings"])
+    assert sharp["unsure"] is None and sharp["uncertainty"] is None  # a single network: no spread, no level
+    stored = client.get(f"/api/images/{blur['image_id']}").json()["predictions"][-1]
+    assert stored["quality_warnings"] == blur["quality_warnings"]  # kept with the prediction, not recomputed
+
+
+def test_a_blank_image_is_refused_and_stores_nothing(client, storage):
+    before = stored_files(storage)
+    response = upload(client, [("blank.jpg", _jpeg(np.full((300, 300, 3), 200, np.uint8)))])
+    assert response.status_code == 422
+    assert response.json()["detail"] == "blank.jpg: the image is blank (a single colour): there is no lesion to score"
+    assert stored_files(storage) == before
+
+
+def test_the_ensemble_says_when_it_is_unsure(isic2020, tmp_path):
+    """The committed ensemble bundle and its fitted level: of real ISIC 2020 images the Predictor
+    calls unsure and sure, the API calls some unsure and some not, always by the level, in words."""
+    from dermsight.models.bundle import DEFAULT_BUNDLE, load_bundle
+
+    level = load_bundle(DEFAULT_BUNDLE).unsure_level
+    records = isic2020.records
+    records = records[records["image_ref"].str.contains("test_128", na=False)].sort_values("image_id").head(60)
+    table, _ = Predictor(DEFAULT_BUNDLE).predict_records(records.reset_index(drop=True), progress=False)
+    chosen = pd.concat([table[table["unsure"]].head(4), table[~table["unsure"]].head(4)])
+    refs = records.set_index("image_id").loc[chosen["image"], "image_ref"]
+    files = [(f"{name}.jpg", open(ref, "rb").read()) for name, ref in refs.items()]
+    with TestClient(create_app(DEFAULT_BUNDLE, f"sqlite:///{tmp_path / 'db.sqlite'}", storage_dir=tmp_path, dev=True)) as app:
+        response = upload(app, files)
+        app.app.state.storage.engine.dispose()
+    assert response.status_code == 201, response.text
+    predictions = response.json()["predictions"]
+    assert {p["unsure"] for p in predictions} == {True, False}  # uploaded without their metadata: close, not equal
+    for p in predictions:
+        assert p["unsure"] == (p["risk_spread"] > level)
+        assert p["uncertainty"].startswith("The model is unsure" if p["unsure"] else "The ensemble's networks agree")
+        assert "too_small" in [w["code"] for w in p["quality_warnings"]]  # test_128: 128 px < the network's 160

@@ -84,7 +84,7 @@ def test_thresholds_come_from_the_bench_and_messages_name_the_numbers():
     assert 0 < thresholds.min_brightness < thresholds.max_brightness < 255
     measures = np.asarray([[100, 50, 150, 0, 0.1]], np.float32)
     assert quality_warnings(measures, 160) == [["too_small"]]
-    assert "input (160 px a side)" in warning_message("too_small", 160)
+    assert warning_message("too_small", 128, 96).startswith("The image is only 128 x 96 px")
     strict = QualityThresholds(60, 0, 255, 1, 1)
     assert quality_warnings(measures, 96, strict) == [["out_of_focus"]]
     assert len(QUALITY_MEASURES) == measures.shape[1]

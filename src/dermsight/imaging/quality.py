@@ -99,7 +99,7 @@ def measure_quality(decoded_shape: tuple[int, ...], square: np.ndarray) -> np.nd
 
 # Each warning code and the sentence shown with the result.
 WARNINGS: dict[str, str] = {
-    "too_small": "The image is smaller than the network's input ({size} px a side): fine detail is missing.",
+    "too_small": "The image is only {width} x {height} px, smaller than what the network reads: fine detail is missing.",
     "out_of_focus": "The image looks out of focus (blurrier than 99 in 100 training images): retake it if you can.",
     "too_dark": "The image is darker than almost every training image: the lesion's colours may be misread.",
     "too_bright": "The image is over-exposed or shows strong glare: colours and structures may be lost.",
@@ -123,6 +123,6 @@ def quality_warnings(measures: np.ndarray, size: int, thresholds: QualityThresho
     return [[code for code, flagged in checks.items() if flagged[i]] for i in range(len(measures))]
 
 
-def warning_message(code: str, size: int) -> str:
-    """The sentence shown for one warning code; `size` is the network's input side."""
-    return WARNINGS[code].format(size=size)
+def warning_message(code: str, width: int, height: int) -> str:
+    """The sentence shown for one warning code of a `width` x `height` image."""
+    return WARNINGS[code].format(width=width, height=height)

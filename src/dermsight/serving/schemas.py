@@ -13,6 +13,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from dermsight.data.schema import CLASS_NAMES
+from dermsight.imaging.quality import warning_message
 from dermsight.serving.storage.models import Image, Patient, Prediction, RankedLesion
 
 ID_MAX = 2**31 - 1  # ids are INTEGER (32 bits on PostgreSQL); 2**63 overflowed SQLite: a 500 found by fuzzing
@@ -46,6 +47,11 @@ class Diagnosis(BaseModel):
     )
 
 
+class QualityWarning(BaseModel):
+    code: Literal["too_small", "out_of_focus", "too_dark", "too_bright", "lesion_cut_off"]
+    message: str = Field(description="What is wrong with the photo, in plain words.")
+
+
 class PredictionOut(BaseModel):
     id: int
     image_id: int
@@ -59,6 +65,14 @@ class PredictionOut(BaseModel):
     risk_spread: float | None = Field(
         None, description="Standard deviation of the melanoma risks of the ensemble's member networks (how much they "
         "disagree); None for a single-network model."
+    )
+    unsure: bool | None = Field(
+        None, description="True: the member networks disagree more than on 9 in 10 held-out images (risk_spread above "
+        "the level fitted by bench/uncertainty.py); None for a model without a fitted level."
+    )
+    uncertainty: str | None = Field(None, description="How sure the model is, in plain words; None for one network.")
+    quality_warnings: list[QualityWarning] = Field(
+        description="Image-quality problems measured before scoring (warnings, not refusals); empty when none."
     )
     threshold: float = Field(description="The model's referral threshold on melanoma_risk.")
     above_threshold: bool
@@ -150,6 +164,21 @@ def decision(prediction: Prediction) -> str:
     )
 
 
+def uncertainty(prediction: Prediction) -> str | None:
+    """The ensemble's spread in words: unsure with its reason above the fitted level."""
+    if prediction.risk_spread is None or not prediction.looks_dermoscopic:
+        return None
+    points = f"{100 * prediction.risk_spread:.0f}"
+    if prediction.unsure:
+        return (
+            f"The model is unsure: its networks' melanoma risks for this lesion differ by about ±{points} points, more "
+            "than on 9 in 10 images it was tested on, where its answers were much less reliable. Rely on your own "
+            "examination."
+        )
+    within = f"their melanoma risks for this lesion are within about ±{points} points of each other"
+    return f"The ensemble's networks agree: {within}." if prediction.unsure is False else f"For the ensemble's networks, {within}."
+
+
 def prediction_out(prediction: Prediction) -> PredictionOut:
     image = prediction.image
     probabilities = prediction.probabilities
@@ -164,6 +193,12 @@ def prediction_out(prediction: Prediction) -> PredictionOut:
         predicted_class_name=CLASS_NAMES.get(prediction.predicted_class, prediction.predicted_class),
         melanoma_risk=prediction.melanoma_risk,
         risk_spread=prediction.risk_spread,
+        unsure=prediction.unsure,
+        uncertainty=uncertainty(prediction),
+        quality_warnings=[
+            QualityWarning(code=code, message=warning_message(code, image.width, image.height))
+            for code in prediction.quality_warnings.split(";") if code
+        ],
         threshold=prediction.threshold,
         above_threshold=prediction.above_threshold,
         looks_dermoscopic=prediction.looks_dermoscopic,

@@ -158,6 +158,8 @@ class Scorer:
             predicted_class=str(row["predicted_class"]),
             melanoma_risk=float(row["melanoma_risk"]),
             risk_spread=float(row["risk_spread"]) if "risk_spread" in row else None,
+            unsure=bool(row["unsure"]) if "unsure" in row else None,
+            quality_warnings=str(row["quality_warnings"]),
             threshold=bundle.melanoma_threshold,
             above_threshold=bool(row["above_threshold"]),
             looks_dermoscopic=bool(row["looks_dermoscopic"]),

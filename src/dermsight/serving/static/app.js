@@ -44,6 +44,14 @@ function figure(src, alt, caption) {
   return el("figure", {}, el("img", { src, alt, loading: "lazy" }), el("figcaption", {}, caption));
 }
 
+/** The photo's quality warnings (measured before scoring), or null when there are none. */
+function qualityNotes(prediction) {
+  const warnings = prediction.quality_warnings || [];
+  if (!warnings.length) return null;
+  return el("div", { class: "quality", role: "note" }, el("strong", {}, "About the photo:"),
+    el("ul", {}, ...warnings.map((w) => el("li", { "data-warning": w.code }, w.message))));
+}
+
 /** One result card; `title` names the lesion, `context` (patient view) goes under it. */
 function renderCard(prediction, title, context = null) {
   const ood = !prediction.looks_dermoscopic;
@@ -51,23 +59,25 @@ function renderCard(prediction, title, context = null) {
   const card = el("article", { class: `card ${state}`, "data-prediction-id": prediction.id });
   card.append(el("h3", {}, title));
   if (context) card.append(el("p", { class: "context" }, context));
+  const quality = qualityNotes(prediction);
   if (ood) {
     card.append(
       el("div", { class: "pictures single" }, figure(prediction.image_url, "uploaded image", "Uploaded image")),
       el("p", { class: "decision" }, "This does not look like a dermoscopic image."),
       el("p", {}, "DermSight only judges dermoscopic close-ups of a single skin lesion, so it gives no risk here. " +
         "Upload a dermoscopic image, or ask a clinician."),
+      quality || "",
     );
   } else {
     const ranked = el("ol", { class: "differential" }, ...prediction.differential.map((d) =>
       el("li", {}, `${d.name} ${percent(d.probability)}`, d.malignant ? el("span", { class: "malignant" }, " malignant") : "")));
-    const agreement = prediction.risk_spread === null || prediction.risk_spread === undefined ? null :
-      el("p", { class: "muted" }, `The ensemble's networks give this lesion melanoma risks within about ` +
-        `±${(100 * prediction.risk_spread).toFixed(0)} points of each other.`);
+    const agreement = prediction.uncertainty
+      ? el("p", { class: prediction.unsure ? "unsure" : "muted" }, prediction.uncertainty) : null;
     card.append(
       el("div", { class: "pictures" },
         figure(prediction.image_url, "lesion image", "Image"),
         figure(prediction.heatmap_url, "melanoma heat map over the lesion", "Heat map")),
+      quality || "",
       el("p", { class: "risk" }, el("span", { class: "risk-value" }, percent(prediction.melanoma_risk)),
         " melanoma risk"),
       el("p", { class: "decision" }, prediction.decision),

@@ -90,6 +90,8 @@ class Prediction(Base):
     predicted_class: Mapped[str] = mapped_column(String(10))
     melanoma_risk: Mapped[float] = mapped_column(Float)
     risk_spread: Mapped[float | None] = mapped_column(Float)  # sd of an ensemble's member risks; None for one network
+    unsure: Mapped[bool | None] = mapped_column(Boolean)  # spread above the bundle's fitted level; None: no level
+    quality_warnings: Mapped[str] = mapped_column(String(200), default="", server_default="")  # codes, ";"-joined
     threshold: Mapped[float] = mapped_column(Float)
     above_threshold: Mapped[bool] = mapped_column(Boolean)
     looks_dermoscopic: Mapped[bool] = mapped_column(Boolean)

@@ -67,6 +67,8 @@ class NewPrediction:
     context: dict[str, float | None] | None
     heatmap_jpeg: bytes
     risk_spread: float | None = None
+    unsure: bool | None = None
+    quality_warnings: str = ""  # dermsight.imaging.quality codes, ";"-joined
 
 
 # Loaded with every image, so detached rows answer prediction.image.lesion.patient_id.
@@ -283,6 +285,8 @@ class Storage:
             predicted_class=prediction.predicted_class,
             melanoma_risk=prediction.melanoma_risk,
             risk_spread=prediction.risk_spread,
+            unsure=prediction.unsure,
+            quality_warnings=prediction.quality_warnings,
             threshold=prediction.threshold,
             above_threshold=prediction.above_threshold,
             looks_dermoscopic=prediction.looks_dermoscopic,
