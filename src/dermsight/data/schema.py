@@ -40,6 +40,10 @@ CLASS_NAMES: dict[str, str] = {
     "UNK": "benign, other or unknown",
 }
 
+# Classes a clinician treats as cancer: melanoma, basal and squamous cell carcinoma, and actinic
+# keratosis (a precancer, treated).
+MALIGNANT: frozenset[str] = frozenset({"MEL", "BCC", "SCC", "AK"})
+
 # The ISIC 2020 anatomical-site vocabulary.
 SITES: tuple[str, ...] = (
     "head/neck",

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from rich.progress import Progress
 
-from dermsight.data.schema import DIAGNOSES
+from dermsight.data.schema import CLASS_NAMES, DIAGNOSES, MALIGNANT
 from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.preprocess import view, views
 from dermsight.imaging.quality import QUALITY_MEASURES, quality_warnings
@@ -35,6 +35,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     *DIAGNOSES,
     "melanoma_risk",
     "predicted_class",
+    "differential",
     "above_threshold",
     "looks_dermoscopic",
     "quality_warnings",
@@ -61,6 +62,20 @@ class Scores:
         return self.member_probabilities[:, :, melanoma_index].std(axis=1)
 
 
+def differential_text(probabilities: np.ndarray, classes: Sequence[str], top: int = 3) -> list[str]:
+    """Each row's `top` most probable classes in plain names, malignant ones marked:
+    "melanoma 57% (malignant); melanocytic nevus 16%; benign keratosis 12%"."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]
+    return [
+        "; ".join(
+            f"{CLASS_NAMES.get(classes[k], classes[k])} {100 * row[k]:.{1 if row[k] < 0.1 else 0}f}%"
+            + (" (malignant)" if classes[k] in MALIGNANT else "")
+            for k in ranks
+        )
+        for row, ranks in zip(probabilities, order)
+    ]
+
+
 def no_quality(n: int) -> np.ndarray:
     """Image-quality measures of `n` images that were not measured."""
     return np.full((n, len(QUALITY_MEASURES)), np.nan, np.float32)
@@ -84,6 +99,7 @@ def prediction_table(scores: Scores, image_ids: Sequence[str], patient_ids: pd.S
         if bundle.unsure_level is not None:
             columns["unsure"] = columns["risk_spread"] > bundle.unsure_level
     columns["predicted_class"] = np.asarray(classes, dtype=object)[scores.probabilities.argmax(axis=1)]
+    columns["differential"] = differential_text(scores.probabilities, classes)
     columns["above_threshold"] = risk >= threshold
     columns["looks_dermoscopic"] = scores.looks_dermoscopic
     warnings = [""] * n  # images whose quality was not measured (Ray without measures) get none

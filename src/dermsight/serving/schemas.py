@@ -12,14 +12,13 @@ from typing import Annotated, Literal
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
-from dermsight.data.schema import CLASS_NAMES
+from dermsight.data.schema import CLASS_NAMES, MALIGNANT
 from dermsight.imaging.quality import warning_message
 from dermsight.serving.storage.models import Image, Patient, Prediction, RankedLesion
 
 ID_MAX = 2**31 - 1  # ids are INTEGER (32 bits on PostgreSQL); 2**63 overflowed SQLite: a 500 found by fuzzing
 RowId = Annotated[int, PathParam(ge=1, le=ID_MAX, description="A row id.")]
 DISCLAIMER = "Decision support, not a diagnosis."
-MALIGNANT: frozenset[str] = frozenset({"MEL", "BCC", "SCC", "AK"})  # AK: a precancer, treated
 NON_MELANOMA_CANCER_LEVEL = 0.5  # P(BCC) + P(SCC) at or above this: "more likely than not"
 
 
