@@ -61,7 +61,8 @@ def java() -> str:
         return str(Path(home) / "bin" / "java")
     found = shutil.which("java")
     if found is None:
-        unavailable("Java is not installed (no java on PATH, no $JAVA_HOME/bin/java): apt-get install openjdk-17-jre-headless")
+        unavailable("Java is not installed (no java on PATH, no $JAVA_HOME/bin/java): "
+                    "apt-get install openjdk-17-jre-headless")
     return found
 
 

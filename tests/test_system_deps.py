@@ -110,7 +110,8 @@ def test_the_script_fails_in_ci_when_the_install_did_not_bring_them(tmp_path):
 def test_the_script_only_warns_outside_ci(tmp_path):
     result = run_system_deps(tmp_path, ci=None, installed=False)
     assert result.returncode == 0
-    assert "warning: chromium postgresql openjdk-17-jre-headless not installed; their tests will be skipped" in result.stderr
+    warning = "warning: chromium postgresql openjdk-17-jre-headless not installed; their tests will be skipped"
+    assert warning in result.stderr
     assert "error:" not in result.stderr
 
 
@@ -125,14 +126,15 @@ def test_the_script_finds_java_through_java_home_or_path(tmp_path):
     """JAVA unset: $JAVA_HOME/bin/java counts, as PySpark would start it, and so does java on
     PATH; with neither, Java is missing (Chromium and PostgreSQL are there in this test)."""
     tools, home = tmp_path / "tools", tmp_path / "jdk"
-    for program in (tmp_path / "bin" / "chromium", tmp_path / "postgresql" / "17" / "bin" / "initdb", home / "bin" / "java"):
+    chromium, initdb = tmp_path / "bin" / "chromium", tmp_path / "postgresql" / "17" / "bin" / "initdb"
+    for program in (chromium, initdb, home / "bin" / "java"):
         program.parent.mkdir(parents=True, exist_ok=True)
         program.write_text("#!/bin/sh\n")
         program.chmod(0o755)
     tools.mkdir()
     (tools / "id").symlink_to(shutil.which("id"))  # all the script needs from PATH, and no java
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "JAVA", "JAVA_HOME")}
-    env |= {"CHROMIUM": str(tmp_path / "bin" / "chromium"), "INITDB_GLOB": str(tmp_path / "postgresql" / "*" / "bin" / "initdb"),
+    env |= {"CHROMIUM": str(chromium), "INITDB_GLOB": str(tmp_path / "postgresql" / "*" / "bin" / "initdb"),
             "APT_GET": "false", "CI": "true", "PATH": str(tools)}
 
     def run(**extra: str) -> subprocess.CompletedProcess:

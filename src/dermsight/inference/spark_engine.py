@@ -15,8 +15,8 @@ only depends on that patient's rows, and the rows are put back in input order. A
 that cannot be read becomes a row with its reason, never a failed task.
 
 The bundle travels with the job (`SparkContext.addFile`: bundle.json, model.onnx and the
-gate); images do not: every executor must read the image paths as the driver names them
-(a shared filesystem). Every node needs the same DermSight installed (the base install),
+gate, read on the driver only); images do not: every executor must read the image paths as
+the driver names them (a shared filesystem). Every node needs the same DermSight installed (the base install),
 in the Python that PYSPARK_PYTHON names; on a local master that is this Python.
 
 Needs the `spark` extra (`pip install -e ".[spark]"`) and Java 17 or newer (Debian:
@@ -46,6 +46,7 @@ import pandas as pd
 from dermsight.imaging.preprocess import Preprocessing
 from dermsight.inference.predictor import PREDICTION_COLUMNS, Predictor
 from dermsight.inference.ray_engine import (
+    BUNDLE_FILES,
     RowScorer,
     decode_rows,
     engine_rows,
@@ -58,7 +59,8 @@ from dermsight.models.bundle import Bundle, load_bundle
 DEFAULT_MASTER = "local[*]"
 ROWS_PER_TASK = 1024  # input rows per partition at most (one task each): ~4-20 s of scoring per core
 UNKNOWN_PATIENT_ROWS = 256  # rows without a patient id are grouped in chunks of this many (no context)
-MASTER_FORMS = "local, local[N], local[*], local[N,F], spark://HOST:PORT[,HOST:PORT...], yarn or k8s://https://HOST:PORT"
+MASTER_FORMS = ("local, local[N], local[*], local[N,F], spark://HOST:PORT[,HOST:PORT...], yarn "
+                "or k8s://https://HOST:PORT")
 _MASTER = re.compile(
     r"local(\[(\*|[1-9]\d*)(,\s*[1-9]\d*)?\])?"
     r"|local-cluster\[[1-9]\d*,\s*[1-9]\d*,\s*[1-9]\d*\]"
@@ -152,12 +154,21 @@ _SCORERS: dict[tuple[str, int], RowScorer] = {}  # one per Python worker and bun
 
 
 def _scorer(bundle_name: str, threads: int) -> RowScorer:
-    """This Python worker's scorer for the shipped bundle, made on first use."""
+    """This Python worker's scorer for the shipped bundle, made on first use from the files
+    `ship_bundle` added to the job (the session and gate are in memory after that)."""
     key = (bundle_name, threads)
     if key not in _SCORERS:
         from pyspark import SparkFiles
 
-        _SCORERS[key] = RowScorer(Predictor(SparkFiles.get(bundle_name), threads))
+        folder = Path(tempfile.mkdtemp(prefix="dermsight-bundle-"))
+        try:
+            for name in BUNDLE_FILES:
+                shipped = Path(SparkFiles.get(f"{bundle_name}-{name}"))
+                if shipped.exists():
+                    shutil.copyfile(shipped, folder / name)
+            _SCORERS[key] = RowScorer(Predictor(folder, threads))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     return _SCORERS[key]
 
 
@@ -228,7 +239,8 @@ def table_schema(bundle: Bundle, with_patients: bool):
     batch = decode_rows(probe, bundle.preprocessing, tuple(bundle.metadata_features))
     classes, members = len(bundle.classes), int(bundle.training.get("members", 1))
     batch |= {"probabilities": np.zeros((1, classes), np.float32), "embeddings": np.zeros((1, 1), np.float32),
-              "looks_dermoscopic": np.zeros(1, bool), "member_probabilities": np.zeros((1, members * classes), np.float32)}
+              "looks_dermoscopic": np.zeros(1, bool),
+              "member_probabilities": np.zeros((1, members * classes), np.float32)}
     table = table_rows(batch, bundle, with_patients)
     kinds = {"int64": "long", "float32": "float", "float64": "double", "bool": "bool", "object": "string"}
     return _schema([(name, kinds[str(dtype)]) for name, dtype in table.dtypes.items()])
@@ -240,8 +252,9 @@ _SHIPPED: dict[tuple[str, str], str] = {}  # (application id, bundle content has
 
 
 def ship_bundle(spark, bundle: Bundle) -> str:
-    """Add the bundle's worker files to the Spark job (once per application) under a name
-    made of their content hash; executors find them with SparkFiles.get(name)."""
+    """Add the bundle's worker files to the Spark job (once per application), each as
+    NAME-FILE where NAME is made of their content hash; returns NAME. Executors fetch them
+    with SparkFiles.get (one file at a time: Spark ships no local folder to a cluster)."""
     files = worker_bundle_files(bundle)
     digest = hashlib.sha256()
     for name in sorted(files):
@@ -249,15 +262,13 @@ def ship_bundle(spark, bundle: Bundle) -> str:
     name = f"dermsight-bundle-{digest.hexdigest()[:16]}"
     key = (spark.sparkContext.applicationId, name)
     if key not in _SHIPPED:
-        # Spark serves the folder to executors from here for the whole application: kept
+        # Spark serves the files to executors from here for the whole application: kept
         # until this process ends.
-        root = Path(tempfile.mkdtemp(prefix="dermsight-spark-"))
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        folder = root / name
-        folder.mkdir()
+        folder = Path(tempfile.mkdtemp(prefix="dermsight-spark-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         for file, data in files.items():
-            (folder / file).write_bytes(data)
-        spark.sparkContext.addFile(str(folder), recursive=True)
+            (folder / f"{name}-{file}").write_bytes(data)
+            spark.sparkContext.addFile(str(folder / f"{name}-{file}"))
         _SHIPPED[key] = name
     return name
 
@@ -292,7 +303,8 @@ def find_java() -> str:
     if found is None:
         where = f"JAVA_HOME={home} has no bin/java" if home else "no java on PATH and JAVA_HOME unset"
         raise SparkEngineError(
-            f"the Spark engine needs Java 17 or newer ({where}): apt-get install openjdk-17-jre-headless, or set JAVA_HOME"
+            f"the Spark engine needs Java 17 or newer ({where}): "
+            "apt-get install openjdk-17-jre-headless, or set JAVA_HOME"
         )
     return found
 
@@ -326,7 +338,8 @@ def start_spark(master: str = DEFAULT_MASTER, *, executor_memory: str | None = N
     if is_local(master):
         os.environ["PYSPARK_PYTHON"] = sys.executable  # the workers import dermsight from this environment
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        settings |= {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", "spark.ui.enabled": "false"}
+        settings |= {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
+                     "spark.ui.enabled": "false"}
     elif master.startswith("spark://"):
         _check_reachable(master)
     if executor_memory:
@@ -338,7 +351,9 @@ def start_spark(master: str = DEFAULT_MASTER, *, executor_memory: str | None = N
     try:
         spark = builder.getOrCreate()
     except Exception as err:  # py4j / PySparkRuntimeError: the JVM did not start or the master refused
-        raise SparkEngineError(f"cannot start Spark on {master}: {_first_line(err)} (java: {java}, {_java_version(java)})") from None
+        raise SparkEngineError(
+            f"cannot start Spark on {master}: {_first_line(err)} (java: {java}, {_java_version(java)})"
+        ) from None
     spark.sparkContext.setLogLevel("ERROR")
     return spark
 
@@ -353,7 +368,9 @@ def _active_session(master: str | None):
         return None
     running = active.sparkContext.master
     if master is not None and master.strip() != running:
-        raise SparkEngineError(f"a SparkSession on {running} already runs in this process; cannot start one on {master}")
+        raise SparkEngineError(
+            f"a SparkSession on {running} already runs in this process; cannot start one on {master}"
+        )
     return active
 
 
