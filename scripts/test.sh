@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-bash scripts/system_deps.sh  # Chromium and PostgreSQL; with CI=true, missing ones fail the run
+bash scripts/system_deps.sh  # Chromium, PostgreSQL and Java; with CI=true, missing ones fail the run
 source scripts/env.sh
 .venv/bin/lint-imports  # the one-way layers ([tool.importlinter] in pyproject.toml)
 if [ "${1:-}" = "--slow" ]; then shift; exec .venv/bin/pytest -n 2 -m "" "$@"; fi
