@@ -71,19 +71,45 @@ def test_threshold_reaches_target_sensitivity_out_of_fold(small_bundle):
     assert sensitivity >= 0.90
 
 
-def test_onnx_predictor_reproduces_training_predictions(small_bundle, shared):
-    """The exported graph must score the training images like the fitted head did:
-    the final model was fitted on them, so it should classify most of them right."""
-    oof = pd.read_csv(small_bundle.path / "out_of_fold.csv.gz")
-    from dermsight.data.dataset import build_dataset
+def test_onnx_graph_is_the_fitted_head(small_config, small_bundle):
+    """The exported graph scores like the head `train` fitted: that head (refitted here from the
+    cached embeddings, deterministically), applied in float64 to the graph's own embeddings and the
+    encoded metadata, with the bundle's temperature, gives the Predictor's probabilities to 1e-4.
+    A head folded in wrongly (metadata columns, bias, standardisation, temperature) cannot pass."""
+    from dermsight.imaging.batches import iter_batches
+    from dermsight.inference.predictor import softmax
+    from dermsight.training import embed_mode
+    from dermsight.training.train import load_training_records
 
-    records = build_dataset([str(shared / "ham10000"), str(shared / "isic9" / "train")]).records
-    subset = records.set_index("image_id").loc[oof["image_id"][:64]].reset_index()
-    table, errors = Predictor(small_bundle.path).predict_records(subset, progress=False)
+    records, classes = load_training_records(small_config)
+    features, errors = embed_mode.embed_features(records, small_config)
+    keep = np.array([i not in errors for i in range(len(records))])
+    records, features = records[keep].reset_index(drop=True), features[:, keep]
+    labels = records["diagnosis"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    head = embed_mode.fit_head(features, labels, len(classes), small_config)
+
+    bundle = load_bundle(small_bundle.path)
+    assert bundle.classes == classes and bundle.views == ["identity"]
+    predictor = Predictor(bundle)
+    subset = records.iloc[:64].reset_index(drop=True)
+    metadata = encode_metadata(subset, bundle.metadata_features)
+    batches = list(iter_batches(subset["image_ref"].tolist(), bundle.preprocessing, 64, views=tuple(bundle.views)))
+    assert [i for batch in batches for i in batch.indices] == list(range(64))
+    parts = [predictor.score_views(batch.images, metadata[batch.indices]) for batch in batches]
+    probabilities = np.concatenate([part.probabilities for part in parts])
+    embeddings = np.concatenate([part.embeddings for part in parts])
+    inputs = np.hstack([embeddings, metadata]).astype(np.float64)
+    logits = inputs @ head.weight.T.astype(np.float64) + head.bias.astype(np.float64)
+    expected = softmax(logits / bundle.temperature, axis=1)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4, rtol=0)
+    # The graph's embeddings are the backbone's that the head was fitted on (cached as float16).
+    np.testing.assert_allclose(embeddings, features[0, :64, : embeddings.shape[1]], rtol=1e-2, atol=2e-3)
+
+    table, errors = predictor.predict_records(subset, progress=False)
     assert not errors
     assert list(table.columns[: len(PREDICTION_COLUMNS)]) == list(PREDICTION_COLUMNS)
-    agreement = (table["predicted_class"].to_numpy() == subset["diagnosis"].to_numpy()).mean()
-    assert agreement > 0.6
+    np.testing.assert_allclose(table[classes].to_numpy(), expected, atol=1e-4, rtol=0)
+    assert list(table["predicted_class"]) == [classes[k] for k in expected.argmax(axis=1)]
 
 
 def test_cam_is_exact_decomposition_of_the_melanoma_logit(small_bundle, shared):
