@@ -83,7 +83,10 @@ def test_a_damaged_cache_costs_time_not_results(trained_bundle, records, tmp_pat
     cache = ScoreCache(predictor.bundle, root=tmp_path)
     cache.path.write_bytes(b"this is not a database" * 100)
     table, errors = predictor.predict_records(records.iloc[:4], progress=False, cache=cache)
-    assert not errors and np.isfinite(table["melanoma_risk"]).all() and len(table) == 4
+    assert not errors
+    uncached, _ = predictor.predict_records(records.iloc[:4], progress=False)
+    pd.testing.assert_frame_equal(table, uncached)  # every score, as if there were no cache
+    assert list(table["image"]) == list(records["image_id"][:4]) and np.isfinite(table["melanoma_risk"]).all()
 
 
 def test_cli_predict_uses_the_cache_unless_told_not_to(trained_bundle, shared, tmp_path, monkeypatch):
@@ -91,12 +94,20 @@ def test_cli_predict_uses_the_cache_unless_told_not_to(trained_bundle, shared, t
     images = sorted((shared / "isic2020" / "test_128").glob("*.jpg"))[:6]
     runner = CliRunner()
     args = ["predict", *map(str, images), "--model", str(trained_bundle)]
-    assert runner.invoke(app, [*args, "--no-cache", "-o", str(tmp_path / "a.csv")]).exit_code == 0
-    assert not (tmp_path / "cache" / "scores").exists()
-    for name in ("b.csv", "c.csv"):
-        result = runner.invoke(app, [*args, "-o", str(tmp_path / name)])
+    scored = []
+    real = Predictor.score_views
+    monkeypatch.setattr(Predictor, "score_views", lambda self, stacked, *rest: scored.append(stacked.shape[1])
+                        or real(self, stacked, *rest))
+    runs = {"a.csv": ["--no-cache"], "b.csv": [], "c.csv": [], "d.csv": ["--no-cache"]}
+    for name, options in runs.items():
+        scored.clear()
+        result = runner.invoke(app, [*args, *options, "-o", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
+        # a: no cache yet and none written; b fills it; c reads every image from it; d ignores it
+        assert sum(scored) == (0 if name == "c.csv" else 6), name
+        assert (tmp_path / "cache" / "scores").exists() == (name != "a.csv")
     assert len(list((tmp_path / "cache" / "scores").glob("*.sqlite"))) == 1
-    a, b, c = (pd.read_csv(tmp_path / n) for n in ("a.csv", "b.csv", "c.csv"))
+    a, b, c, d = (pd.read_csv(tmp_path / name) for name in runs)
     pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(b, c)
+    pd.testing.assert_frame_equal(a, d)
