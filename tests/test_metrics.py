@@ -40,6 +40,22 @@ def realistic_multiclass(n=200, seed=0, signal=2.0):
     return y, truth, pd.DataFrame(probs, index=ids, columns=list(CLASSES))
 
 
+def area_above_sensitivity(y_true, score, min_tpr: float = 0.80) -> float:
+    """The ISIC 2019 package's auc_sens_80, by hand: the area under the ROC curve (TPR over FPR) from
+    where sensitivity first reaches `min_tpr` to FPR 1, for untied scores. Each negative, taken in
+    descending score order, adds a strip 1/N wide at the TPR reached so far; the strips at or above
+    `min_tpr` are the area."""
+    y = np.asarray(y_true, bool)[np.argsort(-np.asarray(score))]
+    tpr_at_negatives = (np.cumsum(y) / y.sum())[~y]
+    return float(tpr_at_negatives[tpr_at_negatives >= min_tpr].sum() / (~y).sum())
+
+
+def test_area_above_sensitivity_by_hand():
+    # Y8's ROC reaches TPR .8 at FPR .25 and stays at 1 from there: .75 wide, 1 high.
+    assert area_above_sensitivity(Y8, S8) == pytest.approx(0.75)
+    assert area_above_sensitivity(Y8, S8, min_tpr=0.0) == pytest.approx(15 / 16)  # the whole AUC
+
+
 def test_sensitivity_specificity_by_hand():
     # >= .5 calls .9 .8 .7 .6 positive: TP 3, FP 1 (.6), TN 3, FN 1 (.4).
     assert sensitivity_specificity(Y8, S8, 0.5) == {
@@ -174,7 +190,7 @@ def test_official_scores_agree_with_sklearn():
     for j, code in enumerate(CLASSES):
         scores = result["per_class"][code]
         assert scores["auc"] == pytest.approx(roc_auc_score(y == j, probs[code]))
-        assert 0.0 <= scores["auc_sens_80"] <= 1.0
+        assert scores["auc_sens_80"] == pytest.approx(area_above_sensitivity(y == j, probs[code].to_numpy()))
         assert scores["sensitivity"] == pytest.approx(np.mean(probs[code].to_numpy()[y == j] > 0.5))
     assert result["macro_average"]["auc"] == pytest.approx(np.mean([result["per_class"][c]["auc"] for c in CLASSES]))
 
