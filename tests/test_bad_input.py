@@ -10,6 +10,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -19,7 +20,7 @@ from dermsight.data import readers
 from dermsight.data.dataset import deduplicate, load_sources
 from dermsight.data.records import Loaded, RecordBuilder, SourceError
 from dermsight.data.summary import summarise
-from dermsight.imaging.decode import ImageError, decode_file, decode_image
+from dermsight.imaging.decode import ImageError, decode_file, decode_image, image_kind
 from dermsight.imaging.validate import find_unreadable
 
 
@@ -277,7 +278,17 @@ def test_png_bomb_is_refused_from_the_header(width, height):
 
 
 def test_content_not_name_decides(tmp_path, isic9_images):
-    """A real JPEG named .png decodes; the decoder sniffs bytes, not suffixes."""
+    """A real JPEG named .png decodes as the JPEG it is (pixel for pixel, and at reduced scale, which
+    only JPEG decoding does); a PNG named .jpg as the PNG. The decoder sniffs bytes, not suffixes."""
+    original = isic9_images["nevus"][0]  # a 180 x 180 JPEG
     path = tmp_path / "photo.png"
-    shutil.copy(isic9_images["nevus"][0], path)
-    assert decode_file(path).shape == decode_file(isic9_images["nevus"][0]).shape
+    shutil.copy(original, path)
+    assert image_kind(path.read_bytes(), name=str(path)) == "jpeg"
+    np.testing.assert_array_equal(decode_file(path), decode_file(original))
+    reduced = decode_file(path, min_side=64)
+    assert reduced.shape == (90, 90, 3)  # Pillow's draft: 1/2 scale, both sides still >= 64
+    np.testing.assert_array_equal(reduced, decode_file(original, min_side=64))
+    png = tmp_path / "scan.jpg"
+    Image.fromarray(decode_file(original)).save(png, format="PNG")
+    assert image_kind(png.read_bytes()) == "png"
+    np.testing.assert_array_equal(decode_file(png, min_side=64), decode_file(original))  # lossless, full size
