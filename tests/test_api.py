@@ -465,7 +465,9 @@ def test_the_ensemble_says_when_it_is_unsure(isic2020, tmp_path):
     files = [(f"{name}.jpg", open(ref, "rb").read()) for name, ref in refs.items()]
     with TestClient(create_app(DEFAULT_BUNDLE, f"sqlite:///{tmp_path / 'db.sqlite'}", storage_dir=tmp_path, dev=True)) as app:
         response = upload(app, files)
+        learn = app.get("/learn").text
         app.app.state.storage.engine.dispose()
+    assert "The model is 4 networks trained on different sources" in learn and "Before scoring, each photo" in learn
     assert response.status_code == 201, response.text
     predictions = response.json()["predictions"]
     assert {p["unsure"] for p in predictions} == {True, False}  # uploaded without their metadata: close, not equal
