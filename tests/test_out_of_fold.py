@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from dermsight.data.dataset import assign_folds
+from dermsight.data.dataset import assign_folds, group_ids
 from dermsight.training import embed_mode, finetune
 from dermsight.training.config import TrainConfig
 from dermsight.training.finetune import balanced_accuracy
@@ -141,8 +141,11 @@ def test_finetune_fold_networks_never_train_on_the_fold_they_predict(ham_records
     assert len(calls) == 3 + 1  # a network per fold, then the refit on every image
     for fold, call in zip(sorted(set(folds)), calls):
         held_out = set(np.flatnonzero(folds == fold).tolist())
-        assert call["train"] == set(range(len(records))) - held_out, f"fold {fold} trained on its held-out images"
+        assert call["train"] | call["validation"] == set(range(len(records))) - held_out, f"fold {fold} saw its held-out images"
         assert not call["validation"] & call["train"]  # early stopping looks at images the network did not fit
+        assert call["validation"] and not call["validation"] & held_out  # ...and never at the fold it predicts
+        groups = group_ids(records)
+        assert not set(groups[sorted(call["validation"])]) & set(groups[sorted(call["train"])])  # no lesion on both sides
     assert calls[-1]["train"] == set(range(len(records)))
     # In sample the stand-in is perfect, so any held-out image it had seen would be scored right.
     in_sample = net.logits(decoded["squares"][decoded["ok"]])

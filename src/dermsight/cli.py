@@ -137,7 +137,7 @@ def train_command(
     refit: bool = typer.Option(True, help="Finetune mode: refit on all images (--no-refit ships the first fold's network)."),
     int8: bool = typer.Option(False, "--int8", help="Finetune mode: ship the int8 graph (2x faster); calibration and threshold are fitted on int8 outputs."),
     max_images: int = typer.Option(None, help="Train on a random subset of this many images (smoke runs)."),
-    patience: int = typer.Option(2, min=0, help="Finetune mode: early-stopping patience in epochs on held-out balanced accuracy; 0 runs the schedule to its end without scoring every epoch."),
+    patience: int = typer.Option(2, min=0, help="Finetune mode: early-stopping patience in epochs, on the balanced accuracy of a grouped 15% of each network's own training images (never the fold it predicts); 0 runs the schedule to its end without scoring every epoch."),
     source_folds: bool = typer.Option(False, "--source-folds", help="Leave-one-source-out folds: the largest source in grouped folds, every other source whole in a fold of its own."),
     fit: str = typer.Option("crop", help="Preprocessing: crop (shorter side, centre crop) or squash (the whole frame to a square)."),
     colour_constancy: bool = typer.Option(False, "--colour-constancy", help="Shades of Gray colour constancy, in training and inference."),

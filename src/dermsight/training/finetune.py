@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from dermsight.data.dataset import group_ids
 from dermsight.imaging.batches import load_square
 from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing, views
@@ -343,10 +344,27 @@ def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int)
     return float(np.mean(recalls))
 
 
+STOPPING_SHARE = 0.15  # of a fold network's training groups, set aside to choose its epoch (--patience > 0)
+
+
+def stopping_split(records: pd.DataFrame, rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` (a boolean mask) split into (fit, stopping): about STOPPING_SHARE of their
+    patient/lesion groups go to stopping, so no patient or lesion sits on both sides and the
+    epoch is never chosen on the fold the network then predicts."""
+    groups = group_ids(records)
+    candidates = np.unique(groups[rows])
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(candidates, size=max(1, round(STOPPING_SHARE * len(candidates))), replace=False)
+    stopping = rows & np.isin(groups, chosen)
+    return rows & ~stopping, stopping
+
+
 def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: TrainConfig):
     """Out-of-fold logits from one network per grouped fold (only the first
     `config.validation_folds` folds when set: a CPU-sized budget; other rows stay NaN),
     then the final network on every image for the median best epoch count. With
+    `config.patience` each fold network chooses its epoch on a grouped share of its own
+    training folds (`stopping_split`), never on the fold it predicts. With
     `config.int8` each network is quantized and its out-of-fold logits come from the int8
     graph, so calibration and threshold are fitted on what the bundle will run. Returns
     (records, labels, oof, net, seconds of training done by earlier runs this one resumed,
@@ -368,10 +386,14 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     checkpoints = config.output.with_name(config.output.name + ".checkpoints")  # beside the bundle, not in it
     for fold in sorted(set(folds))[: config.validation_folds]:
         train, held_out = folds != fold, folds == fold
+        validation = None
+        if config.patience:
+            train, stopping = stopping_split(records, train, config.seed + int(fold))
+            validation = (squares[stopping], metadata[stopping], labels[stopping])
         console.print(f"fold {fold}: {train.sum()} training, {held_out.sum()} held-out images")
         net, best_epoch, earlier = train_one_model(
             squares[train], metadata[train], labels[train], classes, config, checkpoints / f"fold{fold}.pt",
-            validation=(squares[held_out], metadata[held_out], labels[held_out]), sources=sources[train],
+            validation=validation, sources=sources[train],
         )
         if config.int8:
             graph = quantize_network(net, checkpoints / f"fold{fold}.int8.onnx", squares[train], metadata[train], config)
