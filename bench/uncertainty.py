@@ -15,7 +15,7 @@ referral decision differs from the ensemble's, and how far its risk is from the 
 for the sure and the unsure images, per source and pooled.
 
 `--write` stores the level in the bundle's bundle.json ("uncertainty"), which the Predictor
-reads.
+reads, and rewrites its model card.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from dermsight.evaluation.held_out import load_out_of_fold
 from dermsight.evaluation.robustness import members_of
 from dermsight.imaging.batches import iter_batches
 from dermsight.inference.predictor import Predictor, softmax
+from dermsight.models.bundle import load_bundle
 from dermsight.models.metadata import encode_metadata
+from dermsight.models.model_card import write_model_card
 
 DATA = Path(os.environ.get("DERMSIGHT_DATA", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 SOURCES = ["ham10000", "isic9/train", "isic2020", "isic2017", "derm7pt"]
@@ -131,6 +133,7 @@ def main() -> None:
         config = json.loads(config_path.read_text())
         config["uncertainty"] = uncertainty
         config_path.write_text(json.dumps(config, indent=1))
+        write_model_card(load_bundle(bundle.path))  # the card states the level too
     print(json.dumps(result, indent=2))
 
 

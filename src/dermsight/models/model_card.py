@@ -47,6 +47,11 @@ def write_model_card(bundle: Bundle) -> None:
         if members > 1
         else "one network; `weights.pt` holds the float weights"
     )
+    if bundle.unsure_level is not None:
+        network += (
+            f". A result is called unsure above a spread of {bundle.unsure_level:.3f}: "
+            f"{bundle.uncertainty.get('method', 'fitted on held-out data')}"
+        )
     text = f"""# Model card: {bundle.name}
 
 **Decision support for clinicians, not a diagnosis.** DermSight estimates how likely a dermoscopic image shows a
