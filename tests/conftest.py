@@ -70,6 +70,18 @@ def isic2020(shared) -> Loaded:
 
 
 @pytest.fixture(scope="session")
+def test_128(shared) -> pd.DataFrame:
+    """Records of the 5,545 SIIM-ISIC 2020 test_128 images (unlabelled), with patients, age, sex and
+    site: what the batch-engine tests score."""
+    from dermsight.inference.inputs import records_from_inputs
+
+    records, _ = records_from_inputs([str(shared / "isic2020")])
+    records = records[records["image_ref"].str.contains("/test_128/", regex=False)].reset_index(drop=True)
+    assert len(records) == 5545 and records["patient_id"].nunique() == 344
+    return records
+
+
+@pytest.fixture(scope="session")
 def train_sample(shared) -> pd.DataFrame:
     """The real SIIM-ISIC 2020 train_sample.csv rows (as text), with a `path` column."""
     frame = pd.read_csv(shared / "isic2020" / "train_sample.csv", dtype=str, keep_default_na=False)

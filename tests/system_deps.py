@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 from pathlib import Path
 from typing import NoReturn
 
@@ -55,15 +54,13 @@ def initdb() -> str:
 
 
 def java() -> str:
-    """The java PySpark starts: $JAVA_HOME/bin/java, else java on PATH."""
-    home = os.environ.get("JAVA_HOME")
-    if home and os.access(Path(home) / "bin" / "java", os.X_OK):
-        return str(Path(home) / "bin" / "java")
-    found = shutil.which("java")
-    if found is None:
-        unavailable("Java is not installed (no java on PATH, no $JAVA_HOME/bin/java): "
-                    "apt-get install openjdk-17-jre-headless")
-    return found
+    """The java PySpark starts (the engine's own `find_java`: $JAVA_HOME/bin/java, else PATH)."""
+    from dermsight.inference.spark_engine import SparkEngineError, find_java
+
+    try:
+        return find_java()
+    except SparkEngineError as err:
+        unavailable(f"Java is not installed: {err}")
 
 
 def pyspark():

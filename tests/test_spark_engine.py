@@ -17,9 +17,8 @@ import system_deps
 from typer.testing import CliRunner
 
 from dermsight.cli import app
-from dermsight.inference.context import CONTEXT_COLUMNS
-from dermsight.inference.inputs import records_from_inputs
 from dermsight.inference.predictor import Predictor
+from engine_tables import PROBABILITIES, assert_same_table, complete_patients
 from dermsight.inference.spark_engine import (
     SparkEngineError,
     check_master,
@@ -29,9 +28,6 @@ from dermsight.inference.spark_engine import (
     start_spark,
 )
 
-PROBABILITIES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "melanoma_risk"]
-
-
 @pytest.fixture(scope="module")
 def spark():
     """One local Spark with 2 cores for the whole module (starting one costs ~10-20 s)."""
@@ -40,34 +36,6 @@ def spark():
     session = start_spark("local[2]", app_name="dermsight tests")
     yield session
     session.stop()
-
-
-@pytest.fixture(scope="module")
-def test_128(shared) -> pd.DataFrame:
-    """Records of the 5,545 test_128 images, with patients, age, sex and site."""
-    records, _ = records_from_inputs([str(shared / "isic2020")])
-    records = records[records["image_ref"].str.contains("/test_128/", regex=False)].reset_index(drop=True)
-    assert len(records) == 5545 and records["patient_id"].nunique() == 344
-    return records
-
-
-def complete_patients(records: pd.DataFrame, n_images: int, seed: int = 0) -> pd.DataFrame:
-    """Every image of randomly chosen patients, about n_images in all, in the input order."""
-    sizes = records.groupby("patient_id").size().sample(frac=1, random_state=seed)
-    chosen = sizes.index[sizes.cumsum() <= n_images]
-    return records[records["patient_id"].isin(chosen)].reset_index(drop=True)
-
-
-def assert_same_table(spark_table: pd.DataFrame, local_table: pd.DataFrame) -> None:
-    assert list(spark_table.columns) == list(local_table.columns)
-    assert spark_table.dtypes.equals(local_table.dtypes)
-    assert spark_table["image"].tolist() == local_table["image"].tolist()  # the same rows, in the same order
-    np.testing.assert_allclose(spark_table[PROBABILITIES], local_table[PROBABILITIES], rtol=0, atol=1e-5)
-    for column in spark_table.columns:
-        if spark_table[column].dtype == object or spark_table[column].dtype == bool:
-            assert spark_table[column].fillna("-").tolist() == local_table[column].fillna("-").tolist(), column
-    context = [c for c in CONTEXT_COLUMNS if c in local_table]
-    np.testing.assert_allclose(spark_table[context], local_table[context], rtol=0, atol=1e-5)
 
 
 def broken_images(folder: Path, good: Path) -> dict[str, Path]:
