@@ -13,7 +13,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from dermsight.data.schema import CLASS_NAMES, MALIGNANT
-from dermsight.imaging.quality import warning_message
+from dermsight.imaging.quality import WARNINGS, warning_message
 from dermsight.serving.storage.models import Image, Patient, Prediction, RankedLesion
 
 ID_MAX = 2**31 - 1  # ids are INTEGER (32 bits on PostgreSQL); 2**63 overflowed SQLite: a 500 found by fuzzing
@@ -47,7 +47,7 @@ class Diagnosis(BaseModel):
 
 
 class QualityWarning(BaseModel):
-    code: Literal["too_small", "out_of_focus", "too_dark", "too_bright", "lesion_cut_off"]
+    code: str = Field(description=f"One of {', '.join(WARNINGS)} (dermsight.imaging.quality).")
     message: str = Field(description="What is wrong with the photo, in plain words.")
 
 
