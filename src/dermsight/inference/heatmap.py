@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
+from dermsight.imaging.quality import grey
+
 COLORMAP = "inferno"  # perceptually uniform, readable in grey and by most colour-blind viewers
 MAX_ALPHA = 0.65  # the strongest activation covers the skin this much
 # JPEG, full-resolution colour (4:4:4, so the colour map's hues keep their edges): a cost paid
@@ -45,7 +47,7 @@ def guided_upsample(cam: np.ndarray, square: np.ndarray, radius_share: float = G
     square: bilinear upsampling, then the guided filter with the square's grey image as guide."""
     size = square.shape[0]
     coarse = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
-    guide = square.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32) / np.float32(255.0)
+    guide = grey(square) / np.float32(255.0)
     radius = max(1, round(size * radius_share))
     mean_guide, mean_map = box_mean(guide, radius), box_mean(coarse, radius)
     covariance = box_mean(guide * coarse, radius) - mean_guide * mean_map
