@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from dermsight.imaging.dicom import decode_dicom
 from dermsight.imaging.errors import ImageError
+from dermsight.imaging.pixels import MAX_FILE_BYTES, MAX_PIXELS, check_size, stretch_to_uint8
 from dermsight.imaging.tfrecord_image import read_tfrecord_image
-
-MAX_PIXELS = 50_000_000  # ~ a 8700 x 5800 photo; the ISIC 2020 originals reach 24 MP
-MIN_SIDE = 16  # smaller is no photograph of a lesion
-MAX_FILE_BYTES = 64 * 1024 * 1024
 
 # Pillow's own bomb guard raises at 2x its limit; ours is checked first, from the header.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -81,14 +79,12 @@ def decode_image(data: bytes, *, name: str = "image", min_side: int | None = Non
     """
     kind = image_kind(data, name)
     if kind == "dicom":
-        from dermsight.imaging.dicom import decode_dicom
-
         return decode_dicom(data, name=name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            _check_size(image.size, name)
+            check_size(image.size, name)
             if kind == "jpeg" and min_side:
                 image.draft("RGB", _draft_size(image.size, min_side))
             image.load()
@@ -104,6 +100,7 @@ def decode_image(data: bytes, *, name: str = "image", min_side: int | None = Non
 
 
 def decode_file(ref: str | Path, *, min_side: int | None = None) -> np.ndarray:
+    """Read and decode the image behind an image_ref (a path or ``shard.tfrec#offset``)."""
     return decode_image(read_image_bytes(ref), name=str(ref), min_side=min_side)
 
 
@@ -118,27 +115,6 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-
-
-def stretch_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale a high-bit-depth grey or colour array to 0-255 RGB."""
-    array = array.astype(np.float64)
-    low, high = float(array.min()), float(array.max())
-    scaled = np.zeros_like(array) if high <= low else (array - low) * (255.0 / (high - low))
-    scaled = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    if scaled.ndim == 2:
-        scaled = np.stack([scaled] * 3, axis=-1)
-    return np.ascontiguousarray(scaled[..., :3])
-
-
-def _check_size(size: tuple[int, int], name: str) -> None:
-    width, height = size
-    if width * height > MAX_PIXELS:
-        raise ImageError(
-            f"{name}: image is {width}x{height} pixels, over the {MAX_PIXELS / 1e6:.0f} megapixel limit"
-        )
-    if min(width, height) < MIN_SIDE:
-        raise ImageError(f"{name}: image is only {width}x{height} pixels; at least {MIN_SIDE} per side needed")
 
 
 def _draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:

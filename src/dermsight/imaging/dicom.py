@@ -14,7 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dermsight.imaging.decode import MAX_PIXELS, MIN_SIDE, ImageError, stretch_to_uint8
+from dermsight.imaging.errors import ImageError
+from dermsight.imaging.pixels import check_size, stretch_to_uint8
 
 # ISIC 2020 wrote the anatomical site into BodyPartExamined in upper case.
 _TAGS = {
@@ -26,6 +27,7 @@ _TAGS = {
 
 
 def read_dataset(data: bytes, name: str) -> pydicom.Dataset:
+    """The parsed DICOM dataset of `data`; ImageError (naming `name`) when it is not one."""
     try:
         return pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, OSError) as err:
@@ -60,10 +62,7 @@ def dataset_pixels(dataset: pydicom.Dataset, name: str = "image") -> np.ndarray:
         raise ImageError(f"{name}: unreadable DICOM ({type(err).__name__} in its header)") from None
     if not has_pixels:
         raise ImageError(f"{name}: DICOM has no pixel data")
-    if rows * columns > MAX_PIXELS:
-        raise ImageError(f"{name}: image is {columns}x{rows} pixels, over the {MAX_PIXELS / 1e6:.0f} megapixel limit")
-    if min(rows, columns) < MIN_SIDE:
-        raise ImageError(f"{name}: image is only {columns}x{rows} pixels; at least {MIN_SIDE} per side needed")
+    check_size((columns, rows), name)
     try:
         if frames > 1:  # only the first frame is decoded: 1,000 compressed frames would not fit in memory
             dataset.pixel_array_options(index=0)

@@ -36,7 +36,9 @@ import numpy as np
 from PIL import ExifTags
 from PIL import Image as PILImage
 
-from dermsight.imaging.decode import MAX_PIXELS, ImageError, decode_image, image_kind
+from dermsight.imaging.decode import decode_image, image_kind
+from dermsight.imaging.errors import ImageError
+from dermsight.imaging.pixels import MAX_PIXELS
 
 TRAILING_ALLOWANCE = 32  # bytes after the image's end tolerated (and dropped) whatever they are
 
