@@ -39,7 +39,7 @@ def main() -> None:
     from dermsight.data.readers import derm7pt_clinical_photos, read_ham10000
     from dermsight.data.sources import read_source
     from dermsight.evaluation.ood_images import non_dermoscopic_images
-    from dermsight.inference.inputs import records_from_inputs
+    from dermsight.data.inputs import records_from_inputs
     from dermsight.inference.predictor import Predictor
 
     predictor = Predictor(args.model)

@@ -98,26 +98,15 @@ def model_inputs(records: pd.DataFrame, bundle) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(images), np.concatenate(meta)
 
 
-def melanoma_auc(truth: np.ndarray, risk: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(truth, risk))
-
-
 def paired_bootstrap(truth, a, b, groups, n_boot: int, seed: int = 0) -> tuple[float, float]:
-    """95% interval of AUC(a) - AUC(b), resampling whole lesions."""
-    from sklearn.metrics import roc_auc_score
+    """95% interval of AUC(a) - AUC(b), resampling whole lesions (the one cluster bootstrap of
+    dermsight.evaluation.metrics)."""
+    from dermsight.evaluation.metrics import auc, bootstrap_values, percentile_interval
 
-    rng = np.random.default_rng(seed)
-    unique, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    diffs = []
-    for _ in range(n_boot):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
-        if truth[rows].min() == truth[rows].max():
-            continue
-        diffs.append(roc_auc_score(truth[rows], a[rows]) - roc_auc_score(truth[rows], b[rows]))
-    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+    def difference(y: np.ndarray, pair: np.ndarray) -> float:
+        return auc(y, pair[:, 0]) - auc(y, pair[:, 1])
+
+    return percentile_interval(bootstrap_values(difference, np.asarray(truth), np.column_stack([a, b]), n_boot, seed, groups))
 
 
 def embedding_error(reference, candidate, feeds: dict) -> float:
@@ -182,6 +171,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
 
+    from dermsight.evaluation.metrics import auc as roc_auc
     from dermsight.inference.onnx_session import ParallelSession
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import load_bundle
@@ -221,7 +211,7 @@ def main() -> None:
                         "kept_float": ["pool, metadata concat, linear head, CAM",
                                        *[p for p in args.keep_float.split(",") if p]],
                         "source": "HAM10000 images of lesions outside the evaluation fold"},
-        "auc_bundle_out_of_fold_same_images": round(melanoma_auc(truth, evaluation["oof_mel"].to_numpy()), 4),
+        "auc_bundle_out_of_fold_same_images": round(roc_auc(truth, evaluation["oof_mel"].to_numpy()), 4),
         "max_auc_drop_allowed": MAX_AUC_DROP,
         "timing": {"warmup": f"a predict pass over 32 images and {warmup_seconds:g} s of forward runs of every graph",
                    "end_to_end_rounds": rounds,
@@ -265,7 +255,7 @@ def main() -> None:
     report["end_to_end_seconds_by_round"] = {name: [round(x, 2) for x in t] for name, t in seconds.items()}
     fp32_table = tables["fp32"]
     fp32_risk = fp32_table["melanoma_risk"].to_numpy()
-    report["auc_fp32"] = round(melanoma_auc(truth, fp32_risk), 4)
+    report["auc_fp32"] = round(roc_auc(truth, fp32_risk), 4)
     report["fp32_end_to_end_images_per_second"] = round(len(evaluation) / statistics.median(seconds["fp32"]), 1)
 
     def at_threshold(risk: np.ndarray) -> dict:
@@ -277,7 +267,7 @@ def main() -> None:
     for name, entry in report["int8"].items():
         table = tables[name]
         risk = table["melanoma_risk"].to_numpy()
-        auc = melanoma_auc(truth, risk)
+        auc = roc_auc(truth, risk)
         low, high = paired_bootstrap(
             truth, fp32_risk, risk, evaluation["lesion_id"].to_numpy(), 200 if args.quick else 1000
         )

@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     engines = {e.strip() for e in args.engines.split(",") if e.strip()}
 
-    from dermsight.inference.inputs import records_from_inputs
+    from dermsight.data.inputs import records_from_inputs
     from dermsight.inference.predictor import Predictor
     from dermsight.models.bundle import DEFAULT_BUNDLE, load_bundle
 

@@ -73,7 +73,7 @@ def isic2020(shared) -> Loaded:
 def test_128(shared) -> pd.DataFrame:
     """Records of the 5,545 SIIM-ISIC 2020 test_128 images (unlabelled), with patients, age, sex and
     site: what the batch-engine tests score."""
-    from dermsight.inference.inputs import records_from_inputs
+    from dermsight.data.inputs import records_from_inputs
 
     records, _ = records_from_inputs([str(shared / "isic2020")])
     records = records[records["image_ref"].str.contains("/test_128/", regex=False)].reset_index(drop=True)

@@ -18,7 +18,8 @@ from dermsight.cli import app
 from dermsight.data.dataset import save_manifest
 from dermsight.data.records import Loaded
 from dermsight.data.schema import CLASSES
-from dermsight.evaluation.evaluate import EvaluationError, age_band, evaluate_cv, evaluate_predictions
+from dermsight.evaluation.evaluate import EvaluationError, evaluate_cv, evaluate_predictions
+from dermsight.evaluation.joined_metrics import age_band
 from dermsight.evaluation.report import write_report
 from dermsight.inference.predictor import Predictor
 from dermsight.training.config import TrainConfig

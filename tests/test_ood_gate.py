@@ -11,7 +11,7 @@ from dermsight.evaluation.ood_images import non_dermoscopic_images
 from dermsight.imaging.batches import load_square
 from dermsight.imaging.decode import decode_image
 from dermsight.imaging.errors import ImageError
-from dermsight.inference.inputs import records_from_inputs
+from dermsight.data.inputs import records_from_inputs
 from dermsight.inference.ood import OOD_FILE, OODGate, fit_ood_gate, fit_photo_detector
 from dermsight.inference.predictor import Predictor, no_quality
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from dermsight.data.dataset import assign_folds, group_ids
+from dermsight.evaluation.metrics import balanced_accuracy
 from dermsight.training import embed_mode, finetune
 from dermsight.training.config import TrainConfig
-from dermsight.training.finetune import balanced_accuracy
 
 
 def shuffled_label_features(seed: int = 0, n: int = 150, width: int = 200, n_classes: int = 3):

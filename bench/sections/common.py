@@ -87,7 +87,7 @@ def load_bundle(model: Path | None):
 
 def test_128_records(limit: int | None):
     """The SIIM-ISIC 2020 test_128 records (with patients, age, sex, site), as `predict` reads them."""
-    from dermsight.inference.inputs import records_from_inputs
+    from dermsight.data.inputs import records_from_inputs
 
     records, _ = records_from_inputs([str(DATA / "isic2020")])
     records = records[records["image_ref"].str.contains("/test_128/", regex=False)].reset_index(drop=True)
@@ -95,7 +95,7 @@ def test_128_records(limit: int | None):
 
 
 def originals_records():
-    from dermsight.inference.inputs import records_from_inputs
+    from dermsight.data.inputs import records_from_inputs
 
     records, _ = records_from_inputs([str(DATA / "isic2020" / "train_originals")])
     return records

@@ -16,6 +16,8 @@ from dermsight.data.records import Loaded, SourceError
 from dermsight.data.schema import RECORD_COLUMNS, Problem, as_records
 from dermsight.data.sources import read_source
 
+MANIFEST_KEYS: tuple[str, ...] = ("image_id", "image_ref", "source")  # the columns that mark a CSV as a manifest
+
 
 def load_sources(specs: Iterable[str]) -> Loaded:
     """Read every source; a source that cannot be read at all becomes a problem."""
@@ -173,6 +175,42 @@ def save_manifest(loaded: Loaded, path: Path, *, sources: list[str], n_folds: in
         "problems": [vars(p) for p in loaded.problems],
     }
     path.with_suffix(".json").write_text(json.dumps(info, indent=1))
+
+
+def is_manifest(path: Path, labelled: bool = False) -> bool:
+    """Whether the CSV at `path` has a manifest's key columns (and `diagnosis` when `labelled`);
+    False for a file pandas cannot read as CSV."""
+    needed = {*MANIFEST_KEYS, *(("diagnosis",) if labelled else ())}
+    try:
+        return needed <= set(pd.read_csv(path, nrows=0).columns)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def load_labelled(specs: Iterable[str]) -> Loaded:
+    """Records from dataset sources or labelled manifest CSVs, deduplicated by image id."""
+    loaded = Loaded()
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file() and path.suffix.lower() == ".csv" and is_manifest(path, labelled=True):
+            loaded.extend(Loaded(load_manifest(path), []))
+        else:
+            loaded.extend(load_sources([spec]))
+    return deduplicate(loaded)
+
+
+def image_refs(specs: Iterable[str]) -> dict[str, str]:
+    """image_id -> absolute image path over the readable ones of `specs` (the first source naming
+    an image wins); sources that cannot be read are skipped."""
+    found: dict[str, str] = {}
+    for spec in specs:
+        try:
+            records = load_sources([spec]).records
+        except (OSError, ValueError):
+            continue
+        with_image = records[records["image_ref"].notna()]
+        found.update({k: str(Path(v).resolve()) for k, v in zip(with_image["image_id"], with_image["image_ref"]) if k not in found})
+    return found
 
 
 def load_manifest(path: Path) -> pd.DataFrame:

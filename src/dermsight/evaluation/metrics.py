@@ -187,9 +187,12 @@ def sensitivity_specificity(y_true, score, threshold: float) -> dict:
     }
 
 
-def _bootstrap(metric_fn: Callable, y: np.ndarray, s: np.ndarray, n_boot: int, seed: int, groups) -> np.ndarray:
-    """`metric_fn` on `n_boot` resamples of rows, or of whole groups when `groups` is given;
-    resamples holding a single class are skipped."""
+def bootstrap_values(
+    metric_fn: Callable, y: np.ndarray, values: np.ndarray, n_boot: int, seed: int, groups=None, both_classes: bool = True
+) -> np.ndarray:
+    """`metric_fn(y, values)` on `n_boot` resamples of rows, or of whole groups when `groups` is
+    given (the one bootstrap every interval here uses); with `both_classes`, resamples holding a
+    single class of `y` are skipped."""
     if groups is None:
         codes = np.arange(len(y))
     else:
@@ -198,13 +201,21 @@ def _bootstrap(metric_fn: Callable, y: np.ndarray, s: np.ndarray, n_boot: int, s
             raise ValueError("groups must give one non-missing id per sample")
     n_groups = codes.max() + 1
     rng = np.random.default_rng(seed)
-    values = []
+    out = []
     for _ in range(n_boot):
         drawn = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
         rows = np.repeat(np.arange(len(y)), drawn[codes])
-        if y[rows].min() != y[rows].max():
-            values.append(metric_fn(y[rows], s[rows]))
-    return np.asarray(values, dtype=float)
+        if not both_classes or y[rows].min() != y[rows].max():
+            out.append(metric_fn(y[rows], values[rows]))
+    return np.asarray(out, dtype=float)
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap `values`; (nan, nan) when there are none."""
+    if np.size(values) == 0:
+        return math.nan, math.nan
+    low, high = np.percentile(values, CI_PERCENTILES)
+    return float(low), float(high)
 
 
 def bootstrap_ci(
@@ -217,11 +228,33 @@ def bootstrap_ci(
     (nan, nan) when none is left.
     """
     y, s = check_binary(y_true, score)
-    values = _bootstrap(metric_fn, y, s, n_boot, seed, groups)
-    if values.size == 0:
+    return percentile_interval(bootstrap_values(metric_fn, y, s, n_boot, seed, groups))
+
+
+def auc(y_true, score) -> float:
+    """Area under the ROC curve of a binary score (both classes needed)."""
+    y, s = check_binary(y_true, score)
+    _require_both_classes(y, "auc")
+    return float(roc_auc_score(y, s))
+
+
+def balanced_accuracy(y_true, predicted, n_classes: int | None = None) -> float:
+    """Mean recall over the classes present in `y_true` (class indices; `predicted` arg-max
+    indices); `n_classes` only sizes the count, classes absent from `y_true` never count."""
+    y, predicted = np.asarray(y_true, dtype=int), np.asarray(predicted, dtype=int)
+    k = max(int(max(y.max(), predicted.max())) + 1, n_classes or 0)
+    support = np.bincount(y, minlength=k)
+    hits = np.bincount(y, weights=(y == predicted).astype(float), minlength=k)
+    present = support > 0
+    return float((hits[present] / support[present]).mean())
+
+
+def balanced_accuracy_ci(y_true, predicted, groups=None, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of `balanced_accuracy` (cluster bootstrap over `groups` when given)."""
+    y, predicted = np.asarray(y_true, dtype=int), np.asarray(predicted, dtype=int)
+    if n_boot <= 0 or len(y) == 0:
         return math.nan, math.nan
-    low, high = np.percentile(values, CI_PERCENTILES)
-    return float(low), float(high)
+    return percentile_interval(bootstrap_values(balanced_accuracy, y, predicted, n_boot, seed, groups, both_classes=False))
 
 
 def binary_summary(y_true, score, threshold: float, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -249,7 +282,7 @@ def binary_summary(y_true, score, threshold: float, groups=None, n_boot: int = 1
         )
 
     values = metrics(y, s)
-    boot = _bootstrap(metrics, y, s, n_boot, seed, groups)
+    boot = bootstrap_values(metrics, y, s, n_boot, seed, groups)
     if len(boot):
         low, high = np.percentile(boot, CI_PERCENTILES, axis=0)
     else:
@@ -302,7 +335,7 @@ def multiclass_summary(y_true_labels, probabilities, classes: Sequence[str]) -> 
         "n": len(y),
         "classes": classes,
         "accuracy": float(correct.sum() / len(y)),
-        "balanced_accuracy": float(np.nanmean(recall)),
+        "balanced_accuracy": balanced_accuracy(y, predicted, len(classes)),
         "macro_auc": _json_float(np.nanmean(auc)) if not np.isnan(auc).all() else None,
         "ece_top_label": expected_calibration_error(y, probs),
         "per_class": {

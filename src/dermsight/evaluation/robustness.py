@@ -20,10 +20,13 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from dermsight.evaluation.join import EvaluationError
+from dermsight.evaluation.held_out import HeldOutError, held_out_kinds, load_out_of_fold
 from dermsight.imaging.decode import decode_image, read_image_bytes
 from dermsight.imaging.preprocess import views
 from dermsight.inference.context import patient_context
 from dermsight.inference.predictor import Predictor, softmax
+from dermsight.models.bundle import Bundle
 from dermsight.models.metadata import encode_metadata
 
 
@@ -114,6 +117,7 @@ def held_out_scores(
 
 
 def decode_all(refs: Sequence[str]) -> list[np.ndarray]:
+    """Every image behind `refs`, decoded to RGB (ImageError on the first unreadable one)."""
     return [decode_image(read_image_bytes(ref), name=str(ref)) for ref in refs]
 
 
@@ -162,6 +166,25 @@ def acquisition_sweep(predictor: Predictor, records: pd.DataFrame, members: np.n
             entry["same_referral"] = float(np.mean((risk >= threshold) == (base_risk >= threshold)))
         rows.append(entry)
     return rows
+
+
+def held_out_sweep(bundle: Bundle, records: pd.DataFrame, per_source: int = 300) -> list[dict]:
+    """The acquisition sweep on up to `per_source` held-out labelled images of each source, each
+    scored by a network that never saw it (see `acquisition_sweep`)."""
+    try:
+        oof = load_out_of_fold(bundle)
+    except HeldOutError:
+        oof = pd.DataFrame(columns=["image_id", "source", "patient_id", "lesion_id", "fold"])
+    predictor = Predictor(bundle)
+    records = records[records["image_ref"].notna() & records["diagnosis"].notna()].reset_index(drop=True)
+    records["fold"] = records["image_id"].map(oof.set_index("image_id")["fold"])
+    records["member"] = members_of(predictor, records["fold"].to_numpy())
+    kinds = held_out_kinds(bundle, records, oof)
+    held_out = np.isin(kinds, ("left_out_source", "external_source", "unseen_images")) | (records["member"] >= 0).to_numpy()
+    chosen = records[held_out].sample(frac=1.0, random_state=0).groupby("source").head(per_source).reset_index(drop=True)
+    if chosen.empty:
+        raise EvaluationError("no image of DATA is held out from this bundle: nothing to re-score honestly")
+    return acquisition_sweep(predictor, chosen, chosen["member"].to_numpy())
 
 
 def paired_consistency(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +28,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS scores_v3 (
 
 
 def bundle_digest(bundle: Bundle) -> str:
+    """A digest of the bundle files that decide its scores: the cache's file name."""
     digest = hashlib.sha256()
     for name in ("bundle.json", "model.onnx", "ood_gate.npz"):
         path = bundle.path / name
@@ -36,6 +37,8 @@ def bundle_digest(bundle: Bundle) -> str:
 
 
 class ScoreCache:
+    """Scores of images a bundle scored before, keyed by image content and metadata (SQLite)."""
+
     def __init__(self, bundle: Bundle, root: Path | None = None):
         self.path = (root or default_cache_dir()) / "scores" / f"{bundle_digest(bundle)}.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,3 +104,13 @@ class ScoreCache:
                 db.executemany("INSERT OR REPLACE INTO scores_v3 VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error:
             pass  # not cached this time; the scores themselves are returned all the same
+
+
+def open_score_cache(bundle: Bundle, warn: Callable[[str], None]) -> ScoreCache | None:
+    """The bundle's score cache, or None when its folder is not writable (scoring still works;
+    `warn` is told why)."""
+    try:
+        return ScoreCache(bundle)
+    except (OSError, sqlite3.Error) as err:
+        warn(f"score cache unavailable ({err}); scoring every image")
+        return None

@@ -7,8 +7,8 @@
       -> patient context                  groupBy(patient).applyInPandas: `prediction_table` per patient
       -> the prediction table (driver)    rows back in input order, Parquet or CSV
 
-The steps are the Ray engine's own functions (`dermsight.inference.ray_engine`: the rows,
-their decoding, the scorer, the per-patient table and its assembly), so both engines give
+The steps are the engine-neutral ones both engines share (`dermsight.inference.engine_steps`:
+the rows, their decoding, the scorer, the per-patient table and its assembly), so both give
 the single-process `Predictor.predict_records` table row for row: the patients' image
 counts are filled in from the whole input on the driver, the patient context of a patient
 only depends on that patient's rows, and the rows are put back in input order. An image
@@ -45,8 +45,9 @@ import pandas as pd
 
 from dermsight.imaging.preprocess import Preprocessing
 from dermsight.inference.predictor import PREDICTION_COLUMNS, Predictor
-from dermsight.inference.ray_engine import (
+from dermsight.inference.engine_steps import (
     BUNDLE_FILES,
+    EngineError,
     RowScorer,
     decode_rows,
     engine_rows,
@@ -70,7 +71,7 @@ _MASTER = re.compile(
 )
 
 
-class SparkEngineError(RuntimeError):
+class SparkEngineError(EngineError):
     """PySpark or Java is missing, the master is malformed, or Spark cannot start."""
 
 
@@ -177,7 +178,7 @@ def _score_partitions(frames: Iterator[pd.DataFrame], bundle_name: str, prep: Pr
     """mapInPandas: decode and score a task's rows, `batch_size` at a time, with as many
     single-threaded ONNX runs in flight as the task has cores (spark.task.cpus). Each scored
     row travels on as its position, its group and what the scorer made of it (pickled: the
-    scorer's row layout is the Ray engine's, whatever it holds)."""
+    scorer's row layout is engine_steps', whatever it holds)."""
     from pyspark import TaskContext
 
     context = TaskContext.get()
@@ -194,7 +195,7 @@ def _score_partitions(frames: Iterator[pd.DataFrame], bundle_name: str, prep: Pr
 
 def _table(frame: pd.DataFrame, bundle: Bundle, with_patients: bool) -> pd.DataFrame:
     """applyInPandas (one patient's rows) or mapInPandas (rows without patients): the
-    prediction-table rows, with input position and error, as the Ray engine makes them.
+    prediction-table rows, with input position and error, as `table_rows` makes them for every engine.
     In input order: a patient's context then sums its rows as the local engine does."""
     rows = [pickle.loads(row) for row in frame.sort_values("position", kind="stable")["row"]]
     return table_rows(_stack(rows), bundle, with_patients)

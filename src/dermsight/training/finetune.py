@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from dermsight.data.dataset import group_ids
+from dermsight.evaluation.metrics import balanced_accuracy
 from dermsight.imaging.batches import load_square
 from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing, views
@@ -337,11 +338,6 @@ def graph_logits(
         out = session.run([output], {"image": images, "metadata": meta})[0]
         logits.append(out.reshape(len(view_names), n, -1).mean(axis=0))
     return np.concatenate(logits)
-
-
-def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
-    recalls = [np.mean(predicted[labels == c] == c) for c in range(n_classes) if np.any(labels == c)]
-    return float(np.mean(recalls))
 
 
 STOPPING_SHARE = 0.15  # of a fold network's training groups, set aside to choose its epoch (--patience > 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dermsight.data.dataset import deduplicate, load_manifest, load_sources
+from dermsight.data.dataset import deduplicate, is_manifest, load_manifest, load_sources
 from dermsight.data.records import IMAGE_SUFFIXES, Loaded, RecordBuilder, SourceError
 from dermsight.data.schema import Problem
 from dermsight.data.sources import detect_format
@@ -20,7 +20,7 @@ def records_from_inputs(inputs: list[str]) -> tuple[pd.DataFrame, list[Problem]]
         path = Path(spec)
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             loaded.extend(_images([path], "files"))
-        elif path.is_file() and path.suffix.lower() == ".csv" and _is_manifest(path):
+        elif path.is_file() and path.suffix.lower() == ".csv" and is_manifest(path):
             loaded.extend(Loaded(load_manifest(path), []))
         elif path.is_dir() and _is_plain_image_folder(path):
             loaded.extend(_images(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), "folder"))
@@ -37,10 +37,6 @@ def _images(paths: list[Path], source: str) -> Loaded:
     for path in paths:
         builder.add(str(path), image_id=path.stem, image_ref=str(path))
     return builder.loaded()
-
-
-def _is_manifest(path: Path) -> bool:
-    return {"image_id", "image_ref", "source"} <= set(pd.read_csv(path, nrows=0).columns)
 
 
 def _is_plain_image_folder(path: Path) -> bool:

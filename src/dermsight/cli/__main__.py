@@ -1,0 +1,5 @@
+"""`python -m dermsight.cli`: the `dermsight` command."""
+
+from dermsight.cli import main
+
+main()

@@ -1,0 +1,38 @@
+"""What every command module shares: the consoles, the sources help text, error exits."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from dermsight.data.records import Loaded
+from dermsight.data.sources import READERS
+
+console = Console()
+errors = Console(stderr=True)
+
+SOURCES_HELP = f"Dataset paths, optionally prefixed FORMAT: (one of {', '.join(READERS)})."
+MODEL_HELP = "Bundle directory (default: the committed default bundle)."
+
+
+def fail(message: object, code: int = 1) -> NoReturn:
+    """Print `error: message` on stderr and exit with `code`."""
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """Print a warning (in yellow) on stdout."""
+    console.print(f"[yellow]{message}[/]", highlight=False)
+
+
+def exit_if_unreadable_sources(loaded: Loaded) -> None:
+    """A source that cannot be read at all (no such path, a CSV missing a column) is an
+    error, not a footnote: say so on stderr (JSON on stdout stays valid) and exit 1."""
+    failed = [p for p in loaded.problems if p.kind == "unreadable_source"]
+    for problem in failed:
+        errors.print(f"[bold red]error:[/] cannot read {problem.where}: {problem.message}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,68 @@
+"""`dermsight keys`: the web app's API keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from dermsight.cli.common import console, errors, fail
+
+keys_app = typer.Typer(help="API keys of the web app (stored as SHA-256 hashes in its database).", no_args_is_help=True)
+DATA_DIR_HELP = "The server's --data-dir (default: $DERMSIGHT_DATA_DIR or ./.dermsight); $DERMSIGHT_DATABASE_URL applies."
+
+
+def register(app: typer.Typer) -> None:
+    """Add `dermsight keys` to `app`."""
+    app.add_typer(keys_app, name="keys")
+
+
+def _key_storage(data_dir: Path | None):
+    """The web app's storage at `data_dir` (or $DERMSIGHT_DATABASE_URL), as `dermsight serve` opens it."""
+    from dermsight.serving.app import resolve_locations
+    from dermsight.serving.storage.repository import Storage
+
+    storage_dir, database_url = resolve_locations(data_dir)
+    return Storage(database_url, storage_dir)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="Who or what the key is for (a person, a clinic system)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+) -> None:
+    """Create a key and print it once: only its hash is kept, so it cannot be shown again."""
+    from dermsight.serving.security import create_api_key
+
+    try:
+        key = create_api_key(_key_storage(data_dir), name)
+    except ValueError as err:
+        fail(err, 2)
+    print(key)
+    errors.print(f"API key for {name.strip()!r} created; it is shown only this once.", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+    """Every key: id, name, public prefix, when created and revoked (never the key)."""
+    table = Table(title="API keys")
+    for column in ("id", "name", "prefix", "created", "revoked"):
+        table.add_column(column)
+    for key in _key_storage(data_dir).list_api_keys():
+        revoked = key.revoked_at.strftime("%Y-%m-%d %H:%M") if key.revoked_at else ""
+        table.add_row(str(key.id), key.name, key.prefix, key.created_at.strftime("%Y-%m-%d %H:%M"), revoked)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    which: str = typer.Argument(..., help="The key's id, prefix or name (a name revokes all its active keys)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+) -> None:
+    """Revoke keys: they stop working within seconds, browser sessions signed in with them too."""
+    revoked = _key_storage(data_dir).revoke_api_keys(which)
+    if not revoked:
+        fail(f"no active key with id, prefix or name {which!r}")
+    for key in revoked:
+        console.print(f"revoked key {key.id} ({key.name}, {key.prefix})", highlight=False)

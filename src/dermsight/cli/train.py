@@ -1,0 +1,77 @@
+"""`dermsight train`: train a model bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dermsight.cli.common import SOURCES_HELP, console, fail
+
+
+def register(app: typer.Typer) -> None:
+    """Add `dermsight train` to `app`."""
+    app.command("train")(train_command)
+
+
+def train_command(
+    sources: list[str] = typer.Argument(..., help=SOURCES_HELP),
+    output: Path = typer.Option(Path("runs/bundle"), "--output", "-o", help="Bundle directory to write."),
+    mode: str = typer.Option("embed", help="embed (frozen backbone, cached embeddings: minutes) or finetune (end to end)."),
+    backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0 or efficientnet_lite2."),
+    image_size: int = typer.Option(224, help="Input size in pixels (finetune on CPU: 128-192)."),
+    views: str = typer.Option("identity,hflip", help="Test-time views, comma-separated: identity,hflip,vflip,rot180."),
+    folds: int = typer.Option(5, min=2, help="Patient/lesion-grouped folds for out-of-fold validation."),
+    seed: int = typer.Option(0),
+    binary: bool = typer.Option(False, help="Melanoma vs everything else (MEL / UNK) instead of the ISIC classes."),
+    loss: str = typer.Option("ce", help="ce (class-weighted cross-entropy) or focal."),
+    l2: float = typer.Option(0.1, help="Embed mode: L2 penalty of the linear head (0.1 was best of 0.001-1 in grouped CV)."),
+    target_sensitivity: float = typer.Option(0.90, min=0.5, max=0.999, help="Melanoma sensitivity the threshold aims for."),
+    epochs: int = typer.Option(3, min=1, help="Finetune mode: epochs of the first cosine cycle."),
+    restart_epochs: int = typer.Option(0, min=0, help="Finetune mode: then a warm restart (a second cosine cycle from 30% of the peak learning rate) of this many epochs; rerun with it to extend a finished run from its checkpoints."),
+    batch_size: int = typer.Option(48, min=2, help="Finetune mode: batch size."),
+    learning_rate: float = typer.Option(1e-3, help="Finetune mode: peak AdamW learning rate."),
+    validation_folds: int = typer.Option(None, min=1, help="Finetune mode: hold out only the first N folds (CPU budget)."),
+    refit: bool = typer.Option(True, help="Finetune mode: refit on all images (--no-refit ships the first fold's network)."),
+    int8: bool = typer.Option(False, "--int8", help="Finetune mode: ship the int8 graph (2x faster); calibration and threshold are fitted on int8 outputs."),
+    max_images: int = typer.Option(None, help="Train on a random subset of this many images (smoke runs)."),
+    patience: int = typer.Option(2, min=0, help="Finetune mode: early-stopping patience in epochs, on the balanced accuracy of a grouped 15% of each network's own training images (never the fold it predicts); 0 runs the schedule to its end without scoring every epoch."),
+    source_folds: bool = typer.Option(False, "--source-folds", help="Leave-one-source-out folds: the largest source in grouped folds, every other source whole in a fold of its own."),
+    fit: str = typer.Option("crop", help="Preprocessing: crop (shorter side, centre crop) or squash (the whole frame to a square)."),
+    colour_constancy: bool = typer.Option(False, "--colour-constancy", help="Shades of Gray colour constancy, in training and inference."),
+    acquisition_augmentation: bool = typer.Option(False, "--acquisition-augmentation", help="Finetune mode: JPEG re-encoding, downscaling, blur, noise, aspect and colour-temperature changes."),
+    source_prior: bool = typer.Option(False, "--source-prior", help="Finetune mode: logit adjustment by each source's class mix (instead of class weights)."),
+    metadata: str = typer.Option("all", help="Metadata the network reads: all, source-neutral (no patient image count: only ISIC 2020 fills it) or none."),
+    metadata_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Finetune mode: share of training images shown with every metadata field missing."),
+    gate_negatives: list[Path] = typer.Option(None, "--gate-negatives", help="A Derm7pt folder: its clinical close-up photos (published train split) teach the out-of-distribution gate what an ordinary photo looks like."),
+    threshold_every_source: bool = typer.Option(False, "--threshold-every-source", help="The melanoma threshold reaches --target-sensitivity on every training source's held-out images (the lowest of their thresholds), not only pooled."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Finetune mode: ship the fold networks as one averaged graph (their spread is the uncertainty) instead of a refit."),
+) -> None:
+    """Train a model bundle: out-of-fold validation, calibration, threshold, ONNX export."""
+    from dermsight.allocator import tune_for_torch
+
+    tune_for_torch()  # glibc malloc as scripts/env.sh sets it (CPU torch trains ~1.5x faster): see dermsight.allocator
+    from dermsight.models.metadata import METADATA_FEATURES, SOURCE_NEUTRAL_FEATURES
+    from dermsight.training.config import TrainConfig
+    from dermsight.training.train import train
+
+    features = {"all": METADATA_FEATURES, "source-neutral": SOURCE_NEUTRAL_FEATURES, "none": ()}
+    if metadata not in features:
+        fail(f"unknown --metadata {metadata!r}; expected all, source-neutral or none", 2)
+    config = TrainConfig(
+        sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
+        views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
+        target_sensitivity=target_sensitivity, epochs=epochs, restart_epochs=restart_epochs, validation_folds=validation_folds, batch_size=batch_size, learning_rate=learning_rate,
+        int8=int8, max_images=max_images, patience=patience, source_folds=source_folds, fit=fit,
+        colour_constancy=colour_constancy, acquisition_augmentation=acquisition_augmentation, source_prior=source_prior,
+        metadata_features=features[metadata], metadata_dropout=metadata_dropout, ensemble=ensemble,
+        gate_negatives=tuple(str(p) for p in gate_negatives or ()), threshold_every_source=threshold_every_source,
+        refit=refit and not ensemble,
+    )
+    bundle = train(config)
+    pooled = bundle.metrics["pooled"]
+    console.print(
+        f"bundle -> {bundle.path}: melanoma AUC {pooled['melanoma']['auc']['value']:.3f}, "
+        f"balanced accuracy {pooled['multiclass']['balanced_accuracy']:.3f} (out-of-fold), "
+        f"threshold {bundle.melanoma_threshold:.4f}"
+    )
