@@ -44,6 +44,23 @@ def test_second_run_is_the_same_table_without_the_network(trained_bundle, record
     pd.testing.assert_frame_equal(first, second)  # patient context included, recomputed from cached embeddings
 
 
+def test_with_the_cache_each_file_is_read_once(trained_bundle, records, tmp_path, monkeypatch):
+    """The bytes hashed for the cache key are the bytes decoded on a miss: one read per file."""
+    import dermsight.imaging.batches
+    import dermsight.inference.score_cache
+
+    reads = []
+    real = dermsight.imaging.decode.read_image_bytes
+    for module in (dermsight.imaging.batches, dermsight.inference.score_cache):
+        monkeypatch.setattr(module, "read_image_bytes", lambda ref: reads.append(str(ref)) or real(ref))
+    predictor = Predictor(trained_bundle)
+    table, errors = predictor.predict_records(records, progress=False, cache=ScoreCache(predictor.bundle, root=tmp_path))
+    assert not errors and len(table) == len(records)
+    assert sorted(reads) == sorted(records["image_ref"])
+    uncached, _ = predictor.predict_records(records, progress=False)
+    pd.testing.assert_frame_equal(table, uncached)
+
+
 def test_new_metadata_new_image_or_bundle_are_scored_again(trained_bundle, records, tmp_path, monkeypatch):
     predictor = Predictor(trained_bundle)
     cache = ScoreCache(predictor.bundle, root=tmp_path)

@@ -53,9 +53,11 @@ def iter_batches(
     views: Sequence[str] | None = None,
     lookahead: int = 2,
     measure: bool = False,
+    item_names: Sequence[str] | None = None,
 ) -> Iterator[Batch]:
     """Batches of preprocessed images for `items` (image_refs or encoded bytes), in order.
-    Unreadable items are reported in `Batch.errors`, never raised.
+    Unreadable items are reported in `Batch.errors`, never raised, under their `item_names`
+    (default: the image_ref, or "image N" for bytes).
 
     The decode threads write each image, normalised, straight into its slot of the batch
     array, and with `views` (test-time view names) every view of it too: `Batch.images` is
@@ -70,7 +72,10 @@ def iter_batches(
 
     def load(position: int, slot: int, out: np.ndarray, quality: np.ndarray) -> str | None:
         item = items[position]
-        name = f"image {position}" if isinstance(item, bytes) else str(item)
+        if item_names is not None:
+            name = item_names[position]
+        else:
+            name = f"image {position}" if isinstance(item, bytes) else str(item)
         try:
             data = item if isinstance(item, bytes) else read_image_bytes(item)
             square = load_square(data, prep, name, quality[slot] if measure else None)

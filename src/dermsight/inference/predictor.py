@@ -225,13 +225,15 @@ class Predictor:
         records = records.reset_index(drop=True)
         metadata = encode_metadata(records, self.bundle.metadata_features)
         refs = records["image_ref"].tolist()
-        keys = cache.keys(refs, metadata) if cache else []
+        keys, held = cache.read(refs, metadata) if cache else ([], [None] * len(refs))
         parts: list[tuple[list[int], Scores]] = []
         found = cache.get(keys) if cache else {}
         if found:
             rows = sorted(found)
             parts.append((rows, Scores(*(np.stack([found[r][f] for r in rows]) for f in range(len(fields(Scores)))))))
         todo = [i for i in range(len(refs)) if i not in found]
+        items = [refs[i] if held[i] is None else held[i] for i in todo]  # a file hashed for the cache is not read again
+        del held
         errors: dict[str, str] = {}
 
         def finish(rows: list[int], scoring: Future) -> None:
@@ -245,8 +247,8 @@ class Predictor:
         with Progress(disable=not progress or not todo, transient=True) as bar, ThreadPoolExecutor(2) as scorers:
             task = bar.add_task(f"scoring {len(todo)} images", total=len(todo))
             batches = iter_batches(
-                [refs[i] for i in todo], self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task),
-                views=self.bundle.views, measure=True,
+                items, self.bundle.preprocessing, batch_size, on_item=lambda: bar.advance(task),
+                views=self.bundle.views, measure=True, item_names=[str(refs[i]) for i in todo],
             )
             in_flight: deque[tuple[list[int], Future]] = deque()
             for batch in batches:

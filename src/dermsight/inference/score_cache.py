@@ -36,6 +36,9 @@ def bundle_digest(bundle: Bundle) -> str:
     return digest.hexdigest()[:32]
 
 
+HELD_BYTES = 512 * 1024 * 1024  # encoded images kept between hashing and decoding; past it, a miss is read again
+
+
 class ScoreCache:
     """Scores of images a bundle scored before, keyed by image content and metadata (SQLite)."""
 
@@ -55,15 +58,24 @@ class ScoreCache:
             db.close()
 
     @staticmethod
-    def keys(refs: Sequence, metadata: np.ndarray) -> list[str | None]:
-        """One key per image (None when its bytes cannot be read: the scorer reports why)."""
+    def read(refs: Sequence, metadata: np.ndarray) -> tuple[list[str | None], list[bytes | None]]:
+        """One key per image (None when its bytes cannot be read: the scorer reports why) and its
+        encoded bytes, kept (up to HELD_BYTES in all, else None) so that scoring a cache miss
+        decodes them without reading the file again."""
         keys: list[str | None] = []
+        held: list[bytes | None] = []
+        budget = HELD_BYTES
         for ref, row in zip(refs, metadata.astype(np.float32)):
             try:
-                keys.append(content_hash(read_image_bytes(ref)) + content_hash(row.tobytes())[:16])
+                data = read_image_bytes(ref)
             except (ImageError, TypeError, OSError):
                 keys.append(None)
-        return keys
+                held.append(None)
+                continue
+            keys.append(content_hash(data) + content_hash(row.tobytes())[:16])
+            held.append(data if len(data) <= budget else None)
+            budget -= len(held[-1] or b"")
+        return keys, held
 
     def get(self, keys: Sequence[str | None]) -> dict[int, tuple]:
         """{position in `keys`: (probabilities, embedding, melanoma cam, looks_dermoscopic, member
