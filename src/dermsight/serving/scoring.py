@@ -25,15 +25,15 @@ from PIL import ExifTags
 from PIL import Image as PILImage
 
 from dermsight.data import harmonise
-from dermsight.imaging.decode import ImageError, decode_image, sniff_format
-from dermsight.imaging.sanitize import sanitize_image
+from dermsight.imaging.errors import ImageError
+from dermsight.imaging.sanitize import Sanitized, sanitize_image
 from dermsight.inference.context import CONTEXT_COLUMNS
 from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.storage.models import NotFound, Prediction
 from dermsight.serving.storage.repository import NewImage, NewPrediction, Storage
 
-MAX_FILES = 20  # images per upload
+MAX_FILES = 20  # images per upload (the upload route checks it before reading the files)
 
 
 class InputError(ValueError):
@@ -42,12 +42,16 @@ class InputError(ValueError):
 
 @dataclass
 class Upload:
+    """One uploaded file: the name shown back to the uploader, and its bytes."""
+
     filename: str
     data: bytes
 
 
 @dataclass
 class LesionMetadata:
+    """What the uploader said about the lesions of an upload, in schema vocabulary."""
+
     age: float | None
     sex: str | None
     site: str | None
@@ -65,10 +69,7 @@ def parse_metadata(age: str | None, sex: str | None, site: str | None) -> Lesion
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """Upright (width, height) of an image the Predictor has accepted, from its header."""
-    if sniff_format(data) == "dicom":
-        height, width = decode_image(data).shape[:2]
-        return width, height
+    """Upright (width, height) of a sanitised image (JPEG or PNG), from its header."""
     with PILImage.open(io.BytesIO(data)) as image:
         width, height = image.size
         rotated = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
@@ -76,6 +77,8 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 class Scorer:
+    """Scores uploads and patients with the Predictor and stores images, predictions and heat maps."""
+
     def __init__(self, predictor: Predictor, storage: Storage):
         self.predictor = predictor
         self.storage = storage
@@ -91,8 +94,6 @@ class Scorer:
         patient; nothing is stored then."""
         if not uploads:
             raise InputError("no image uploaded")
-        if len(uploads) > MAX_FILES:
-            raise InputError(f"{len(uploads)} images in one upload; at most {MAX_FILES}")
         new = [(upload.filename, self._sanitized(upload), metadata) for upload in uploads]
         if patient_id is None:
             return self._score_and_store(None, new)
@@ -100,9 +101,9 @@ class Scorer:
             return self._score_and_store(patient_id, new)[-len(uploads):]
 
     @staticmethod
-    def _sanitized(upload: Upload) -> bytes:
+    def _sanitized(upload: Upload) -> Sanitized:
         try:
-            return sanitize_image(upload.data, name=upload.filename).data
+            return sanitize_image(upload.data, name=upload.filename)
         except ImageError as err:
             raise InputError(str(err)) from None
 
@@ -118,14 +119,14 @@ class Scorer:
                 lock = self._patient_locks[patient_id] = threading.Lock()
             return lock
 
-    def _score_and_store(self, patient_id: int | None, new: list[tuple[str, bytes, LesionMetadata]]) -> list[Prediction]:
+    def _score_and_store(self, patient_id: int | None, new: list[tuple[str, Sanitized, LesionMetadata]]) -> list[Prediction]:
         lesions = self.storage.get_patient(patient_id).lesions if patient_id is not None else []
         stored = [(lesion.images[-1], lesion.site) for lesion in lesions if lesion.images]
         if not stored and not new:
             return []
         names = [f"stored image {image.id}" for image, _ in stored] + [name for name, _, _ in new]
         try:
-            data = [self.storage.file(image.path).read_bytes() for image, _ in stored] + [d for _, d, _ in new]
+            data = [self.storage.file(image.path).read_bytes() for image, _ in stored] + [s.data for _, s, _ in new]
         except FileNotFoundError:
             missing = f"a stored image of patient {patient_id} is missing (deleted while being scored?)"
             raise NotFound(missing) from None
@@ -140,7 +141,7 @@ class Scorer:
         except ImageError as err:
             raise InputError(_named(str(err), names)) from None
         items: list[int | NewImage] = [image.id for image, _ in stored]
-        items += [NewImage(d, sniff_format(d), *image_size(d), meta.age, meta.sex, meta.site) for _, d, meta in new]
+        items += [NewImage(s.data, s.format, *image_size(s.data), meta.age, meta.sex, meta.site) for _, s, meta in new]
         return self._store(patient_id, items, table, scores.melanoma_cam, squares)
 
     def _store(self, patient_id: int | None, items: list, table: pd.DataFrame, cams, squares) -> list[Prediction]:
