@@ -10,8 +10,10 @@ from pathlib import Path
 
 
 def default_cache_dir() -> Path:
+    """Where recomputable things are kept: $DERMSIGHT_CACHE, else ~/.cache/dermsight."""
     return Path(os.environ.get("DERMSIGHT_CACHE", Path.home() / ".cache" / "dermsight"))
 
 
 def content_hash(data: bytes) -> str:
+    """The SHA-256 of `data`, hex."""
     return hashlib.sha256(data).hexdigest()

@@ -18,6 +18,7 @@ from dermsight.imaging.dicom import dicom_tags
 
 
 def read_dicom_folder(folder: Path) -> Loaded:
+    """Records of the .dcm files in `folder` (ISIC 2020 layout), from their tags; unreadable files are problems."""
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm")
     if not paths:
         raise SourceError(f"{folder}: no .dcm files")

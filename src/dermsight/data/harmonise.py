@@ -203,6 +203,7 @@ if set(EXCLUDED_DIAGNOSES) & set(DIAGNOSIS_SYNONYMS):
 
 
 def site(raw: object) -> tuple[str | None, str | None]:
+    """(anatomical site in schema vocabulary or None, complaint or None) for a site text."""
     text = _clean(raw)
     if text in _EMPTY:
         return None, None
@@ -212,6 +213,7 @@ def site(raw: object) -> tuple[str | None, str | None]:
 
 
 def sex(raw: object) -> tuple[str | None, str | None]:
+    """(male, female or None, complaint or None) for a sex text."""
     text = _clean(raw)
     if text in _EMPTY:
         return None, None
@@ -222,6 +224,7 @@ def sex(raw: object) -> tuple[str | None, str | None]:
 
 
 def age(raw: object) -> tuple[float, str | None]:
+    """(age in years or NaN, complaint or None) for an age text ("45", "45.0", DICOM "045Y")."""
     text = _clean(raw)
     if text in _EMPTY:
         return math.nan, None
@@ -265,6 +268,7 @@ def _lookup(text: str) -> tuple[str | None, str | None]:
 
 
 def melanoma_from(diagnosis_code: str | None) -> float:
+    """1.0 for MEL, 0.0 for any other diagnosis code, NaN when unlabelled."""
     if diagnosis_code is None:
         return math.nan
     return 1.0 if diagnosis_code == "MEL" else 0.0

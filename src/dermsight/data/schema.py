@@ -73,6 +73,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
 
 
 def empty_records() -> pd.DataFrame:
+    """A record table without rows, with the schema columns and dtypes."""
     return pd.DataFrame({c: pd.Series(dtype=_DTYPES[c]) for c in RECORD_COLUMNS})
 
 

@@ -21,6 +21,7 @@ _CATEGORICAL = ("patient_id", "sex", "anatom_site_general_challenge", "diagnosis
 
 
 def read_tfrecords(paths: list[Path], metadata_csv: Path | None = None) -> Loaded:
+    """Records of the images in SIIM-ISIC 2020 .tfrec shards, with metadata from the shards or `metadata_csv`."""
     from tfrecord.reader import tfrecord_iterator
 
     if not paths:

@@ -49,6 +49,7 @@ class HeldOutError(ValueError):
 
 
 def load_out_of_fold(bundle: Bundle) -> pd.DataFrame:
+    """The bundle's out_of_fold.csv.gz; HeldOutError when it is missing or unreadable."""
     path = bundle.path / "out_of_fold.csv.gz"
     if not path.exists():
         raise HeldOutError(f"{path} is missing: this bundle carries no out-of-fold predictions (retrain it)")

@@ -32,6 +32,8 @@ def shades_of_gray(rgb: np.ndarray, power: int = SHADES_OF_GRAY_POWER) -> np.nda
 
 @dataclass(frozen=True)
 class Preprocessing:
+    """The one preprocessing a bundle carries: square size, fit (crop or squash), colour constancy, mean/std."""
+
     size: int = 224
     mean: tuple[float, float, float] = (127 / 255,) * 3
     std: tuple[float, float, float] = (128 / 255,) * 3

@@ -63,6 +63,8 @@ class PhotoDetector:
 
 @dataclass
 class OODGate:
+    """Is it dermoscopy? The largest per-block distance ratio from the training images, and an optional photo detector."""
+
     block_sizes: tuple[int, ...]  # the gate features are these blocks side by side
     blocks: list[BlockGate]
     threshold: float  # scores above this are rejected

@@ -23,6 +23,7 @@ The model inherits the non-commercial licence of its training data."""
 
 
 def write_model_card(bundle: Bundle) -> None:
+    """Write the bundle's MODEL_CARD.md from its bundle.json (data, validation, threshold, limits)."""
     training = bundle.training
     pooled = bundle.metrics.get("pooled", {})
     melanoma = pooled.get("melanoma", {})

@@ -118,6 +118,8 @@ class RequestLimits:
 
 
 class Overloaded(Exception):
+    """Every scoring slot and queue place is taken: answer 503 with Retry-After."""
+
     def __init__(self, retry_after: int, message: str):
         super().__init__(message)
         self.retry_after = retry_after

@@ -179,6 +179,7 @@ def uncertainty(prediction: Prediction) -> str | None:
 
 
 def prediction_out(prediction: Prediction) -> PredictionOut:
+    """The API view of a stored prediction."""
     image = prediction.image
     probabilities = prediction.probabilities
     return PredictionOut(
@@ -213,6 +214,7 @@ def prediction_out(prediction: Prediction) -> PredictionOut:
 
 
 def image_out(image: Image) -> ImageOut:
+    """The API view of a stored image with its predictions."""
     return ImageOut(
         id=image.id, lesion_id=image.lesion_id, patient_id=image.lesion.patient_id, sha256=image.sha256,
         format=image.format, width=image.width, height=image.height, age=image.age, sex=image.sex,
@@ -222,6 +224,7 @@ def image_out(image: Image) -> ImageOut:
 
 
 def patient_out(patient: Patient, lesion_count: int) -> PatientOut:
+    """The API view of a patient in a list."""
     return PatientOut(
         id=patient.id, reference=patient.reference, created_at=patient.created_at,
         lesion_count=lesion_count, url=f"/patients/{patient.id}",
@@ -229,6 +232,7 @@ def patient_out(patient: Patient, lesion_count: int) -> PatientOut:
 
 
 def lesion_out(item: RankedLesion, rank: int) -> LesionOut:
+    """The API view of one lesion of a patient, with its rank by melanoma risk."""
     return LesionOut(
         lesion_id=item.lesion.id, site=item.lesion.site, rank=rank,
         ugly_duckling_score=item.ugly_duckling_score, prediction=prediction_out(item.prediction),
@@ -236,6 +240,7 @@ def lesion_out(item: RankedLesion, rank: int) -> LesionOut:
 
 
 def scoring_out(patient_id: int | None, model_version: str, predictions: list[Prediction]) -> ScoringOut:
+    """The API answer to an upload or a re-scoring."""
     return ScoringOut(
         patient_id=patient_id,
         patient_url=f"/patients/{patient_id}" if patient_id is not None else None,

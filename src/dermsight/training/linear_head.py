@@ -17,6 +17,8 @@ from dermsight.training.losses import make_loss
 
 @dataclass
 class LinearHead:
+    """A multinomial logistic head over embeddings and metadata: logits = features @ weight.T + bias."""
+
     weight: np.ndarray  # (K, F + M), applies to raw (unstandardised) inputs
     bias: np.ndarray  # (K,)
 

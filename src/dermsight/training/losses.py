@@ -34,6 +34,7 @@ class FocalLoss(nn.Module):
 
 
 def make_loss(name: str, class_weights: np.ndarray | None) -> nn.Module:
+    """The training loss by name: ce (cross-entropy) or focal, with optional class weights."""
     weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
     if name == "ce":
         return nn.CrossEntropyLoss(weight=weight)

@@ -21,6 +21,8 @@ TEMPORARY_PREFIX = ".incoming-"
 
 
 class FileStore:
+    """Content-addressed image and heat-map files under one directory (see the module docstring)."""
+
     def __init__(self, root: Path | str):
         self.root = Path(root)
         for folder in FOLDERS:

@@ -14,6 +14,7 @@ from sqlalchemy.types import TypeDecorator
 
 
 def now() -> datetime:
+    """The current time in UTC."""
     return datetime.now(UTC)
 
 
@@ -32,10 +33,14 @@ class UTCDateTime(TypeDecorator):
 
 
 class Base(DeclarativeBase):
+    """The tables' base: datetimes stored as UTC."""
+
     type_annotation_map = {datetime: UTCDateTime}
 
 
 class Patient(Base):
+    """A patient, known by a row id and optionally a clinic's pseudonymous reference (never a name)."""
+
     __tablename__ = "patients"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -62,6 +67,8 @@ class Lesion(Base):
 
 
 class Image(Base):
+    """A stored (sanitised) image of a lesion, with the metadata it was scored with."""
+
     __tablename__ = "images"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -81,6 +88,8 @@ class Image(Base):
 
 
 class Prediction(Base):
+    """One scoring of an image by one model version, with its heat map."""
+
     __tablename__ = "predictions"
 
     id: Mapped[int] = mapped_column(primary_key=True)
