@@ -1,13 +1,14 @@
 """The system programs some tests drive: Debian's Chromium (through Playwright), a
-PostgreSQL cluster (initdb) and Java with PySpark (the Spark engine). A missing one skips its
-tests with the reason, except in CI (CI=true), where it fails them: scripts/system_deps.sh
-and scripts/install.sh install them there, and a skip would hide that the browser,
-PostgreSQL or Spark tests never ran."""
+PostgreSQL cluster (initdb), Java with PySpark (the Spark engine) and podman (the container
+image). A missing one skips its tests with the reason, except in CI (CI=true), where it fails
+them: scripts/system_deps.sh, scripts/install.sh and scripts/container.sh install them there,
+and a skip would hide that the browser, PostgreSQL, Spark or container tests never ran."""
 
 from __future__ import annotations
 
 import glob
 import os
+import subprocess
 from pathlib import Path
 from typing import NoReturn
 
@@ -15,6 +16,8 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 INITDB_GLOB = "/usr/lib/postgresql/*/bin/initdb"
+CONTAINER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "container.sh"
+NO_CONTAINER_TOOLS = 3  # scripts/container.sh's exit status when podman, runc or debootstrap cannot be installed
 
 
 def in_ci() -> bool:
@@ -70,3 +73,21 @@ def pyspark():
     except ImportError as err:
         unavailable(f"pyspark is not importable ({err}): pip install -e '.[spark]'")
     return pyspark
+
+
+def podman_env() -> dict[str, str]:
+    """The environment podman runs in: scripts/containers.conf (runc; ulimits this sandbox holds) unless
+    CONTAINERS_CONF names another, as scripts/container.sh sets it."""
+    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINER_SCRIPT.with_name("containers.conf")))}
+
+
+def container_image(tag: str) -> str:
+    """DermSight's OCI image as `tag`, built by `scripts/container.sh build` (which installs podman where
+    it can and makes the Dockerfile's base image locally; podman's layer cache makes a rebuild quick)."""
+    result = subprocess.run(["bash", str(CONTAINER_SCRIPT), "build"], env={**podman_env(), "IMAGE": tag},
+                            capture_output=True, text=True)
+    if result.returncode == NO_CONTAINER_TOOLS:
+        unavailable(f"podman cannot run here: {result.stderr.strip()[-500:]}")
+    if result.returncode != 0:
+        pytest.fail(f"scripts/container.sh build failed ({result.returncode}):\n{result.stderr[-3000:]}", pytrace=False)
+    return tag

@@ -318,6 +318,9 @@ def test_serve_command_starts_the_app(serving_bundle, tmp_path, monkeypatch):
     started = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
     arguments = ["serve", "--model", str(serving_bundle), "--data-dir", str(tmp_path), "--port", "8123"]
+    keyless = CliRunner().invoke(cli, arguments)  # production mode with no way to authenticate: refused
+    assert keyless.exit_code == 2 and "no active API key" in keyless.output and not started, keyless.output
+    assert CliRunner().invoke(cli, ["keys", "create", "clinic", "--data-dir", str(tmp_path)]).exit_code == 0
     result = CliRunner().invoke(cli, arguments)
     assert result.exit_code == 0, result.output
     assert (started["host"], started["port"]) == ("127.0.0.1", 8123) and started["app"].title == "DermSight"

@@ -39,7 +39,7 @@ def serve_command(
     """The web app and JSON API (docs at /docs). PostgreSQL instead of SQLite: set DERMSIGHT_DATABASE_URL.
 
     Needs an API key (`dermsight keys create NAME`) for everything but /learn and /api/health,
-    unless --dev."""
+    unless --dev; without an active one it refuses to start."""
     import uvicorn
 
     from dermsight.models.bundle import BundleError
@@ -59,7 +59,9 @@ def serve_command(
     if dev:
         console.print("[yellow]dev mode: no API keys needed[/] (loopback only)")
     elif not any(key.revoked_at is None for key in web_app.state.scorer.storage.list_api_keys()):
-        console.print("[yellow]no API key yet:[/] create one with `dermsight keys create NAME` (same --data-dir)")
+        fail("no active API key, so nobody could use this server (production mode needs one); create one with "
+             "`dermsight keys create NAME` (same --data-dir and DERMSIGHT_DATABASE_URL) and start again, or serve "
+             "with --dev on a loopback address", 2)
     console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)", highlight=False)
     uvicorn.run(
         web_app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,
