@@ -62,7 +62,10 @@ build_base() {
   podman image exists "$BASE_REF" && return 0
   local mirror rootfs started
   mirror=$(debian_mirror)
-  [ -n "$mirror" ] || { echo "error: no Debian mirror in /etc/apt/sources.list*; cannot debootstrap $BASE" >&2; exit 1; }
+  if [ -z "$mirror" ]; then
+    echo "error: no Debian mirror in /etc/apt/sources.list*; cannot debootstrap $BASE" >&2
+    exit 1
+  fi
   rootfs=$(mktemp -d /var/tmp/dermsight-base.XXXXXX)
   trap 'rm -rf "$rootfs"' EXIT
   started=$SECONDS

@@ -78,7 +78,8 @@ def pyspark():
 def podman_env() -> dict[str, str]:
     """The environment podman runs in: scripts/containers.conf (runc; ulimits this sandbox holds) unless
     CONTAINERS_CONF names another, as scripts/container.sh sets it."""
-    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINER_SCRIPT.with_name("containers.conf")))}
+    default = CONTAINER_SCRIPT.with_name("containers.conf")
+    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(default))}
 
 
 def container_image(tag: str) -> str:

@@ -180,3 +180,26 @@ def test_predict_scores_a_read_only_folder(image, scans, local_risks, tmp_path):
     inside = pd.read_parquet(tmp_path / "predictions.parquet").set_index("image")["melanoma_risk"]
     assert sorted(inside.index) == sorted(SCANS)
     assert inside[list(SCANS)].to_numpy() == pytest.approx(local_risks[list(SCANS)].to_numpy(), abs=1e-5)
+
+
+@pytest.mark.parametrize("ci", ["true", None])
+def test_without_podman_the_tests_skip_outside_ci_and_fail_in_it(tmp_path, monkeypatch, ci):
+    """scripts/container.sh with none of podman, runc and debootstrap on PATH and an apt-get whose
+    install fails (nothing is installed for real): a skip with the script's warning, or in CI a failure."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for program in ("bash", "dirname", "awk", "id"):  # all the script needs before podman
+        (tools / program).symlink_to(shutil.which(program))
+    apt_get = tmp_path / "apt-get"
+    apt_get.write_text('#!/bin/sh\n[ "$1" = update ] || exit 100\n')
+    apt_get.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tools))
+    monkeypatch.setenv("APT_GET", str(apt_get))
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+        with pytest.raises(pytest.skip.Exception, match="warning: podman runc debootstrap not installed"):
+            system_deps.container_image(IMAGE)
+    else:
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.fail.Exception, match="error: CI=true and podman runc debootstrap not installed"):
+            system_deps.container_image(IMAGE)
