@@ -44,15 +44,20 @@ def image() -> str:
 
 @pytest.fixture
 def containers():
-    """`run(*args)`: a detached container of the image, and `volume()`: a new named volume;
-    both removed at the end of the test (rm -f -t0: no CNI chains left behind)."""
+    """`run(*args)`: a detached container, `name()`: a name for one run otherwise, and `volume()`: a
+    new named volume; all removed at the end of the test (rm -f -t0: no CNI chains left behind)."""
     made: dict[str, list[str]] = {"containers": [], "volumes": []}
 
     class Containers:
         @staticmethod
+        def name() -> str:
+            """A new container name, removed at the end like the others."""
+            made["containers"].append(f"dermsight-test-{uuid.uuid4().hex[:10]}")
+            return made["containers"][-1]
+
+        @staticmethod
         def run(*args: str) -> str:
-            name = f"dermsight-test-{uuid.uuid4().hex[:10]}"
-            made["containers"].append(name)
+            name = Containers.name()
             podman("run", "-d", "--name", name, *args)
             return name
 
@@ -127,7 +132,8 @@ def test_serves_as_non_root_with_its_own_key_and_keeps_a_patient_across_a_restar
     image, containers, scans, local_risks
 ):
     volume = containers.volume()
-    keyless = podman("run", "--rm", "-v", f"{volume}:/data", image, check=False)
+    keyless = podman("run", "--rm", "--name", containers.name(), "-v", f"{volume}:/data", image, check=False,
+                     timeout=READY_WITHIN)  # a server that started anyway would never return
     assert keyless.returncode == 2 and "no active API key" in keyless.stderr, keyless.stderr
 
     key = create_key(image, "-v", f"{volume}:/data")
