@@ -112,13 +112,17 @@ run() {
   podman run -d --name dermsight -p "127.0.0.1:$PORT:8000" -v "$VOLUME:/data" \
     ${DERMSIGHT_DATABASE_URL:+-e DERMSIGHT_DATABASE_URL} ${DERMSIGHT_SITE:+-e DERMSIGHT_SITE} "$IMAGE" \
     serve --host 0.0.0.0 --port 8000 "$@" >/dev/null
-  for _ in $(seq 100); do
+  local deadline=$((SECONDS + 60))
+  until curl -fsS "http://127.0.0.1:$PORT/api/health" >/dev/null 2>&1; do
     if [ "$(podman inspect -f '{{.State.Running}}' dermsight)" != true ]; then
       podman logs dermsight >&2
       echo "error: the container stopped. No API key yet? podman run --rm -v $VOLUME:/data $IMAGE keys create NAME" >&2
       exit 1
     fi
-    curl -fsS "http://127.0.0.1:$PORT/api/health" >/dev/null 2>&1 && break
+    if [ $SECONDS -ge $deadline ]; then
+      echo "error: no answer from /api/health within 60 s; see podman logs dermsight" >&2
+      exit 1
+    fi
     sleep 0.2
   done
   echo "DermSight on http://127.0.0.1:$PORT (container dermsight, volume $VOLUME); stop: podman rm -f -t0 dermsight"
