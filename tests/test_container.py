@@ -45,7 +45,8 @@ def image() -> str:
 @pytest.fixture
 def containers():
     """`run(*args)`: a detached container, `name()`: a name for one run otherwise, and `volume()`: a
-    new named volume; all removed at the end of the test (rm -f -t0: no CNI chains left behind)."""
+    new named volume; all removed at the end of the test (rm -f -v -t0: no CNI chains and no anonymous
+    /data volumes left behind)."""
     made: dict[str, list[str]] = {"containers": [], "volumes": []}
 
     class Containers:
@@ -70,7 +71,7 @@ def containers():
 
     yield Containers
     for name in made["containers"]:
-        podman("rm", "-f", "-t0", name, check=False)
+        podman("rm", "-f", "-v", "-t0", name, check=False)
     for name in made["volumes"]:
         podman("volume", "rm", "-f", name, check=False)
 
