@@ -66,7 +66,7 @@ def storage(secure):
 
 @pytest.fixture(scope="module")
 def key(storage) -> str:
-    return create_api_key(storage, "clinic test")
+    return create_api_key(storage, "clinic test", role="admin")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def auth(key) -> dict[str, str]:
 def live(serving_bundle, tmp_path_factory):
     """A real server on 127.0.0.1 with default settings (no --dev, no CORS), and a key."""
     app = create_app(serving_bundle, storage_dir=tmp_path_factory.mktemp("live"))
-    key = create_api_key(app.state.scorer.storage, "live test")
+    key = create_api_key(app.state.scorer.storage, "live test", role="admin")
     with in_thread(app) as url:
         yield url, key, app
 
@@ -160,7 +160,7 @@ def test_keys_are_stored_hashed_and_revocable(secure, storage, new_database, tmp
 
     # Revocation on a running server: within the key cache's few seconds (here: at once).
     monkeypatch.setattr("dermsight.serving.security.KEY_CACHE_SECONDS", 0.0)
-    other = create_api_key(storage, "to revoke")
+    other = create_api_key(storage, "to revoke", role="read")
     assert secure.get("/api/patients", headers={"X-API-Key": other}).status_code == 200
     assert [k.name for k in storage.revoke_api_keys("to revoke")] == ["to revoke"]
     assert secure.get("/api/patients", headers={"X-API-Key": other}).status_code == 401
@@ -206,7 +206,7 @@ def test_rate_limits_answer_429_with_retry_after(secure, storage, monkeypatch):
     limiter = secure.app.state.rate_limiter
     monkeypatch.setattr(limiter, "rate", 0.2)
     monkeypatch.setattr(limiter, "burst", 3.0)
-    first, second = create_api_key(storage, "burst one"), create_api_key(storage, "burst two")
+    first, second = create_api_key(storage, "burst one", role="read"), create_api_key(storage, "burst two", role="read")
     answers = [secure.get("/api/patients", headers={"X-API-Key": first}).status_code for _ in range(4)]
     assert answers == [200, 200, 200, 429]
     limited = secure.get("/api/patients", headers={"X-API-Key": first})
@@ -214,7 +214,7 @@ def test_rate_limits_answer_429_with_retry_after(secure, storage, monkeypatch):
     assert "rate limit exceeded" in limited.json()["detail"]
     assert secure.get("/api/patients", headers={"X-API-Key": second}).status_code == 200  # per key
 
-    login = secure.app.state.login_limiter
+    login = secure.app.state.failures.by_address
     monkeypatch.setattr(login, "burst", 2.0)
     monkeypatch.setattr(login, "rate", 0.01)
     login._buckets.clear()
@@ -240,7 +240,7 @@ def test_a_flood_of_clients_never_resets_a_limited_one(secure, monkeypatch):
     assert len(limiter._buckets) == 2 and limiter.take("guesser", later) == 0.0  # the one token it earned back
     assert limiter.take("guesser", later) > 0
 
-    login = secure.app.state.login_limiter
+    login = secure.app.state.failures.by_address
     monkeypatch.setattr(login, "burst", 2.0)
     monkeypatch.setattr(login, "rate", 0.01)
     monkeypatch.setattr(login, "max_clients", 50)

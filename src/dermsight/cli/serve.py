@@ -35,11 +35,15 @@ def serve_command(
     max_queue: int = typer.Option(16, min=0, help="Uploads waiting for a slot; beyond that: 503 + Retry-After."),
     max_connections: int = typer.Option(128, min=1, help="Open connections; beyond that uvicorn answers 503."),
     log_level: str = typer.Option("info", help="debug, info, warning or error (no request bodies are ever logged)."),
+    forwarded_allow_ips: str = typer.Option(
+        None, "--forwarded-allow-ips",
+        help="Trust X-Forwarded-For/-Proto only from these proxy addresses (comma-separated; default: from nobody).",
+    ),
 ) -> None:
     """The web app and JSON API (docs at /docs). PostgreSQL instead of SQLite: set DERMSIGHT_DATABASE_URL.
 
-    Needs an API key (`dermsight keys create NAME`) for everything but /learn and /api/health,
-    unless --dev."""
+    Needs an API key (`dermsight keys create NAME --role ROLE`) for everything but /learn and
+    /api/health, unless --dev."""
     import uvicorn
 
     from dermsight.models.bundle import BundleError
@@ -59,10 +63,12 @@ def serve_command(
     if dev:
         console.print("[yellow]dev mode: no API keys needed[/] (loopback only)")
     elif not any(key.revoked_at is None for key in web_app.state.scorer.storage.list_api_keys()):
-        console.print("[yellow]no API key yet:[/] create one with `dermsight keys create NAME` (same --data-dir)")
+        console.print("[yellow]no API key yet:[/] create one with `dermsight keys create NAME --role admin` "
+                      "(same --data-dir)")
     console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)", highlight=False)
     uvicorn.run(
         web_app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,
-        limit_concurrency=max_connections,
+        limit_concurrency=max_connections, proxy_headers=bool(forwarded_allow_ips),
+        forwarded_allow_ips=forwarded_allow_ips or None,
         timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
     )
