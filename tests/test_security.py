@@ -334,6 +334,28 @@ def _png_with_text(jpeg: bytes, text: str) -> bytes:
     return _png_of(jpeg, pnginfo=info)
 
 
+def _icc_profile() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _with_icc(jpeg: bytes, *extra: bytes) -> bytes:
+    """The JPEG with a real sRGB ICC profile in APP2 segments (one, plus one per `extra` text)."""
+    parts = [_icc_profile(), *extra]
+    for number, part in reversed(list(enumerate(parts, start=1))):
+        jpeg = _with_segment(jpeg, 0xE2, b"ICC_PROFILE\x00" + bytes((number, len(parts))) + part)
+    return jpeg
+
+
+def _png_with_iccp(jpeg: bytes, name: bytes, profile: bytes, compressed: bytes | None = None) -> bytes:
+    """A PNG of the JPEG with an iCCP chunk of this name and profile, right after IHDR."""
+    body = name + b"\x00\x00" + (compressed if compressed is not None else zlib.compress(profile))
+    chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+    png = _png_of(jpeg)
+    return png[:33] + chunk + png[33:]
+
+
 HOSTILE = {
     # name: (bytes from the real lesion JPEG, words the 422 detail must contain)
     "empty": (lambda j: b"", "file is empty"),
@@ -350,6 +372,21 @@ HOSTILE = {
                                  "embedded HTML, script or archive"),
     "png + html": (lambda j: _png_of(j) + b"<html></html>", "embedded HTML, script or archive"),
     "script in a png text chunk": (lambda j: _png_with_text(j, "<script>x</script>"), "embedded HTML, script"),
+    # Chunks and segments that are kept are scanned too: the ICC profile of a JPEG (APP2), the name
+    # and the profile of a PNG's iCCP chunk; "<img" and "<svg/" are tags.
+    "<img onerror> in a jpeg icc profile": (
+        lambda j: _with_icc(j, b"<img src=x onerror=alert(document.domain)>"), "embedded HTML, script or archive"),
+    "<svg/onload> in a jpeg icc profile": (lambda j: _with_icc(j, b"<svg/onload=alert(1)>"), "embedded HTML"),
+    "<IMG/SRC> in a jpeg icc profile": (lambda j: _with_icc(j, b"\x00\x01<IMG/SRC=x ONERROR=alert(1)>"),
+                                        "embedded HTML"),
+    "<svg tab onload> in a jpeg icc profile": (lambda j: _with_icc(j, b"<svg\tonload=alert(1)>"), "embedded HTML"),
+    "png icc profile named <script>": (
+        lambda j: _png_with_iccp(j, b"<script>alert(1)</script>", _icc_profile()), "embedded HTML, script or archive"),
+    "png icc profile named <img>": (lambda j: _png_with_iccp(j, b"<img src=x onerror=alert(1)>", _icc_profile()),
+                                    "embedded HTML"),
+    "<svg/onload> inside a compressed png icc profile": (
+        lambda j: _png_with_iccp(j, b"sRGB", _icc_profile() + b"<svg/onload=alert(1)>"), "embedded HTML"),
+    "tiff that is no tiff": (lambda j: b"II*\x00" + bytes(300), "corrupt or truncated TIFF"),
 }
 
 
@@ -361,7 +398,21 @@ def test_hostile_files_are_refused_and_store_nothing(case, secure, auth, storage
     response = upload(secure, [("lesion.jpg", build(lesion), "image/jpeg")], auth)
     assert response.status_code == 422, response.text
     assert words in response.json()["detail"] and response.json()["detail"].startswith("lesion.jpg: ")
+    assert not re.search(r"0x[0-9a-f]{6}|object at|<_io", response.json()["detail"])  # no repr, no address
     assert store_snapshot(storage) == before
+
+
+def test_kept_icc_profiles_are_scanned_not_lost(secure, auth, lesion):
+    """A clean ICC profile (JPEG APP2, PNG iCCP) is kept byte for byte; an iCCP chunk whose
+    profile does not inflate is dropped (nothing vouches for it) and the picture kept."""
+    profile = _icc_profile()
+    for data in (_with_icc(lesion), _png_with_iccp(lesion, b"sRGB IEC61966-2.1", profile)):
+        kept = sanitize_image(data)
+        assert Image.open(io.BytesIO(kept.data)).info["icc_profile"] == profile
+    broken = sanitize_image(_png_with_iccp(lesion, b"sRGB", profile, compressed=b"not zlib <at all>"))
+    assert b"iCCP" not in broken.data and np.array_equal(decode_image(broken.data), decode_image(lesion))
+    response = upload(secure, [("icc.jpg", _with_icc(lesion), "image/jpeg")], auth)
+    assert response.status_code == 201, response.text
 
 
 def test_content_is_sniffed_never_named(secure, auth, storage, lesion):
