@@ -197,6 +197,30 @@ def test_failed_authentication_is_limited_per_address_and_never_locks_out_a_vali
         bucket._buckets.clear()
 
 
+def test_keys_made_before_roles_keep_their_full_rights(database_url, tmp_path):
+    """The migration to roles makes every existing key an admin: what every key could do before."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from dermsight.serving.security import hash_key, new_api_key
+    from dermsight.serving.storage.database import MIGRATIONS, make_engine
+
+    engine = make_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    key, prefix, digest = new_api_key()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        connection.execute(text("INSERT INTO api_keys (name, prefix, key_hash, created_at) VALUES ('old', :p, :h, :t)"),
+                           {"p": prefix, "h": digest, "t": "2026-12-01 10:00:00"})
+    engine.dispose()
+    storage = Storage(database_url, tmp_path)
+    assert [(k.name, k.role, k.key_hash) for k in storage.list_api_keys()] == [("old", "admin", hash_key(key))]
+    storage.engine.dispose()
+
+
 def test_log_redaction():
     key = "dsk_0123456789ab_" + "S" * 43
     line = redact_secrets(f'127.0.0.1:5 - "GET /api/x/{key}?api_key={key}&order=risk&flag HTTP/1.1" 401')

@@ -386,6 +386,8 @@ HOSTILE = {
                                     "embedded HTML"),
     "<svg/onload> inside a compressed png icc profile": (
         lambda j: _png_with_iccp(j, b"sRGB", _icc_profile() + b"<svg/onload=alert(1)>"), "embedded HTML"),
+    "script in a jpeg JPG0 segment": (lambda j: _with_segment(j, 0xF0, b"<script>alert(1)</script>"),
+                                      "embedded HTML, script or archive"),
     "tiff that is no tiff": (lambda j: b"II*\x00" + bytes(300), "corrupt or truncated TIFF"),
 }
 
