@@ -83,6 +83,8 @@ class AuditTrail:
         await self.app(scope, receive, audited)
 
     async def _record(self, scope: Scope, state: dict, status: int) -> None:
+        if status == 429:
+            return
         action, objects = action_of(scope["method"], scope.get("path", ""))
         principal = state.get("principal")
         if principal is not None:
@@ -91,9 +93,7 @@ class AuditTrail:
             actor, key = "anonymous", state["audit_key"]
         elif self.dev or action == "sign_in":
             actor, key = ("dev" if self.dev else "anonymous"), None
-        else:
-            return
-        if status == 429:
+        else:  # no key presented at all: nothing to attribute
             return
         objects += state.get("audit_objects", [])
         try:
