@@ -106,8 +106,11 @@ def test_roles_decide_what_a_key_may_do_and_every_change_is_audited(clinic, lesi
         assert value not in trail, value
     assert not any(str(e.status) == AGE or AGE in e.objects.split() for e in events)
 
-    # Not editable through the API: no route reaches the trail.
-    assert not [path for path in client.get("/openapi.json").json()["paths"] if "audit" in path]
+    # Not editable through the API: no route reaches the trail. The schema names each operation's role.
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not [path for path in paths if "audit" in path]
+    assert "'admin' role" in paths["/api/patients/{patient_id}"]["delete"]["responses"]["403"]["description"]
+    assert "'clinician' role" in paths["/api/images"]["post"]["responses"]["403"]["description"]
 
     # It survives a restart, and `dermsight audit` reads it, filtered by key, action, outcome and time.
     again = Storage(url, tmp_path / "files")

@@ -24,7 +24,7 @@ from dermsight.serving.middleware import add_middleware
 from dermsight.serving.routes import images, pages, patients, service, session
 from dermsight.serving.schemas import DISCLAIMER
 from dermsight.serving.scoring import Scorer
-from dermsight.serving.security import Authenticator, FailureLimiter, TokenBucket, quiet_libraries
+from dermsight.serving.security import Authenticator, FailureLimiter, TokenBucket, quiet_libraries, required_role
 from dermsight.serving.storage.repository import Storage
 
 HERE = Path(__file__).parent
@@ -99,7 +99,8 @@ def create_app(
 
 
 def _document_security(app: FastAPI) -> None:
-    """Declare the API-key schemes in the OpenAPI schema (the docs' Authorize button)."""
+    """Declare the API-key schemes in the OpenAPI schema (the docs' Authorize button), and
+    the role each operation needs (its 403 answer)."""
     build = app.openapi
 
     def openapi() -> dict:
@@ -113,8 +114,11 @@ def _document_security(app: FastAPI) -> None:
         }
         for path, operations in schema.get("paths", {}).items():
             if path != "/api/health":
-                for operation in operations.values():
+                for method, operation in operations.items():
                     operation["security"] = [{"bearer": []}, {"apiKey": []}]
+                    role = required_role(method.upper())
+                    needs = f"Needs a key of the '{role}' role or above (read < clinician < admin)."
+                    operation.setdefault("responses", {})["403"] = {"description": needs}
         return schema
 
     app.openapi = openapi
