@@ -200,6 +200,24 @@ def test_failed_authentication_is_limited_per_address_and_never_locks_out_a_vali
         bucket._buckets.clear()
 
 
+def test_load_refusals_write_no_audit_row(clinic, lesion_images, monkeypatch):
+    """A flood answered 429 or 503 (before any work) must not write the trail full or slow shedding down."""
+    client, keys, _ = clinic
+    storage, admission, limiter = client.app.state.storage, client.app.state.admission, client.app.state.rate_limiter
+    seen = len(storage.audit_events())
+    monkeypatch.setattr(admission, "in_flight", admission.capacity)  # every scoring slot taken
+    files = [("a.jpg", lesion_images[0].read_bytes(), "image/jpeg")]
+    assert upload(client, files, bearer(keys["clinician"])).status_code == 503
+    monkeypatch.setattr(admission, "in_flight", 0)
+    monkeypatch.setattr(limiter, "rate", 0.01)
+    monkeypatch.setattr(limiter, "burst", 1.0)
+    limiter._buckets.clear()
+    answers = [client.post("/api/patients", json={}, headers=bearer(keys["clinician"])).status_code for _ in range(3)]
+    assert answers == [201, 429, 429]
+    assert [e.action for e in storage.audit_events()[seen:]] == ["patient.create"]
+    limiter._buckets.clear()
+
+
 def test_keys_made_before_roles_keep_their_full_rights(database_url, tmp_path):
     """The migration to roles makes every existing key an admin: what every key could do before."""
     from alembic import command

@@ -3,8 +3,9 @@ that a key made or tried to make, sign-in attempts included: when, which key (id
 public prefix; ``session`` or ``key`` for how it came), the action, the ids of what it
 touched and how it ended. The row is written before the answer leaves, so an answered
 delete always has its row. Never recorded: file names, ages, sexes, sites, patient
-references, keys or any other value a request carried; nor answers 429 (a flood would
-otherwise write the table full), nor requests that presented no key at all.
+references, keys or any other value a request carried. Not recorded: answers 429 and 503
+(refused for load before any work: a flood would otherwise write the table full, and
+shedding must stay fast), and requests that presented no key at all.
 
 Routes add the ids of what they created with :func:`note_objects`; the trail is read with
 ``dermsight audit`` (``Storage.audit_events``) and no API route changes it."""
@@ -83,7 +84,7 @@ class AuditTrail:
         await self.app(scope, receive, audited)
 
     async def _record(self, scope: Scope, state: dict, status: int) -> None:
-        if status == 429:
+        if status in (429, 503):
             return
         action, objects = action_of(scope["method"], scope.get("path", ""))
         principal = state.get("principal")
