@@ -51,7 +51,7 @@ from urllib.parse import quote, urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dermsight.serving.storage.models import ROLES
+from dermsight.serving.storage.models import ROLES, ApiKey
 from dermsight.serving.storage.repository import Storage
 
 KEY_PATTERN = re.compile(r"dsk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
@@ -119,7 +119,7 @@ def create_api_key(storage: Storage, name: str, *, role: str) -> str:
     return key
 
 
-def revoke_api_keys(storage: Storage, which: str) -> list:
+def revoke_api_keys(storage: Storage, which: str) -> list[ApiKey]:
     """Revoke the active keys whose id, name or prefix is `which`, each recorded in the
     audit trail; returns them."""
     revoked = storage.revoke_api_keys(which)
@@ -148,7 +148,7 @@ class Principal:
     name: str
     prefix: str
     via: str  # "key" or "session"
-    role: str = "admin"
+    role: str  # one of ROLES
 
 
 @dataclass(frozen=True)
