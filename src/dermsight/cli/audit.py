@@ -21,9 +21,13 @@ def register(app: typer.Typer) -> None:
 
 def audit_command(
     key: str = typer.Option(None, "--key", help="Only this key's rows (its name or prefix)."),
-    action: str = typer.Option(None, "--action", help="Only this action (e.g. patient.delete; 'patient': all patient.*)."),
+    action: str = typer.Option(
+        None, "--action", help="Only this action (e.g. patient.delete; 'patient': all patient.*)."
+    ),
     outcome: str = typer.Option(None, "--outcome", help="done, refused or failed."),
-    since: datetime = typer.Option(None, "--since", help="From this time (ISO, UTC), e.g. 2026-12-01 or 2026-12-01T08:00."),
+    since: datetime = typer.Option(
+        None, "--since", help="From this time (ISO, UTC), e.g. 2026-12-01 or 2026-12-01T08:00."
+    ),
     until: datetime = typer.Option(None, "--until", help="Before this time (ISO, UTC)."),
     limit: int = typer.Option(200, min=1, help="At most this many rows (the newest)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per row instead of a table."),
