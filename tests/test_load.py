@@ -78,7 +78,7 @@ def test_a_retried_upload_counts_from_its_first_attempt(serving_bundle, images, 
 def test_the_bench_authenticates_with_an_api_key(serving_bundle, images, tmp_path):
     """Without --dev every upload needs a key: the bench's headers carry it."""
     app = create_app(serving_bundle, storage_dir=tmp_path, settings=Settings(rate=1000, burst=1000))
-    key = create_api_key(app.state.scorer.storage, "load test")
+    key = create_api_key(app.state.scorer.storage, "load test", role="clinician")
     with in_thread(app) as url:
         refused = asyncio.run(bench.run_clients(url, images, clients=1, requests=1, retries=0))
         report = asyncio.run(bench.run_clients(url, images, clients=2, requests=2, retries=0,

@@ -66,7 +66,7 @@ def storage(secure):
 
 @pytest.fixture(scope="module")
 def key(storage) -> str:
-    return create_api_key(storage, "clinic test")
+    return create_api_key(storage, "clinic test", role="admin")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def auth(key) -> dict[str, str]:
 def live(serving_bundle, tmp_path_factory):
     """A real server on 127.0.0.1 with default settings (no --dev, no CORS), and a key."""
     app = create_app(serving_bundle, storage_dir=tmp_path_factory.mktemp("live"))
-    key = create_api_key(app.state.scorer.storage, "live test")
+    key = create_api_key(app.state.scorer.storage, "live test", role="admin")
     with in_thread(app) as url:
         yield url, key, app
 
@@ -160,7 +160,7 @@ def test_keys_are_stored_hashed_and_revocable(secure, storage, new_database, tmp
 
     # Revocation on a running server: within the key cache's few seconds (here: at once).
     monkeypatch.setattr("dermsight.serving.security.KEY_CACHE_SECONDS", 0.0)
-    other = create_api_key(storage, "to revoke")
+    other = create_api_key(storage, "to revoke", role="read")
     assert secure.get("/api/patients", headers={"X-API-Key": other}).status_code == 200
     assert [k.name for k in storage.revoke_api_keys("to revoke")] == ["to revoke"]
     assert secure.get("/api/patients", headers={"X-API-Key": other}).status_code == 401
@@ -206,7 +206,7 @@ def test_rate_limits_answer_429_with_retry_after(secure, storage, monkeypatch):
     limiter = secure.app.state.rate_limiter
     monkeypatch.setattr(limiter, "rate", 0.2)
     monkeypatch.setattr(limiter, "burst", 3.0)
-    first, second = create_api_key(storage, "burst one"), create_api_key(storage, "burst two")
+    first, second = create_api_key(storage, "burst one", role="read"), create_api_key(storage, "burst two", role="read")
     answers = [secure.get("/api/patients", headers={"X-API-Key": first}).status_code for _ in range(4)]
     assert answers == [200, 200, 200, 429]
     limited = secure.get("/api/patients", headers={"X-API-Key": first})
@@ -214,7 +214,7 @@ def test_rate_limits_answer_429_with_retry_after(secure, storage, monkeypatch):
     assert "rate limit exceeded" in limited.json()["detail"]
     assert secure.get("/api/patients", headers={"X-API-Key": second}).status_code == 200  # per key
 
-    login = secure.app.state.login_limiter
+    login = secure.app.state.failures.by_address
     monkeypatch.setattr(login, "burst", 2.0)
     monkeypatch.setattr(login, "rate", 0.01)
     login._buckets.clear()
@@ -240,7 +240,7 @@ def test_a_flood_of_clients_never_resets_a_limited_one(secure, monkeypatch):
     assert len(limiter._buckets) == 2 and limiter.take("guesser", later) == 0.0  # the one token it earned back
     assert limiter.take("guesser", later) > 0
 
-    login = secure.app.state.login_limiter
+    login = secure.app.state.failures.by_address
     monkeypatch.setattr(login, "burst", 2.0)
     monkeypatch.setattr(login, "rate", 0.01)
     monkeypatch.setattr(login, "max_clients", 50)
@@ -334,6 +334,28 @@ def _png_with_text(jpeg: bytes, text: str) -> bytes:
     return _png_of(jpeg, pnginfo=info)
 
 
+def _icc_profile() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _with_icc(jpeg: bytes, *extra: bytes) -> bytes:
+    """The JPEG with a real sRGB ICC profile in APP2 segments (one, plus one per `extra` text)."""
+    parts = [_icc_profile(), *extra]
+    for number, part in reversed(list(enumerate(parts, start=1))):
+        jpeg = _with_segment(jpeg, 0xE2, b"ICC_PROFILE\x00" + bytes((number, len(parts))) + part)
+    return jpeg
+
+
+def _png_with_iccp(jpeg: bytes, name: bytes, profile: bytes, compressed: bytes | None = None) -> bytes:
+    """A PNG of the JPEG with an iCCP chunk of this name and profile, right after IHDR."""
+    body = name + b"\x00\x00" + (compressed if compressed is not None else zlib.compress(profile))
+    chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+    png = _png_of(jpeg)
+    return png[:33] + chunk + png[33:]
+
+
 HOSTILE = {
     # name: (bytes from the real lesion JPEG, words the 422 detail must contain)
     "empty": (lambda j: b"", "file is empty"),
@@ -350,6 +372,23 @@ HOSTILE = {
                                  "embedded HTML, script or archive"),
     "png + html": (lambda j: _png_of(j) + b"<html></html>", "embedded HTML, script or archive"),
     "script in a png text chunk": (lambda j: _png_with_text(j, "<script>x</script>"), "embedded HTML, script"),
+    # Chunks and segments that are kept are scanned too: the ICC profile of a JPEG (APP2), the name
+    # and the profile of a PNG's iCCP chunk; "<img" and "<svg/" are tags.
+    "<img onerror> in a jpeg icc profile": (
+        lambda j: _with_icc(j, b"<img src=x onerror=alert(document.domain)>"), "embedded HTML, script or archive"),
+    "<svg/onload> in a jpeg icc profile": (lambda j: _with_icc(j, b"<svg/onload=alert(1)>"), "embedded HTML"),
+    "<IMG/SRC> in a jpeg icc profile": (lambda j: _with_icc(j, b"\x00\x01<IMG/SRC=x ONERROR=alert(1)>"),
+                                        "embedded HTML"),
+    "<svg tab onload> in a jpeg icc profile": (lambda j: _with_icc(j, b"<svg\tonload=alert(1)>"), "embedded HTML"),
+    "png icc profile named <script>": (
+        lambda j: _png_with_iccp(j, b"<script>alert(1)</script>", _icc_profile()), "embedded HTML, script or archive"),
+    "png icc profile named <img>": (lambda j: _png_with_iccp(j, b"<img src=x onerror=alert(1)>", _icc_profile()),
+                                    "embedded HTML"),
+    "<svg/onload> inside a compressed png icc profile": (
+        lambda j: _png_with_iccp(j, b"sRGB", _icc_profile() + b"<svg/onload=alert(1)>"), "embedded HTML"),
+    "script in a jpeg JPG0 segment": (lambda j: _with_segment(j, 0xF0, b"<script>alert(1)</script>"),
+                                      "embedded HTML, script or archive"),
+    "tiff that is no tiff": (lambda j: b"II*\x00" + bytes(300), "corrupt or truncated TIFF"),
 }
 
 
@@ -361,7 +400,21 @@ def test_hostile_files_are_refused_and_store_nothing(case, secure, auth, storage
     response = upload(secure, [("lesion.jpg", build(lesion), "image/jpeg")], auth)
     assert response.status_code == 422, response.text
     assert words in response.json()["detail"] and response.json()["detail"].startswith("lesion.jpg: ")
+    assert not re.search(r"0x[0-9a-f]{6}|object at|<_io", response.json()["detail"])  # no repr, no address
     assert store_snapshot(storage) == before
+
+
+def test_kept_icc_profiles_are_scanned_not_lost(secure, auth, lesion):
+    """A clean ICC profile (JPEG APP2, PNG iCCP) is kept byte for byte; an iCCP chunk whose
+    profile does not inflate is dropped (nothing vouches for it) and the picture kept."""
+    profile = _icc_profile()
+    for data in (_with_icc(lesion), _png_with_iccp(lesion, b"sRGB IEC61966-2.1", profile)):
+        kept = sanitize_image(data)
+        assert Image.open(io.BytesIO(kept.data)).info["icc_profile"] == profile
+    broken = sanitize_image(_png_with_iccp(lesion, b"sRGB", profile, compressed=b"not zlib <at all>"))
+    assert b"iCCP" not in broken.data and np.array_equal(decode_image(broken.data), decode_image(lesion))
+    response = upload(secure, [("icc.jpg", _with_icc(lesion), "image/jpeg")], auth)
+    assert response.status_code == 201, response.text
 
 
 def test_content_is_sniffed_never_named(secure, auth, storage, lesion):

@@ -61,11 +61,12 @@ def files(store: Storage) -> set[str]:
 def test_migrations_build_the_orm_schema(storage):
     with storage.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        assert MigrationContext.configure(connection).get_current_revision() == "0004"
+        assert MigrationContext.configure(connection).get_current_revision() == "0005_key_roles_audit"
         if storage.backend == "sqlite":
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-    assert {"patients", "lesions", "images", "predictions", "api_keys"} <= set(inspect(storage.engine).get_table_names())
+    tables = {"patients", "lesions", "images", "predictions", "api_keys", "audit_events"}
+    assert tables <= set(inspect(storage.engine).get_table_names())
     # Starting again on the same database is a no-op upgrade that keeps the data.
     patient = storage.create_patient("P-1")
     again = Storage(storage.engine.url.render_as_string(hide_password=False), storage.files_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dermsight.cli.common import console, errors, fail
@@ -18,7 +19,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
 
 
-def _key_storage(data_dir: Path | None):
+def web_storage(data_dir: Path | None):
     """The web app's storage at `data_dir` (or $DERMSIGHT_DATABASE_URL), as `dermsight serve` opens it."""
     from dermsight.serving.app import resolve_locations
     from dermsight.serving.storage.repository import Storage
@@ -30,28 +31,32 @@ def _key_storage(data_dir: Path | None):
 @keys_app.command("create")
 def keys_create(
     name: str = typer.Argument(..., help="Who or what the key is for (a person, a clinic system)."),
+    role: str = typer.Option(
+        "clinician", "--role", help="read (view), clinician (also upload, score, add patients) or admin (also delete)."
+    ),
     data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ) -> None:
     """Create a key and print it once: only its hash is kept, so it cannot be shown again."""
     from dermsight.serving.security import create_api_key
 
     try:
-        key = create_api_key(_key_storage(data_dir), name)
+        key = create_api_key(web_storage(data_dir), name, role=role)
     except ValueError as err:
         fail(err, 2)
     print(key)
-    errors.print(f"API key for {name.strip()!r} created; it is shown only this once.", highlight=False)
+    errors.print(f"API key for {name.strip()!r} ({role}) created; it is shown only this once.", highlight=False)
 
 
 @keys_app.command("list")
 def keys_list(data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
-    """Every key: id, name, public prefix, when created and revoked (never the key)."""
+    """Every key: id, name, role, public prefix, when created and revoked (never the key)."""
     table = Table(title="API keys")
-    for column in ("id", "name", "prefix", "created", "revoked"):
+    for column in ("id", "name", "role", "prefix", "created", "revoked"):
         table.add_column(column)
-    for key in _key_storage(data_dir).list_api_keys():
+    for key in web_storage(data_dir).list_api_keys():
         revoked = key.revoked_at.strftime("%Y-%m-%d %H:%M") if key.revoked_at else ""
-        table.add_row(str(key.id), key.name, key.prefix, key.created_at.strftime("%Y-%m-%d %H:%M"), revoked)
+        table.add_row(str(key.id), escape(key.name), key.role, key.prefix, key.created_at.strftime("%Y-%m-%d %H:%M"),
+                      revoked)
     console.print(table)
 
 
@@ -61,7 +66,9 @@ def keys_revoke(
     data_dir: Path = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ) -> None:
     """Revoke keys: they stop working within seconds, browser sessions signed in with them too."""
-    revoked = _key_storage(data_dir).revoke_api_keys(which)
+    from dermsight.serving.security import revoke_api_keys
+
+    revoked = revoke_api_keys(web_storage(data_dir), which)
     if not revoked:
         fail(f"no active key with id, prefix or name {which!r}")
     for key in revoked:

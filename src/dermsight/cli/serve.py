@@ -35,11 +35,15 @@ def serve_command(
     max_queue: int = typer.Option(16, min=0, help="Uploads waiting for a slot; beyond that: 503 + Retry-After."),
     max_connections: int = typer.Option(128, min=1, help="Open connections; beyond that uvicorn answers 503."),
     log_level: str = typer.Option("info", help="debug, info, warning or error (no request bodies are ever logged)."),
+    forwarded_allow_ips: str = typer.Option(
+        None, "--forwarded-allow-ips",
+        help="Trust X-Forwarded-For/-Proto only from these proxy addresses (comma-separated; default: from nobody).",
+    ),
 ) -> None:
     """The web app and JSON API (docs at /docs). PostgreSQL instead of SQLite: set DERMSIGHT_DATABASE_URL.
 
-    Needs an API key (`dermsight keys create NAME`) for everything but /learn and /api/health,
-    unless --dev; without an active one it refuses to start."""
+    Needs an API key (`dermsight keys create NAME --role ROLE`) for everything but /learn and
+    /api/health, unless --dev; without an active one it refuses to start."""
     import uvicorn
 
     from dermsight.models.bundle import BundleError
@@ -60,11 +64,12 @@ def serve_command(
         console.print("[yellow]dev mode: no API keys needed[/] (loopback only)")
     elif not any(key.revoked_at is None for key in web_app.state.scorer.storage.list_api_keys()):
         fail("no active API key, so nobody could use this server (production mode needs one); create one with "
-             "`dermsight keys create NAME` (same --data-dir and DERMSIGHT_DATABASE_URL) and start again, or serve "
-             "with --dev on a loopback address", 2)
+             "`dermsight keys create NAME --role admin` (same --data-dir and DERMSIGHT_DATABASE_URL) and start "
+             "again, or serve with --dev on a loopback address", 2)
     console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)", highlight=False)
     uvicorn.run(
         web_app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,
-        limit_concurrency=max_connections,
+        limit_concurrency=max_connections, proxy_headers=bool(forwarded_allow_ips),
+        forwarded_allow_ips=forwarded_allow_ips or None,
         timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
     )

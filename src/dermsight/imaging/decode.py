@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dermsight.imaging.dicom import decode_dicom
-from dermsight.imaging.errors import ImageError
+from dermsight.imaging.errors import ImageError, reason
 from dermsight.imaging.pixels import MAX_FILE_BYTES, MAX_PIXELS, check_size, stretch_to_uint8
 from dermsight.imaging.tfrecord_image import read_tfrecord_image
 
@@ -95,7 +95,7 @@ def decode_image(data: bytes, *, name: str = "image", min_side: int | None = Non
             f"{name}: image is too large to decode safely (over the {MAX_PIXELS / 1e6:.0f} megapixel limit)"
         ) from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{name}: corrupt or truncated {kind.upper()} ({err})") from None
+        raise ImageError(f"{name}: corrupt or truncated {kind.upper()} ({reason(err)})") from None
     return to_rgb_array(image)
 
 

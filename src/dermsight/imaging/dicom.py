@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dermsight.imaging.errors import ImageError
+from dermsight.imaging.errors import ImageError, reason
 from dermsight.imaging.pixels import check_size, stretch_to_uint8
 
 # ISIC 2020 wrote the anatomical site into BodyPartExamined in upper case.
@@ -31,7 +31,7 @@ def read_dataset(data: bytes, name: str) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, OSError) as err:
-        raise ImageError(f"{name}: unreadable DICOM ({err})") from None
+        raise ImageError(f"{name}: unreadable DICOM ({reason(err)})") from None
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on malformed headers (fuzzing found them)
         raise ImageError(f"{name}: unreadable DICOM ({type(err).__name__} in its header)") from None
 
@@ -68,7 +68,7 @@ def dataset_pixels(dataset: pydicom.Dataset, name: str = "image") -> np.ndarray:
             dataset.pixel_array_options(index=0)
         pixels = dataset.pixel_array
     except Exception as err:  # pydicom raises many types for broken or unsupported pixel data
-        raise ImageError(f"{name}: cannot decode DICOM pixel data ({err})") from None
+        raise ImageError(f"{name}: cannot decode DICOM pixel data ({reason(err)})") from None
     if frames > 1 and pixels.ndim == (4 if int(dataset.get("SamplesPerPixel", 1) or 1) > 1 else 3):
         pixels = pixels[0]
     # pydicom 3 already returns YBR_FULL / YBR_FULL_422 (the JPEG Baseline photometric)

@@ -4,11 +4,22 @@ every data reader report them; ``dermsight.data.schema`` re-exports it)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
 
 
 class ImageError(ValueError):
     """An input that is not a usable image; the message says why."""
+
+
+def reason(err: BaseException) -> str:
+    """A library error as words for a message: without object reprs such as
+    ``<_io.BytesIO object at 0x7f...>`` (memory addresses say nothing to a user and
+    something to an attacker); the error's type when nothing else is left."""
+    text = _OBJECT_REPR.sub("", str(err)).strip()
+    return text or type(err).__name__
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,13 @@ checked to be one complete image, and reduced to its pixels' container:
   TIFF and WebP can carry EXIF and XMP).
 
 Polyglots are refused: data after the image's end (JPEG EOI, PNG IEND) beyond a
-32-byte allowance or zero/0xFF padding, and HTML, script or archive signatures in
-metadata or trailing data. (A JPEG's extra MPF pictures, which phones append after
-the first image, are dropped, not refused.) Every failure is an :class:`ImageError`.
+32-byte allowance or zero/0xFF padding, and HTML, script or archive signatures
+(``_POLYGLOT``) in any JPEG segment or PNG chunk, kept or dropped (the ICC profile in
+APP2 and the name and decompressed profile of a PNG iCCP chunk included), or in trailing
+data. Only the compressed picture itself (JPEG scan data, PNG IDAT) is not scanned: any
+byte pattern can occur there by chance. A PNG ICC profile that cannot be decompressed
+within bounds is dropped. (A JPEG's extra MPF pictures, which phones append after the
+first image, are dropped, not refused.) Every failure is an :class:`ImageError`.
 """
 
 from __future__ import annotations
@@ -43,12 +47,15 @@ from dermsight.imaging.pixels import MAX_PIXELS
 TRAILING_ALLOWANCE = 32  # bytes after the image's end tolerated (and dropped) whatever they are
 
 # HTML, script and archive signatures that make a file a polyglot when found in its
-# metadata or after its end (case-insensitive for the text ones).
+# metadata or after its end (case-insensitive for the text ones). A tag name must be
+# followed by what ends it in HTML (space, "/" or ">"): "<svg/onload=...>" is a tag.
 _POLYGLOT = re.compile(
-    rb"<(script|html|body|iframe|object|embed|\?php|!doctype)|<svg[\s>]|javascript:"
+    rb"<(script|iframe|object|embed|\?php|!doctype)"
+    rb"|<(html|body|img|svg|math|style|link|meta|base|form|frame|frameset|applet|video|audio)[\s/>]|javascript:"
     rb"|PK\x03\x04[\x0a\x14\x2d]\x00|PK\x05\x06\x00\x00|Rar!\x1a\x07|7z\xbc\xaf\x27\x1c|\x7fELF[\x01\x02]",
     re.IGNORECASE,
 )
+MAX_ICC_BYTES = 4 * 2**20  # a PNG's decompressed ICC profile beyond this is dropped, not inflated
 
 # JPEG markers that have no length field.
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}
@@ -110,8 +117,8 @@ def _clean_jpeg(data: bytes, name: str) -> bytes:
         payload = data[pos + 2 : pos + length]
         segment = bytes((0xFF, marker)) + data[pos : pos + length]
         pos += length
+        _refuse_polyglot(payload, name)  # every segment, kept or not (tables and frame headers too)
         if 0xE0 <= marker <= 0xEF or marker == 0xFE:  # APPn, COM: metadata
-            _refuse_polyglot(payload, name)
             has_mpf |= marker == 0xE2 and payload.startswith(b"MPF\x00")
             if _keep_app(marker, payload):
                 kept.append(segment)
@@ -180,12 +187,15 @@ def _clean_png(data: bytes, name: str) -> bytes:
             raise ImageError(f"{name}: corrupt PNG (checksum error in a {kind!r} chunk)")
         if first and kind != b"IHDR":
             raise ImageError(f"{name}: corrupt PNG (does not start with an IHDR chunk)")
-        if kind in _PNG_KEEP:
+        if kind != b"IDAT":  # the compressed picture: any byte pattern can occur there by chance
+            _refuse_polyglot(body, name)
+        if kind == b"iCCP":
+            if _icc_profile_vouched(body, name):
+                kept.append(data[pos:end])
+        elif kind in _PNG_KEEP:
             kept.append(data[pos:end])
         elif kind[:1].isupper():  # an unknown critical chunk: no decoder could read the picture
             raise ImageError(f"{name}: PNG has an unknown critical chunk {kind!r}")
-        else:
-            _refuse_polyglot(body, name)
         if first and orientation != 1:
             exif = _app1(orientation)[10:]  # the TIFF structure without APP1 header and "Exif\0\0"
             kept.append(struct.pack(">I4s", len(exif), b"eXIf") + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif)))
@@ -195,6 +205,25 @@ def _clean_png(data: bytes, name: str) -> bytes:
             break
     _check_trailing(data[pos:], name, "PNG", allow_pictures=False)
     return b"".join(kept)
+
+
+def _icc_profile_vouched(body: bytes, name: str) -> bool:
+    """Whether an iCCP chunk may be kept: its name is a PNG keyword and its profile
+    inflates within MAX_ICC_BYTES (else False: the chunk is dropped); ImageError when the
+    inflated profile carries a polyglot signature."""
+    keyword, separator, rest = body.partition(b"\x00")
+    printable = all(32 <= c <= 126 or 161 <= c <= 255 for c in keyword)
+    if not separator or not 1 <= len(keyword) <= 79 or not printable or rest[:1] != b"\x00":
+        return False
+    inflater = zlib.decompressobj()
+    try:
+        profile = inflater.decompress(rest[1:], MAX_ICC_BYTES)
+    except zlib.error:
+        return False
+    if inflater.unconsumed_tail or not inflater.eof:
+        return False
+    _refuse_polyglot(profile, name)
+    return True
 
 
 # -- shared -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from dermsight.imaging.errors import ImageError
+from dermsight.imaging.errors import ImageError, reason
 
 HEADER_BYTES = 12  # uint64 length + uint32 masked crc
 FOOTER_BYTES = 4
@@ -28,7 +28,7 @@ def read_tfrecord_image(path: str, offset: int) -> bytes:
             file.seek(4, 1)
             raw = file.read(length)
     except (OSError, struct.error) as err:
-        raise ImageError(f"{path}#{offset}: cannot read TFRecord record ({err})") from None
+        raise ImageError(f"{path}#{offset}: cannot read TFRecord record ({reason(err)})") from None
     example = example_pb2().Example()
     try:
         example.ParseFromString(raw)

@@ -24,7 +24,7 @@ from dermsight.serving.middleware import add_middleware
 from dermsight.serving.routes import images, pages, patients, service, session
 from dermsight.serving.schemas import DISCLAIMER
 from dermsight.serving.scoring import Scorer
-from dermsight.serving.security import Authenticator, TokenBucket, quiet_libraries
+from dermsight.serving.security import Authenticator, FailureLimiter, TokenBucket, quiet_libraries, required_role
 from dermsight.serving.storage.repository import Storage
 
 HERE = Path(__file__).parent
@@ -86,20 +86,21 @@ def create_app(
     app.state.admission = Admission(settings.max_active, settings.max_queue, settings.queue_timeout)
     app.state.auth = auth
     app.state.rate_limiter = None if dev else TokenBucket(settings.rate, settings.burst)
-    app.state.login_limiter = TokenBucket(settings.login_rate, settings.login_burst)
+    app.state.failures = FailureLimiter(settings.failure_rate, settings.failure_burst)
     app.state.templates = Jinja2Templates(HERE / "templates")
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     for router in ROUTERS:
         app.include_router(router)
-    add_middleware(app, settings, auth, app.state.rate_limiter, app.state.admission)
+    add_middleware(app, settings, auth, app.state.rate_limiter, app.state.failures, app.state.admission, storage)
     if auth is not None:
         _document_security(app)
     return app
 
 
 def _document_security(app: FastAPI) -> None:
-    """Declare the API-key schemes in the OpenAPI schema (the docs' Authorize button)."""
+    """Declare the API-key schemes in the OpenAPI schema (the docs' Authorize button), and
+    the role each operation needs (its 403 answer)."""
     build = app.openapi
 
     def openapi() -> dict:
@@ -107,13 +108,17 @@ def _document_security(app: FastAPI) -> None:
             return app.openapi_schema
         schema = build()
         schema.setdefault("components", {})["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer", "description": "An API key: dermsight keys create NAME"},
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "An API key: dermsight keys create NAME --role read|clinician|admin"},
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
         }
         for path, operations in schema.get("paths", {}).items():
             if path != "/api/health":
-                for operation in operations.values():
+                for method, operation in operations.items():
                     operation["security"] = [{"bearer": []}, {"apiKey": []}]
+                    role = required_role(method.upper())
+                    needs = f"Needs a key of the '{role}' role or above (read < clinician < admin)."
+                    operation.setdefault("responses", {})["403"] = {"description": needs}
         return schema
 
     app.openapi = openapi

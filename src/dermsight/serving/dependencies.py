@@ -15,7 +15,7 @@ from dermsight.inference.predictor import Predictor
 from dermsight.serving.limits import Admission
 from dermsight.serving.schemas import DISCLAIMER
 from dermsight.serving.scoring import Scorer
-from dermsight.serving.security import Authenticator, Principal, TokenBucket
+from dermsight.serving.security import Authenticator, FailureLimiter, Principal, allows
 from dermsight.serving.storage.repository import Storage
 
 
@@ -44,9 +44,9 @@ async def get_auth(request: Request) -> Authenticator | None:
     return request.app.state.auth
 
 
-async def get_login_limiter(request: Request) -> TokenBucket:
-    """Sign-in attempts per client address."""
-    return request.app.state.login_limiter
+async def get_failures(request: Request) -> FailureLimiter:
+    """Failed sign-ins and invalid keys, per client address and per key prefix."""
+    return request.app.state.failures
 
 
 async def get_principal(request: Request) -> Principal | None:
@@ -60,18 +60,21 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]
 AuthDep = Annotated[Authenticator | None, Depends(get_auth)]
-LoginLimiterDep = Annotated[TokenBucket, Depends(get_login_limiter)]
+FailuresDep = Annotated[FailureLimiter, Depends(get_failures)]
 PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
 
 
 class Page:
     """Renders a page template with what every page shows (the disclaimer, whether keys
-    are on and whether a browser session is signed in)."""
+    are on, whether a browser session is signed in, and what its role may do: `may.upload`
+    (clinician) and `may.delete` (admin); everything without keys)."""
 
     def __init__(self, request: Request, auth: Authenticator | None, principal: Principal | None):
         self.request = request
+        role = principal.role if principal is not None else "admin" if auth is None else "read"
         self.common = {"disclaimer": DISCLAIMER, "signed_in": principal is not None and principal.via == "session",
-                       "auth": auth is not None}
+                       "auth": auth is not None, "role": role,
+                       "may": {"upload": allows(role, "clinician"), "delete": allows(role, "admin")}}
 
     def __call__(self, name: str, status_code: int = 200, **context) -> HTMLResponse:
         templates = self.request.app.state.templates

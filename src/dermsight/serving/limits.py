@@ -45,8 +45,8 @@ class Settings:
     body_deadline: float = 300.0
     rate: float = 20.0  # requests a second per API key ...
     burst: float = 120.0  # ... with bursts this large (a patient page loads two images per lesion)
-    login_rate: float = 0.2  # sign-in attempts a second per client address ...
-    login_burst: float = 10.0
+    failure_rate: float = 0.2  # failed sign-ins or invalid keys a second, per client address and per key prefix ...
+    failure_burst: float = 10.0
     max_active: int = 2  # scoring requests running at once
     max_queue: int = 16  # and waiting for a slot
     queue_timeout: float = 30.0

@@ -3,21 +3,31 @@
 - **API keys** (``dsk_<prefix>_<secret>``, 256 random bits): stored as SHA-256 only (a
   slow hash adds nothing to a random 256-bit secret), found by their public prefix and
   compared in constant time. Sent as ``Authorization: Bearer <key>`` or ``X-API-Key``.
+- **Roles**: a key is ``read``, ``clinician`` or ``admin`` (each may do what the one
+  before it may); the request's method decides the role it needs (``required_role``), and
+  a key without it gets 403 naming the role.
 - **Browser sessions**: the sign-in page takes a key once and sets an HttpOnly,
   SameSite=Lax cookie (Secure over HTTPS) holding a random session token; the key never
   reaches the page's scripts or storage. Sessions live in the server's memory (signed
   out by a restart), end after 12 hours, and end with their key. Unsafe requests made
   with the cookie must carry the app script's X-Requested-With header and no foreign
   Origin (cross-site request forgery).
-- **Rate limits**: a token bucket per key (in memory) answers 429 with Retry-After; a
-  bucket per client address guards the sign-in form. A full table of buckets forgets
-  only refilled ones, never a client being limited.
+- **Rate limits**: a token bucket per key (in memory) answers 429 with Retry-After.
+  Failed authentication (a wrong key in a header or the sign-in form) is limited per
+  client address and per key prefix, each in its own bucket: once either is spent, a
+  failure is answered 429 instead of 401. A valid key is never refused for another's
+  failures behind the same address (keys are 256-bit: the limit slows floods down, it is
+  not what stops guessing). The client address is the TCP peer's unless the server was
+  told to trust a proxy's forwarded headers (``dermsight serve --forwarded-allow-ips``).
+  A full table of buckets forgets only refilled ones, never a client being limited.
 - **Headers** on every response: a Content-Security-Policy (``default-src 'self'``),
   nosniff, DENY framing, no referrer, a Permissions-Policy, no caching of anything but
   static files, and HSTS over HTTPS.
-- **Logging** that never carries request bodies, image bytes, file names or DICOM
-  values: the app logs counts, sizes and ids, libraries that could echo file content
-  are kept quiet, and a filter on every handler turns bytes into their length.
+- **Logging** that never carries request bodies, image bytes, file names, DICOM values
+  or secrets: the app logs counts, sizes and ids, libraries that could echo file content
+  are kept quiet, and a filter on every handler (uvicorn's access log included) turns
+  bytes into their length, replaces the values of every query string and the secret
+  part of anything shaped like an API key with ``[redacted]``.
 
 Everything here is pure ASGI middleware, so a refused request is answered before its
 body is read.
@@ -41,9 +51,11 @@ from urllib.parse import quote, urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dermsight.serving.storage.models import ROLES, ApiKey
 from dermsight.serving.storage.repository import Storage
 
 KEY_PATTERN = re.compile(r"dsk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
+ROLE_NEEDS = {"read": "viewing", "clinician": "uploading, scoring and creating patients", "admin": "deleting"}
 SESSION_COOKIE = "dermsight_session"
 CSRF_HEADER, CSRF_VALUE = "x-requested-with", "DermSight"  # sent by static/app.js with every API call
 SESSION_SECONDS = 12 * 3600
@@ -93,14 +105,39 @@ def new_api_key() -> tuple[str, str, str]:
     return key, prefix, hash_key(key)
 
 
-def create_api_key(storage: Storage, name: str) -> str:
-    """Store a new key named `name`; returns the key itself (the only time it exists)."""
+def create_api_key(storage: Storage, name: str, *, role: str) -> str:
+    """Store a new key named `name` with `role` (one of ROLES) and record it in the audit
+    trail; returns the key itself (the only time it exists)."""
     name = name.strip()
     if not name or len(name) > 100:
         raise ValueError("a key needs a name of 1-100 characters")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
     key, prefix, digest = new_api_key()
-    storage.add_api_key(name, prefix, digest)
+    row = storage.add_api_key(name, prefix, digest, role)
+    storage.add_audit_event("cli", "key.create", "done", key=(row.id, name, prefix), objects=f"key {row.id} ({role})")
     return key
+
+
+def revoke_api_keys(storage: Storage, which: str) -> list[ApiKey]:
+    """Revoke the active keys whose id, name or prefix is `which`, each recorded in the
+    audit trail; returns them."""
+    revoked = storage.revoke_api_keys(which)
+    for key in revoked:
+        storage.add_audit_event("cli", "key.revoke", "done", key=(key.id, key.name, key.prefix),
+                                objects=f"key {key.id}")
+    return revoked
+
+
+def allows(role: str, needed: str) -> bool:
+    """Whether a key of `role` may do what needs `needed` (each role includes the ones before it)."""
+    return role in ROLES and ROLES.index(role) >= ROLES.index(needed)
+
+
+def required_role(method: str) -> str:
+    """The role a request needs: reading for safe methods, deleting is admin's, every
+    other change (uploads, scoring, new patients) clinician's."""
+    return "read" if method in SAFE_METHODS else "admin" if method == "DELETE" else "clinician"
 
 
 @dataclass(frozen=True)
@@ -111,13 +148,22 @@ class Principal:
     name: str
     prefix: str
     via: str  # "key" or "session"
+    role: str  # one of ROLES
+
+
+@dataclass(frozen=True)
+class _KeyRow:
+    id: int
+    name: str
+    key_hash: str
+    active: bool
+    role: str
 
 
 @dataclass
 class _Session:
     key_id: int
     prefix: str
-    name: str
     expires: float
 
 
@@ -128,30 +174,40 @@ class Authenticator:
         self.storage = storage
         self.session_seconds = session_seconds
         self.max_sessions = max_sessions
-        self._keys: dict[str, tuple[float, tuple[int, str, str, bool] | None]] = {}
+        self._keys: dict[str, tuple[float, _KeyRow | None]] = {}
         self._sessions: dict[str, _Session] = {}
 
-    def _key_row(self, prefix: str) -> tuple[int, str, str, bool] | None:
-        """(id, name, hash, active) of the key with `prefix`, cached a few seconds."""
+    def _key_row(self, prefix: str) -> _KeyRow | None:
+        """The key with `prefix`, cached a few seconds."""
         now = time.monotonic()
         cached = self._keys.get(prefix)
         if cached and now - cached[0] < KEY_CACHE_SECONDS:
             return cached[1]
-        row = self.storage.api_key(prefix)
-        value = None if row is None else (row.id, row.name, row.key_hash, row.revoked_at is None)
+        key = self.storage.api_key(prefix)
+        row = None if key is None else _KeyRow(key.id, key.name, key.key_hash, key.revoked_at is None, key.role)
         if len(self._keys) > 10_000:
             self._keys.clear()
-        self._keys[prefix] = (now, value)
-        return value
+        self._keys[prefix] = (now, row)
+        return row
 
     def verify(self, key: str) -> Principal | None:
         """The principal of a presented key; None for an unknown, malformed or revoked key."""
         match = KEY_PATTERN.fullmatch(key.strip())
         row = self._key_row(match.group(1)) if match else None
-        matches = hmac.compare_digest(hash_key(key.strip()), row[2] if row else _DUMMY_HASH)
-        if not (matches and row and row[3]):
+        matches = hmac.compare_digest(hash_key(key.strip()), row.key_hash if row else _DUMMY_HASH)
+        if not (matches and row and row.active):
             return None
-        return Principal(row[0], row[1], match.group(1), "key")
+        return Principal(row.id, row.name, match.group(1), "key", row.role)
+
+    def identify(self, key: str) -> tuple[int | None, str | None, str | None]:
+        """(id, name, prefix) of the key a failed attempt named, as far as known: the prefix
+        when the text is shaped like a key, id and name when a key has that prefix. Never
+        any of the secret (nor text that is not key-shaped: it could be a password)."""
+        match = KEY_PATTERN.fullmatch(key.strip())
+        if not match:
+            return None, None, None
+        row = self._key_row(match.group(1))
+        return (row.id, row.name, match.group(1)) if row else (None, None, match.group(1))
 
     def start_session(self, principal: Principal) -> str:
         """A new session for a verified key; returns the cookie's token."""
@@ -161,9 +217,7 @@ class Authenticator:
             while len(self._sessions) >= self.max_sessions:
                 self._sessions.pop(next(iter(self._sessions)))
         token = secrets.token_urlsafe(32)
-        self._sessions[hash_key(token)] = _Session(
-            principal.key_id, principal.prefix, principal.name, now + self.session_seconds
-        )
+        self._sessions[hash_key(token)] = _Session(principal.key_id, principal.prefix, now + self.session_seconds)
         return token
 
     def session(self, token: str) -> Principal | None:
@@ -172,10 +226,10 @@ class Authenticator:
         if session is None:
             return None
         row = self._key_row(session.prefix)
-        if session.expires <= time.monotonic() or row is None or not row[3]:
+        if session.expires <= time.monotonic() or row is None or not row.active:
             self._sessions.pop(digest, None)
             return None
-        return Principal(session.key_id, session.name, session.prefix, "session")
+        return Principal(session.key_id, row.name, session.prefix, "session", row.role)
 
     def end_session(self, token: str) -> None:
         self._sessions.pop(hash_key(token), None)
@@ -222,6 +276,36 @@ class TokenBucket:
             return 0.0
         self._next_refill = min(full_at[c] for c in self._buckets)
         return self._next_refill - now
+
+
+class FailureLimiter:
+    """Failed authentication, limited in two buckets of `rate` a second and `burst` each:
+    per client address, and per key prefix (a wrong secret for a real key's prefix, from
+    wherever). Only failures take tokens, so a valid key is never refused for them."""
+
+    def __init__(self, rate: float, burst: float):
+        self.by_address = TokenBucket(rate, burst)
+        self.by_prefix = TokenBucket(rate, burst)
+
+    def failed(self, address: str, prefix: str | None) -> float:
+        """Count one failure: 0.0 while both buckets allow it, else the seconds to wait."""
+        wait = self.by_address.take(address)
+        return max(wait, self.by_prefix.take(prefix)) if prefix else wait
+
+    @staticmethod
+    def message(wait: float) -> str:
+        return f"too many failed sign-ins or invalid API keys; retry in {max(1, math.ceil(wait))} s"
+
+
+def client_address(scope: Scope) -> str:
+    """The client's address: the TCP peer's, or a trusted proxy's forwarded one (uvicorn
+    rewrites it only for `--forwarded-allow-ips`)."""
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
+def retry_after(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(wait)))}
 
 
 # -- middleware ---------------------------------------------------------------------------
@@ -287,13 +371,17 @@ def csrf_safe(headers: dict[str, str]) -> bool:
 class AccessControl:
     """Deny by default: public paths pass; the rest need an API key header or a browser
     session (pages without one are sent to the sign-in page), within the key's rate
-    limit. Busy scoring endpoints are refused here, before their body is read. In dev
-    mode (no `auth`) only the busy check applies."""
+    limit and role. A wrong key counts against the failure limits (429 once spent).
+    Busy scoring endpoints are refused here, before their body is read. In dev mode (no
+    `auth`) only the busy check applies. Sets ``state["principal"]`` (and, for a wrong
+    key, ``state["audit_key"]``) for the audit trail."""
 
-    def __init__(self, app: ASGIApp, auth: Authenticator | None, limiter: TokenBucket | None, admission=None):
+    def __init__(self, app: ASGIApp, auth: Authenticator | None, limiter: TokenBucket | None,
+                 failures: FailureLimiter | None = None, admission=None):
         self.app = app
         self.auth = auth
         self.limiter = limiter
+        self.failures = failures
         self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -304,31 +392,41 @@ class AccessControl:
         state["principal"] = None
         headers = _headers(scope)
         if self.auth is not None and not (path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)):
-            principal, cookie_token = self._principal(headers)
+            principal, key, cookie_token = self._principal(headers)
             if principal is None:
+                if key is not None:
+                    state["audit_key"] = self.auth.identify(key)
+                    wait = self.failures.failed(client_address(scope), state["audit_key"][2]) if self.failures else 0
+                    if wait > 0:
+                        return await send_json(send, 429, FailureLimiter.message(wait), retry_after(wait))
                 return await self._refuse(scope, send, path, method, headers, bool(cookie_token))
+            state["principal"] = principal
             if principal.via == "session" and method not in SAFE_METHODS and not csrf_safe(headers):
                 detail = "cross-site request refused: use the DermSight page itself, or an API key"
                 return await send_json(send, 403, detail)
             wait = self.limiter.take(principal.key_id) if self.limiter else 0.0
             if wait > 0:
-                retry = max(1, math.ceil(wait))
                 detail = (f"rate limit exceeded for API key '{principal.name}': at most {self.limiter.rate:g} requests "
-                          f"a second (bursts of {self.limiter.burst:g}); retry in {retry} s")
-                return await send_json(send, 429, detail, {"Retry-After": str(retry)})
-            state["principal"] = principal
+                          f"a second (bursts of {self.limiter.burst:g}); retry in {max(1, math.ceil(wait))} s")
+                return await send_json(send, 429, detail, retry_after(wait))
+            needed = required_role(method)
+            if not allows(principal.role, needed):
+                detail = (f"API key '{principal.name}' has the '{principal.role}' role; {ROLE_NEEDS[needed]} needs the "
+                          f"'{needed}' role (ask an administrator for such a key)")
+                return await send_json(send, 403, detail)
         if self.admission is not None and method == "POST" and _is_scoring(path) and self.admission.full():
             retry = self.admission.retry_after()
             return await send_json(send, 503, self.admission.busy_message(retry), {"Retry-After": str(retry)})
         await self.app(scope, receive, send)
 
-    def _principal(self, headers: dict[str, str]) -> tuple[Principal | None, str | None]:
+    def _principal(self, headers: dict[str, str]) -> tuple[Principal | None, str | None, str | None]:
+        """(principal, the presented key, the session cookie's token)."""
         authorization = headers.get("authorization", "")
         key = headers.get("x-api-key") or (authorization[7:] if authorization[:7].lower() == "bearer " else None)
         if key:
-            return self.auth.verify(key), None
+            return self.auth.verify(key), key, None
         token = session_token(headers)
-        return (self.auth.session(token) if token else None), token
+        return (self.auth.session(token) if token else None), None, token
 
     async def _refuse(self, scope, send, path, method, headers, had_cookie) -> None:
         wants_page = method == "GET" and not path.startswith("/api/") and "text/html" in headers.get("accept", "")
@@ -343,7 +441,7 @@ class AccessControl:
             "invalid or revoked API key" if has_key else
             "session expired: sign in again at /login" if had_cookie else
             "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>' (create one with "
-            "`dermsight keys create NAME`), or sign in at /login"
+            "`dermsight keys create NAME --role ROLE`), or sign in at /login"
         )
         await send_json(send, 401, detail, {"WWW-Authenticate": 'Bearer realm="dermsight"'})
 
@@ -372,8 +470,24 @@ def safe_next(target: str | None) -> str:
 # -- logging ------------------------------------------------------------------------------
 
 
+# Anything shaped like an API key (the secret part may be cut or mangled), and a query string.
+_KEY_LIKE = re.compile(r"(dsk_[0-9A-Za-z]{0,32}_)[A-Za-z0-9_\-]+")
+_QUERY = re.compile(r"\?([^\s\"'#]+)")
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with the secret part of key-shaped strings and every query-string value
+    replaced by ``[redacted]`` (parameter names stay: ``?order=[redacted]``)."""
+    def query(match: re.Match) -> str:
+        parts = (p.split("=", 1)[0] + "=[redacted]" if "=" in p else "[redacted]" for p in match.group(1).split("&"))
+        return "?" + "&".join(parts)
+
+    return _QUERY.sub(query, _KEY_LIKE.sub(r"\1[redacted]", text))
+
+
 class RedactFilter(logging.Filter):
-    """Never let bytes (image or DICOM content) or very long values reach a log line."""
+    """Never let bytes (image or DICOM content), very long values or secrets (API keys,
+    query strings: see `redact_secrets`) reach a log line."""
 
     MAX_ARGUMENT = 300
     MAX_MESSAGE = 2000
@@ -381,6 +495,8 @@ class RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, (bytes, bytearray, memoryview)):
             record.msg, record.args = f"<{len(record.msg)} bytes>", None
+        if isinstance(record.msg, str) and not record.args:  # a format string is left alone ("?%s")
+            record.msg = redact_secrets(record.msg)
         if isinstance(record.args, dict):
             record.args = {k: self._safe(v) for k, v in record.args.items()}
         elif record.args:
@@ -396,8 +512,9 @@ class RedactFilter(logging.Filter):
     def _safe(self, value: object) -> object:
         if isinstance(value, (bytes, bytearray, memoryview)):
             return f"<{len(value)} bytes>"
-        if isinstance(value, str) and len(value) > self.MAX_ARGUMENT:
-            return value[: self.MAX_ARGUMENT] + "..."
+        if isinstance(value, str):
+            value = redact_secrets(value)
+            return value[: self.MAX_ARGUMENT] + "..." if len(value) > self.MAX_ARGUMENT else value
         return value
 
 

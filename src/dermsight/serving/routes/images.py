@@ -8,10 +8,11 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from dermsight.data.schema import SEXES, SITES
+from dermsight.serving.audit import note_objects
 from dermsight.serving.dependencies import AdmissionDep, PredictorDep, ScorerDep, StorageDep
 from dermsight.serving.limits import MB
 from dermsight.serving.schemas import (
@@ -42,6 +43,7 @@ async def upload_images(
     scorer: ScorerDep,
     admission: AdmissionDep,
     predictor: PredictorDep,
+    request: Request,
     files: Annotated[list[UploadFile], File(description=f"1-{MAX_FILES} lesion images (JPEG, PNG, ...).")],
     age: Annotated[str | None, Form(description="Years, 0-120; empty if unknown.")] = None,
     sex: Annotated[str | None, Form(description=f"{' or '.join(SEXES)}; empty if unknown.")] = None,
@@ -54,6 +56,8 @@ async def upload_images(
     predictions and heat maps; with a patient, all their lesions are scored again
     together so the ugly-duckling context covers them."""
     started = time.monotonic()
+    if patient_id is not None:
+        note_objects(request, f"patient {patient_id}")
     metadata = parse_metadata(age, sex, site)
     if len(files) > MAX_FILES:
         raise InputError(f"{len(files)} images in one upload; at most {MAX_FILES}")
@@ -64,6 +68,8 @@ async def upload_images(
             raise HTTPException(413, f"{name}: file is over the {MAX_FILE_BYTES // MB} MB limit")
         uploads.append(Upload(name, await upload.read()))
     predictions = await admission.run(scorer.upload, uploads, metadata, patient_id)
+    note_objects(request, "images " + ",".join(str(p.image.id) for p in predictions),
+                 "predictions " + ",".join(str(p.id) for p in predictions))
     # Counts, sizes and ids only: never names, bytes or metadata values.
     log.info(
         "upload scored: %d image(s), %d bytes, %s, images %s, %.2f s", len(uploads),

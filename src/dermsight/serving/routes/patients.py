@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
+from dermsight.serving.audit import note_objects
 from dermsight.serving.dependencies import AdmissionDep, PredictorDep, ScorerDep, StorageDep
 from dermsight.serving.schemas import (
     PatientDetail,
@@ -23,9 +24,11 @@ router = APIRouter(prefix="/api/patients", tags=["patients"])
 
 
 @router.post("", response_model=PatientOut, status_code=201)
-def create_patient(body: PatientIn, storage: StorageDep) -> PatientOut:
+def create_patient(body: PatientIn, storage: StorageDep, request: Request) -> PatientOut:
     reference = (body.reference or "").strip() or None
-    return patient_out(storage.create_patient(reference), 0)
+    patient = storage.create_patient(reference)
+    note_objects(request, f"patient {patient.id}")
+    return patient_out(patient, 0)
 
 
 @router.get("", response_model=list[PatientOut])
@@ -55,9 +58,10 @@ def delete_patient(patient_id: RowId, storage: StorageDep) -> Response:
 
 @router.post("/{patient_id}/rescore", response_model=ScoringOut)
 async def rescore_patient(
-    patient_id: RowId, scorer: ScorerDep, admission: AdmissionDep, predictor: PredictorDep
+    patient_id: RowId, scorer: ScorerDep, admission: AdmissionDep, predictor: PredictorDep, request: Request
 ) -> ScoringOut:
     """Score the newest image of each lesion again with the model now loaded; older
     predictions stay as history."""
     predictions = await admission.run(scorer.rescore, patient_id)
+    note_objects(request, "predictions " + ",".join(str(p.id) for p in predictions))
     return scoring_out(patient_id, predictor.bundle.version, predictions)

@@ -193,7 +193,8 @@ function setUpPatient(root) {
       load();
     });
   }
-  document.getElementById("rescore").addEventListener("click", async (event) => {
+  // The buttons a key's role may not use are not on the page (the API would answer 403).
+  document.getElementById("rescore")?.addEventListener("click", async (event) => {
     event.target.disabled = true;
     try {
       const result = await api(`/api/patients/${id}/rescore`, { method: "POST" });
@@ -201,7 +202,7 @@ function setUpPatient(root) {
       status.textContent = `Re-scored ${result.predictions.length} lesions with ${result.model_version}.`;
     } catch (error) { showError(error.message); } finally { event.target.disabled = false; }
   });
-  document.getElementById("delete-patient").addEventListener("click", async () => {
+  document.getElementById("delete-patient")?.addEventListener("click", async () => {
     if (!confirm("Delete this patient with every image and prediction? This cannot be undone.")) return;
     try {
       await api(`/api/patients/${id}`, { method: "DELETE" });

@@ -1,5 +1,5 @@
-"""The tables: patients, lesions, images, predictions and API keys (SQLAlchemy ORM), and
-how a patient's loaded lesions are ranked. The schema is built by the migrations
+"""The tables: patients, lesions, images, predictions, API keys (with their roles) and the
+audit trail (SQLAlchemy ORM), and how a patient's loaded lesions are ranked. The schema is built by the migrations
 (``serving/migrations``); a test checks they match these classes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -110,9 +110,14 @@ class Prediction(Base):
     image: Mapped[Image] = relationship(back_populates="predictions")
 
 
+# What a key may do, each role including the ones before it (see security.required_role).
+ROLES = ("read", "clinician", "admin")
+
+
 class ApiKey(Base):
-    """An API key: its public prefix (how a presented key finds its row) and the SHA-256
-    of the whole key. The key itself is shown once, when created, and never stored."""
+    """An API key: its public prefix (how a presented key finds its row), the SHA-256 of
+    the whole key and its role (one of ROLES). The key itself is shown once, when
+    created, and never stored."""
 
     __tablename__ = "api_keys"
 
@@ -122,6 +127,28 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=now)
     revoked_at: Mapped[datetime | None] = mapped_column()
+    role: Mapped[str] = mapped_column(String(16), default="admin", server_default="admin")
+
+
+class AuditEvent(Base):
+    """One state-changing request or key change: when, who (the key's id, name and
+    prefix; "cli" for the command line), what (an action such as ``patient.delete``
+    and the ids it touched) and how it ended. Never a file name, age, reference or any
+    other value a user typed. Written by the server and the CLI only: no API route
+    changes or deletes a row."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=now, index=True)
+    actor: Mapped[str] = mapped_column(String(10))  # key, session, cli, dev, anonymous
+    key_id: Mapped[int | None] = mapped_column(Integer)  # no foreign key: the trail outlives nothing it names
+    key_name: Mapped[str | None] = mapped_column(String(100), index=True)
+    key_prefix: Mapped[str | None] = mapped_column(String(32), index=True)
+    action: Mapped[str] = mapped_column(String(40), index=True)
+    objects: Mapped[str] = mapped_column(Text, default="", server_default="")  # e.g. "patient 3; images 7,8"
+    outcome: Mapped[str] = mapped_column(String(10))  # done, refused, failed
+    status: Mapped[int | None] = mapped_column(Integer)  # the HTTP status; None from the command line
 
 
 # -- ranking a patient's lesions -----------------------------------------------------------

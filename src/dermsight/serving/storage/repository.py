@@ -7,6 +7,7 @@ only they referred to with them. Callers get detached rows with the links they r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -14,7 +15,16 @@ from sqlalchemy.orm import selectinload, sessionmaker
 
 from dermsight.serving.storage.database import make_engine, upgrade_database
 from dermsight.serving.storage.files import FileStore
-from dermsight.serving.storage.models import ApiKey, Image, Lesion, NotFound, Patient, Prediction, now
+from dermsight.serving.storage.models import (
+    ApiKey,
+    AuditEvent,
+    Image,
+    Lesion,
+    NotFound,
+    Patient,
+    Prediction,
+    now,
+)
 
 
 @dataclass
@@ -225,9 +235,9 @@ class Storage:
 
     # -- API keys ---------------------------------------------------------------------
 
-    def add_api_key(self, name: str, prefix: str, key_hash: str) -> ApiKey:
+    def add_api_key(self, name: str, prefix: str, key_hash: str, role: str) -> ApiKey:
         with self.sessions.begin() as session:
-            key = ApiKey(name=name, prefix=prefix, key_hash=key_hash)
+            key = ApiKey(name=name, prefix=prefix, key_hash=key_hash, role=role)
             session.add(key)
         return key
 
@@ -250,6 +260,45 @@ class Storage:
             for key in matches:
                 key.revoked_at = now()
         return matches
+
+    # -- the audit trail ----------------------------------------------------------------
+
+    def add_audit_event(
+        self, actor: str, action: str, outcome: str, *, key: tuple[int | None, str | None, str | None] | None = None,
+        objects: str = "", status: int | None = None,
+    ) -> AuditEvent:
+        """Append one row to the audit trail; `key` is (id, name, prefix) of the key that acted."""
+        key_id, key_name, key_prefix = key or (None, None, None)
+        with self.sessions.begin() as session:
+            event = AuditEvent(actor=actor, key_id=key_id, key_name=key_name, key_prefix=key_prefix, action=action,
+                               objects=objects, outcome=outcome, status=status)
+            session.add(event)
+        return event
+
+    def audit_events(
+        self, *, key: str | None = None, action: str | None = None, outcome: str | None = None,
+        since: datetime | None = None, until: datetime | None = None, limit: int | None = None,
+    ) -> list[AuditEvent]:
+        """Audit rows, oldest first (the newest `limit` when given): of the key whose name or
+        prefix is `key`, of `action` (``patient`` matches ``patient.delete`` too), with
+        `outcome`, at or after `since` and before `until`."""
+        query = select(AuditEvent)
+        if key is not None:
+            query = query.where((AuditEvent.key_name == key) | (AuditEvent.key_prefix == key))
+        if action is not None:
+            query = query.where((AuditEvent.action == action) | AuditEvent.action.startswith(f"{action}.",
+                                                                                            autoescape=True))
+        if outcome is not None:
+            query = query.where(AuditEvent.outcome == outcome)
+        if since is not None:
+            query = query.where(AuditEvent.at >= since)
+        if until is not None:
+            query = query.where(AuditEvent.at < until)
+        query = query.order_by(AuditEvent.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self.sessions() as session:
+            return list(reversed(session.scalars(query).all()))
 
     def counts(self) -> dict[str, int]:
         """Rows per table and files on disk (what a failed request must leave unchanged)."""
