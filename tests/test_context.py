@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from dermsight.data.sources import read_source
-from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
+from dermsight.inference.context import CONTEXT_COLUMNS, RELATIVE_COLUMNS, patient_context, relative_features
 from dermsight.inference.predictor import Predictor
 
 
@@ -69,6 +69,33 @@ def test_single_lesion_and_unknown_patients_fall_back_cleanly():
     assert context["patient_lesions"].tolist() == [1.0, 1.0, 1.0]
     assert context["risk_rank"].tolist() == [1.0, 1.0, 1.0]
     assert context[["embedding_distance", "distance_z", "risk_z", "ugly_duckling_score"]].isna().all().all()
+
+
+def test_relative_features_by_value_on_hand_made_patients():
+    """Patient a: four lesions, two at one site, lesion 3 the odd one out; patient b alone;
+    an unknown patient counts as alone. Percentiles, ratios and distances by hand."""
+    embeddings = np.array([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [1.0, 0.05, 0.0], [0.0, 1.0, 1.0], [0.3, 0.3, 0.3], [1.0, 1.0, 0.0]])
+    risk = np.array([0.10, 0.20, 0.10, 0.60, 0.50, 0.30])
+    patients = pd.Series(["a", "a", "a", "a", "b", None])
+    sites = pd.Series(["back", "back", "face", None, "back", "back"])
+    axes = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    features = relative_features(patients, sites, risk, embeddings, axes)
+    assert set(RELATIVE_COLUMNS) <= set(features.columns) and len(features) == 6
+    assert features["risk_percentile"].tolist()[:4] == pytest.approx([1 / 6, 2 / 3, 1 / 6, 1.0])  # ranks 1.5, 3, 1.5, 4 of 4
+    assert features["risk_percentile_site"].tolist()[:4] == pytest.approx([0.0, 1.0, 0.5, 0.5])  # back: 2 lesions; face, none: alone
+    assert features["log_risk_ratio"].tolist()[:4] == pytest.approx(list(np.log(risk[:4] / 0.25)))
+    unit = embeddings[:4] / np.linalg.norm(embeddings[:4], axis=1, keepdims=True)
+    centre = unit.mean(axis=0)
+    distance = 1 - unit @ centre / np.linalg.norm(centre)
+    assert features["mean_distance"].tolist()[:4] == pytest.approx(list(distance))
+    assert features["distance_ratio"].tolist()[:4] == pytest.approx(list(distance / distance.mean()))
+    assert features["log_outlier_factor"].idxmax() == 3 and features.loc[3, "log_outlier_factor"] > 0.5
+    assert features["axis1_percentile"].tolist()[:4] == pytest.approx([1.0, 1 / 3, 2 / 3, 0.0])  # x of the unit vectors
+    assert features.loc[3, "feature_extremity"] == pytest.approx(1.0)  # lowest on x, highest on z
+    for alone in (4, 5):  # b, and the unknown patient: neutral
+        assert features.loc[alone, ["risk_percentile", "risk_percentile_site", "axis1_percentile"]].tolist() == [0.5] * 3
+        assert features.loc[alone, ["log_risk_ratio", "mean_distance", "log_outlier_factor", "feature_extremity"]].tolist() == pytest.approx([0.0] * 4)
+        assert features.loc[alone, "distance_ratio"] == 1.0
 
 
 @pytest.fixture(scope="module")

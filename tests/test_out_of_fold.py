@@ -123,7 +123,7 @@ def test_finetune_fold_networks_never_train_on_the_fold_they_predict(ham_records
     def train_one_model(squares, metadata, labels, classes_, config, checkpoint, validation=None, **_):
         assert len(squares) == len(metadata) == len(labels)
         calls.append({"train": rows_of(squares), "validation": rows_of(validation[0]) if validation else None})
-        return MemorisingNetwork(squares, labels, len(classes_)), 1, 0.0
+        return MemorisingNetwork(squares, labels, len(classes_)), 1
 
     monkeypatch.setattr(finetune, "decode_all", decode_all)
     monkeypatch.setattr(finetune, "train_one_model", train_one_model)
@@ -133,7 +133,7 @@ def test_finetune_fold_networks_never_train_on_the_fold_they_predict(ham_records
     monkeypatch.setattr(finetune, "graph_logits", lambda graph, squares, *_, **__: graph.logits(squares))
     config = TrainConfig(sources=[], output=tmp_path / "ft", mode="finetune", image_size=32, folds=3, int8=int8,
                          progress=False)
-    records, labels, oof, net, _, _ = finetune.cross_validate_and_fit(ham_records, classes, config)
+    records, labels, oof, net, _ = finetune.cross_validate_and_fit(ham_records, classes, config, tmp_path / "run")
 
     assert len(records) == len(ham_records) and decoded["ok"].all()
     assert len({digest(square) for square in decoded["squares"]}) == len(records)  # images tell rows apart

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -182,7 +183,7 @@ def test_finetune_mode_trains_resumes_and_exports(shared, cache_dir, tmp_path):
         batch_size=16, folds=2, max_images=96, cache_dir=cache_dir, progress=False, views=("identity",),
     )
     bundle = train(config)
-    assert (tmp_path / "ft.checkpoints" / "final.pt").exists()
+    assert (Path(bundle.training["run_dir"]) / "final.pt").exists() and bundle.training["resumes"] == 0
     assert not (bundle.path / "checkpoints").exists()
     assert bundle.training["config"]["mode"] == "finetune"
     table, errors = Predictor(bundle.path).predict_records(
@@ -206,7 +207,7 @@ def test_int8_bundle_is_calibrated_on_the_graph_it_ships(shared, cache_dir, tmp_
     )
     bundle = train(config)
     assert is_quantized(bundle.onnx_path) and bundle.training["config"]["int8"]
-    assert bundle.onnx_path.stat().st_size < 0.4 * (tmp_path / "q.checkpoints" / "fold0.pt").stat().st_size
+    assert bundle.onnx_path.stat().st_size < 0.4 * (Path(bundle.training["run_dir"]) / "fold0.pt").stat().st_size
     oof = pd.read_csv(bundle.path / "out_of_fold.csv.gz", dtype={"image_id": str})
     assert set(oof["fold"]) == {0}
     held_out = oof.assign(image_ref=[str(shared / "ham10000" / "images" / f"{i}.jpg") for i in oof["image_id"]])

@@ -52,7 +52,7 @@ def train(tiny_set, tmp_path, name: str, epochs: int, restart_epochs: int, valid
         views=("identity",), progress=False,
     )
     held_out = (squares[::3], metadata[::3], labels[::3]) if validation else None
-    net, best_epoch, _ = train_one_model(squares, metadata, labels, CLASSES, config, tmp_path / name, held_out)
+    net, best_epoch = train_one_model(squares, metadata, labels, CLASSES, config, tmp_path / name, held_out)
     state = torch.load(tmp_path / name, weights_only=False)
     return net, best_epoch, state
 

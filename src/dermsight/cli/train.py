@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dermsight.cli.common import SOURCES_HELP, console, fail
+from dermsight.cli.common import SOURCES_HELP, console, errors, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 
 def train_command(
-    sources: list[str] = typer.Argument(..., help=SOURCES_HELP),
+    sources: list[str] = typer.Argument(None, help=SOURCES_HELP + " Not with --resume."),
     output: Path = typer.Option(Path("runs/bundle"), "--output", "-o", help="Bundle directory to write."),
     mode: str = typer.Option("embed", help="embed (frozen backbone, cached embeddings: minutes) or finetune (end to end)."),
     backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0 or efficientnet_lite2."),
@@ -46,6 +46,8 @@ def train_command(
     gate_negatives: list[Path] = typer.Option(None, "--gate-negatives", help="A Derm7pt folder: its clinical close-up photos (published train split) teach the out-of-distribution gate what an ordinary photo looks like."),
     threshold_every_source: bool = typer.Option(False, "--threshold-every-source", help="The melanoma threshold reaches --target-sensitivity on every training source's held-out images (the lowest of their thresholds), not only pooled."),
     ensemble: bool = typer.Option(False, "--ensemble", help="Finetune mode: ship the fold networks as one averaged graph (their spread is the uncertainty) instead of a refit."),
+    checkpoint_minutes: float = typer.Option(5.0, min=0.0, help="Finetune mode: a mid-epoch checkpoint this often (SIGTERM/SIGINT also checkpoint, then stop); rerun the same command to resume."),
+    resume: Path = typer.Option(None, "--resume", help="Finetune mode: resume the run in this run folder with its own recipe (run.json); give no sources or other recipe options."),
 ) -> None:
     """Train a model bundle: out-of-fold validation, calibration, threshold, ONNX export."""
     from dermsight.allocator import tune_for_torch
@@ -53,8 +55,19 @@ def train_command(
     tune_for_torch()  # glibc malloc as scripts/env.sh sets it (CPU torch trains ~1.5x faster): see dermsight.allocator
     from dermsight.models.metadata import METADATA_FEATURES, SOURCE_NEUTRAL_FEATURES
     from dermsight.training.config import TrainConfig
-    from dermsight.training.train import train
+    from dermsight.training.resumable import RunLog
 
+    if resume is not None:
+        if sources:
+            fail("--resume takes the sources and the recipe from the run folder; give no sources with it", 2)
+        try:
+            recipe = RunLog.load_recipe(resume)
+        except FileNotFoundError as err:
+            fail(err, 2)
+        _train_and_report(TrainConfig.from_dict({**recipe, "run_dir": str(resume), "checkpoint_minutes": checkpoint_minutes}))
+        return
+    if not sources:
+        fail("give the training sources (or --resume RUN_DIR)", 2)
     features = {"all": METADATA_FEATURES, "source-neutral": SOURCE_NEUTRAL_FEATURES, "none": ()}
     if metadata not in features:
         fail(f"unknown --metadata {metadata!r}; expected all, source-neutral or none", 2)
@@ -66,9 +79,23 @@ def train_command(
         colour_constancy=colour_constancy, acquisition_augmentation=acquisition_augmentation, source_prior=source_prior,
         metadata_features=features[metadata], metadata_dropout=metadata_dropout, ensemble=ensemble,
         gate_negatives=tuple(str(p) for p in gate_negatives or ()), threshold_every_source=threshold_every_source,
-        refit=refit and not ensemble,
+        refit=refit and not ensemble, checkpoint_minutes=checkpoint_minutes,
     )
-    bundle = train(config)
+    _train_and_report(config)
+
+
+def _train_and_report(config) -> None:
+    """`train`, its headline numbers, or how to resume it when a signal stopped it (exit 128 + signal)."""
+    from dermsight.training.resumable import RecipeMismatch, TrainingInterrupted
+    from dermsight.training.train import train
+
+    try:
+        bundle = train(config)
+    except TrainingInterrupted as stop:
+        errors.print(f"[yellow]{stop}[/]\nresume with the same command, or: dermsight train --resume {stop.checkpoint.parent}", highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
+    except RecipeMismatch as err:
+        fail(err, 2)
     pooled = bundle.metrics["pooled"]
     console.print(
         f"bundle -> {bundle.path}: melanoma AUC {pooled['melanoma']['auc']['value']:.3f}, "

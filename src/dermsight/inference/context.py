@@ -48,3 +48,66 @@ def patient_context(patient_ids: pd.Series, embeddings: np.ndarray, melanoma_ris
 def _zscore(values: np.ndarray) -> np.ndarray:
     sd = values.std()
     return np.zeros_like(values) if sd < 1e-12 else (values - values.mean()) / sd
+
+
+RELATIVE_COLUMNS: tuple[str, ...] = (
+    "risk_logit",  # the risk itself (its logit), for the model to weigh against the relative terms
+    "risk_percentile",  # 0 = the patient's lowest risk, 1 = its highest (0.5 when alone)
+    "risk_percentile_site",  # the same within the patient's lesions at the same site
+    "log_risk_ratio",  # log of risk / the patient's mean risk
+    "mean_distance",  # cosine distance from the patient's mean embedding
+    "distance_ratio",  # that distance / the patient's mean of it
+    "log_outlier_factor",  # log local outlier factor among the patient's embeddings (0: as dense as its neighbours)
+    "feature_extremity",  # mean of |2 * percentile - 1| over the embedding's principal axes: 1 = extreme on every one
+)
+OUTLIER_NEIGHBOURS = 10  # local outlier factor's neighbours; half the patient's other lesions when fewer
+
+
+def relative_features(
+    patient_ids: pd.Series, sites: pd.Series, melanoma_risk: np.ndarray, embeddings: np.ndarray, axes: np.ndarray,
+) -> pd.DataFrame:
+    """Each lesion described relative to the same patient's other lesions (the ISIC 2024
+    patient-level features), from the network's outputs only, never a label: percentile
+    ranks of risk within the patient and within patient and site, risk over the patient's
+    mean, distance from the patient's mean embedding, local outlier factor within the
+    patient, and percentile ranks on `axes` (K, F: principal axes of the embeddings, fitted
+    without labels), one column each (`axis<k>_percentile`) plus their `feature_extremity`.
+    A patient with one lesion gets neutral values (percentile 0.5, ratio 1, distance 0)."""
+    from sklearn.neighbors import LocalOutlierFactor
+
+    ids = patient_ids.reset_index(drop=True).astype(object)
+    ids = ids.where(ids.notna(), pd.Series([f"unknown-{i}" for i in range(len(ids))], dtype=object))  # alone
+    site_keys = ids + "|" + sites.reset_index(drop=True).fillna("unknown site").astype(str)
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    projections = unit @ axes.T
+    risk = np.clip(melanoma_risk, 1e-6, 1 - 1e-6)
+    out = pd.DataFrame({"risk_logit": np.log(risk / (1 - risk))})
+    out["risk_percentile"] = _percentile_within(risk, ids)
+    out["risk_percentile_site"] = _percentile_within(risk, site_keys)
+    out["log_risk_ratio"] = np.log(risk / pd.Series(risk).groupby(ids).transform("mean").to_numpy())
+    distance, outlier = np.zeros(len(ids)), np.zeros(len(ids))
+    for rows in ids.groupby(ids).indices.values():
+        if len(rows) > 1:
+            members = unit[rows]
+            centre = members.mean(axis=0)
+            distance[rows] = 1.0 - members @ centre / max(np.linalg.norm(centre), 1e-12)
+            neighbours = min(OUTLIER_NEIGHBOURS, max(1, (len(rows) - 1) // 2))  # all the others: every lesion alike
+            lof = LocalOutlierFactor(n_neighbors=neighbours, metric="cosine").fit(members)
+            outlier[rows] = np.log(-lof.negative_outlier_factor_)
+    out["mean_distance"] = distance
+    mean_distance = pd.Series(distance).groupby(ids).transform("mean").to_numpy()
+    out["distance_ratio"] = np.where(mean_distance > 1e-12, distance / np.maximum(mean_distance, 1e-12), 1.0)  # 1: alone
+    out["log_outlier_factor"] = outlier
+    percentiles = np.stack([_percentile_within(projections[:, k], ids) for k in range(projections.shape[1])], axis=1)
+    out["feature_extremity"] = np.abs(2 * percentiles - 1).mean(axis=1)
+    for k in range(percentiles.shape[1]):
+        out[f"axis{k + 1}_percentile"] = percentiles[:, k]
+    return out
+
+
+def _percentile_within(values: np.ndarray, groups: pd.Series) -> np.ndarray:
+    """(rank - 1) / (n - 1) within each group, ties averaged; 0.5 for a group of one."""
+    series = pd.Series(values)
+    ranks = series.groupby(groups.to_numpy()).rank(method="average").to_numpy()
+    sizes = series.groupby(groups.to_numpy()).transform("size").to_numpy()
+    return np.where(sizes > 1, (ranks - 1) / np.maximum(sizes - 1, 1), 0.5)

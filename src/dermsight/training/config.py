@@ -54,6 +54,9 @@ class TrainConfig:
     ensemble: bool = False  # finetune: ship the fold networks as one averaged graph instead of a refit (implies no refit)
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True
+    # finetune: interruption safety (see dermsight.training.resumable)
+    checkpoint_minutes: float = 5.0  # a mid-epoch checkpoint this often (0: epoch ends and signals only)
+    run_dir: Path | None = None  # checkpoints and run.json; None: resumable.default_run_dir
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -62,6 +65,17 @@ class TrainConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["output"], data["cache_dir"] = str(self.output), str(self.cache_dir)
+        data["run_dir"] = str(self.run_dir) if self.run_dir is not None else None
         data["views"], data["metadata_features"] = list(self.views), list(self.metadata_features)
         data["gate_negatives"] = list(self.gate_negatives)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """The config `to_dict` wrote (a run folder's recipe)."""
+        data = dict(data)
+        data["output"], data["cache_dir"] = Path(data["output"]), Path(data["cache_dir"])
+        data["run_dir"] = Path(data["run_dir"]) if data.get("run_dir") else None
+        for key in ("views", "metadata_features", "gate_negatives"):
+            data[key] = tuple(data[key])
+        return cls(**data)

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(config.seed)  # the initial network train_one_model builds from the same seed
     initial = DermSightNet.create(config.backbone, len(METADATA_FEATURES), len(CLASSES))
     tag = f"rank{rank}" if distributed else "single"
-    net, _, _ = train_one_model(
+    net, _ = train_one_model(
         squares, metadata, labels, CLASSES, config, args.out / f"checkpoint-{'ddp' if distributed else 'single'}.pt",
         augment=False, global_order=True, micro_batches=1 if distributed else args.emulate_ranks,
     )

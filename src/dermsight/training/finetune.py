@@ -23,7 +23,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import Progress
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 from dermsight.data.dataset import group_ids
@@ -36,6 +36,15 @@ from dermsight.models.metadata import encode_metadata, missing_metadata
 from dermsight.models.network import DermSightNet, export_onnx
 from dermsight.training.config import TrainConfig
 from dermsight.training.losses import balanced_class_weights, make_loss
+from dermsight.training.resumable import (
+    CheckpointClock,
+    RunLog,
+    StopSignals,
+    TrainingInterrupted,
+    random_states,
+    restore_random_states,
+    save_atomically,
+)
 
 console = Console(stderr=True)
 
@@ -100,6 +109,23 @@ class LesionImages(Dataset):
         if self.transform is not None:
             self.transform.set_random_seed(seed)
         self.rng = np.random.default_rng(seed)
+
+    def augmentation_state(self) -> dict:
+        """Where the augmentations' and the metadata dropout's generators stand (mid-epoch checkpoints)."""
+        return {
+            "transforms": [(g.random_generator.bit_generator.state, g.py_random.getstate()) for g in self._randomised()],
+            "dropout": self.rng.bit_generator.state,
+        }
+
+    def restore_augmentation(self, state: dict) -> None:
+        for owner, (numpy_state, python_state) in zip(self._randomised(), state["transforms"], strict=True):
+            owner.random_generator.bit_generator.state = numpy_state
+            owner.py_random.setstate(python_state)
+        self.rng.bit_generator.state = state["dropout"]
+
+    def _randomised(self) -> list:
+        """The pipeline and each of its transforms: each draws from its own generators."""
+        return [self.transform, *self.transform.transforms] if self.transform is not None else []
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -180,11 +206,18 @@ def train_one_model(
     augment: bool = True,
     global_order: bool = False,
     micro_batches: int = 1,
-) -> tuple[DermSightNet, int, float]:
+    run_log: RunLog | None = None,
+) -> tuple[DermSightNet, int]:
     """Train one network; early-stop on validation balanced accuracy when given (in the
     first cycle: a warm restart climbs back up and runs to its end, its first epochs worse).
-    Returns the best network (by validation, else the last), its epoch count, and the
-    seconds its epochs took in earlier runs that this one resumed from a checkpoint.
+    Returns the best network (by validation, else the last) and its epoch count.
+
+    Interruption-safe: `checkpoint` is written at every epoch's end, every
+    `config.checkpoint_minutes` and, on SIGTERM/SIGINT, after the step under way (then
+    `TrainingInterrupted` is raised). A mid-epoch checkpoint holds the epoch's data order and
+    position, the augmentation and global random states, model, optimizer and schedule: the
+    run resumed from it reaches the weights an uninterrupted run reaches. `run_log` records
+    the session's time at each checkpoint.
 
     For checking DDP against one process (`dermsight.training.ddp_check`): `augment=False`
     trains on the plain squares; `global_order=True` makes a single process draw its
@@ -205,73 +238,117 @@ def train_one_model(
     sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed) if distributed else None
     if sampler is None and global_order:
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator, drop_last=True)
+    steps = (len(sampler) if sampler is not None else len(dataset)) // config.batch_size  # per epoch (last partial batch dropped)
     # Source priors already balance the classes within each source; class weights would count them twice.
     weights = balanced_class_weights(labels, len(classes)) if config.class_weighting and offsets is None else None
     criterion = make_loss(config.loss, weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    scheduler = warmup_cosine(optimizer, config.epochs * len(loader), config.warmup_fraction, config.restart_epochs * len(loader))
-    start_epoch, best_score, best_epoch, best_state, earlier_seconds = 0, -1.0, 0, None, 0.0
+    scheduler = warmup_cosine(optimizer, config.epochs * steps, config.warmup_fraction, config.restart_epochs * steps)
+    start_epoch, start_step, order, best_score, best_epoch, best_state = 0, 0, None, -1.0, 0, None
     if checkpoint.exists():  # resume
         state = torch.load(checkpoint, weights_only=False)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_score, best_epoch, best_state = state["epoch"], state["best_score"], state["best_epoch"], state["best_state"]
-        torch.set_rng_state(state["rng"])
-        earlier_seconds = state.get("seconds", 0.0)
+        if "random" in state:
+            restore_random_states(state["random"])
+        else:  # a checkpoint from before mid-epoch checkpoints: epoch ends only, torch's state alone
+            torch.set_rng_state(state["rng"])
+        if state.get("step"):  # stopped mid-epoch: that epoch's order, position and augmentation state
+            start_step, order = state["step"], state["order"]
+            dataset.restore_augmentation(state["augmentation"])
     if not config.patience:
         validation = None  # no early stopping: the schedule runs to its end, the last epoch is kept
     stale = start_epoch - best_epoch if validation is not None else 0  # epochs since the best one
-    started = time.perf_counter()
     total_epochs = config.epochs + config.restart_epochs
     rank = dist.get_rank() if distributed else 0
-    for epoch in range(start_epoch, total_epochs):
-        if validation is not None and stale >= config.patience and epoch < config.epochs:
-            break  # early stop (checked here, so a resumed run that had stopped stays stopped)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        # Shuffling and albumentations draw from their own generators: seeded per epoch (and rank), so a resumed
-        # run draws what an uninterrupted one would.
-        generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]))
-        dataset.reseed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
-        model.train()
-        with Progress(disable=not (config.progress and is_main_process()), transient=True) as bar:
-            task = bar.add_task(f"epoch {epoch + 1}/{total_epochs}", total=len(loader))
-            for images, meta, target, offset in loader:
-                if micro_batches == 1:
-                    loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0] + offset, target)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                else:
-                    loss = _accumulate_micro_batches(model, criterion, optimizer, images, meta, target, micro_batches)
-                optimizer.step()
-                scheduler.step()
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{total_epochs} loss {loss.item():.3f}")
-        score = None
-        if validation is not None:
-            logits = predict_logits(net, *validation[:2], prep, config.views)
-            score = balanced_accuracy(validation[2], logits.argmax(1), len(classes))
-            if score > best_score:
-                best_score, best_epoch, best_state, stale = score, epoch + 1, _copy_state(net), 0
-            else:
-                stale += 1
-        else:
-            best_epoch, best_state = epoch + 1, None
+    clock = CheckpointClock(config.checkpoint_minutes)
+
+    def save(epoch: int, step: int) -> None:
+        """Checkpoint after `epoch` whole epochs and `step` steps of the next (rank 0 writes)."""
         if is_main_process():
-            console.print(f"epoch {epoch + 1}: loss {loss.item():.3f}" + (f", validation balanced accuracy {score:.3f}" if score is not None else ""))
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            state = {
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1, "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
-                "rng": torch.get_rng_state(), "seconds": earlier_seconds + time.perf_counter() - started,
-            }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            save_atomically(
+                {
+                    "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "epoch": epoch, "step": step, "order": order if step else None,
+                    "augmentation": dataset.augmentation_state() if step else None, "random": random_states(),
+                    "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
+                },
+                checkpoint,
+            )
+            if run_log is not None:
+                run_log.save()
+        clock.reset()
+
+    with StopSignals() as signals:
+        for epoch in range(start_epoch, total_epochs):
+            if validation is not None and stale >= config.patience and epoch < config.epochs:
+                break  # early stop (checked here, so a resumed run that had stopped stays stopped)
+            if order is None:  # a new epoch: its order and augmentations seeded by (seed, epoch, rank)
+                order = epoch_order(sampler, len(dataset), config.seed, epoch)
+                dataset.reseed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
+            model.train()
+            stop = False
+            with Progress(disable=not (config.progress and is_main_process()), transient=True) as bar:
+                task = bar.add_task(f"epoch {epoch + 1}/{total_epochs}", total=steps, completed=start_step)
+                for step in range(start_step, steps):
+                    rows = order[step * config.batch_size : (step + 1) * config.batch_size].tolist()
+                    images, meta, target, offset = default_collate([dataset[i] for i in rows])
+                    if micro_batches == 1:
+                        loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0] + offset, target)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                    else:
+                        loss = _accumulate_micro_batches(model, criterion, optimizer, images, meta, target, micro_batches)
+                    optimizer.step()
+                    scheduler.step()
+                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{total_epochs} loss {loss.item():.3f}")
+                    stop, due = _stop_or_due(signals, clock, distributed)
+                    if step + 1 < steps and (stop or due):
+                        save(epoch, step + 1)
+                        if stop:
+                            raise TrainingInterrupted(signals.requested or "SIGTERM", checkpoint, f"epoch {epoch + 1}, step {step + 1}/{steps}")
+            start_step, order = 0, None
+            score = None
+            if validation is not None:
+                logits = predict_logits(net, *validation[:2], prep, config.views)
+                score = balanced_accuracy(validation[2], logits.argmax(1), len(classes))
+                if score > best_score:
+                    best_score, best_epoch, best_state, stale = score, epoch + 1, _copy_state(net), 0
+                else:
+                    stale += 1
+            else:
+                best_epoch, best_state = epoch + 1, None
+            if is_main_process():
+                console.print(f"epoch {epoch + 1}: loss {loss.item():.3f}" + (f", validation balanced accuracy {score:.3f}" if score is not None else ""))
+            save(epoch + 1, 0)
+            if stop or _stop_or_due(signals, clock, distributed)[0]:
+                raise TrainingInterrupted(signals.requested or "SIGTERM", checkpoint, f"the end of epoch {epoch + 1}")
     if best_state is not None:
         net.load_state_dict(best_state)
-    return net.to(memory_format=torch.contiguous_format).eval(), best_epoch, earlier_seconds
+    return net.to(memory_format=torch.contiguous_format).eval(), best_epoch
+
+
+def epoch_order(sampler: DistributedSampler | None, n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The indices of one epoch, in the order they are drawn: the sampler's (this rank's shard)
+    or a permutation seeded by (seed, epoch); a mid-epoch checkpoint stores it."""
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler))
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randperm(n, generator=generator)
+
+
+def _stop_or_due(signals: StopSignals, clock: CheckpointClock, distributed: bool) -> tuple[bool, bool]:
+    """(a stop was asked for, a timed checkpoint is due); under DDP every rank agrees (any rank's
+    signal, rank 0's clock), so all stop at the same step."""
+    stop, due = signals.requested is not None, clock.due()
+    if not distributed:
+        return stop, due
+    flags = torch.tensor([float(stop), float(due and dist.get_rank() == 0)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
 
 
 def _accumulate_micro_batches(model, criterion, optimizer, images, meta, target, parts: int) -> torch.Tensor:
@@ -355,16 +432,16 @@ def stopping_split(records: pd.DataFrame, rows: np.ndarray, seed: int) -> tuple[
     return rows & ~stopping, stopping
 
 
-def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: TrainConfig):
+def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: TrainConfig, run_dir: Path, run_log: RunLog | None = None):
     """Out-of-fold logits from one network per grouped fold (only the first
     `config.validation_folds` folds when set: a CPU-sized budget; other rows stay NaN),
-    then the final network on every image for the median best epoch count. With
+    then the final network on every image for the median best epoch count, each
+    network checkpointed in `run_dir` (resumable, see `train_one_model`). With
     `config.patience` each fold network chooses its epoch on a grouped share of its own
     training folds (`stopping_split`), never on the fold it predicts. With
     `config.int8` each network is quantized and its out-of-fold logits come from the int8
     graph, so calibration and threshold are fitted on what the bundle will run. Returns
-    (records, labels, oof, net, seconds of training done by earlier runs this one resumed,
-    the int8 graph of `net` or None)."""
+    (records, labels, oof, net, the int8 graph of `net` or None)."""
     prep = config.preprocessing
     squares, ok = decode_all(records, prep, config.progress)
     if not ok.all():
@@ -376,10 +453,8 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
     folds = records["fold"].to_numpy()
     oof = np.full((len(records), len(classes)), np.nan, np.float32)
     best_epochs: list[int] = []
-    earlier_seconds = 0.0
     fold_nets: list[DermSightNet] = []
     fold_graphs: list[Path] = []  # each fold network's graph (int8 with --int8), for the ensemble
-    checkpoints = config.output.with_name(config.output.name + ".checkpoints")  # beside the bundle, not in it
     for fold in sorted(set(folds))[: config.validation_folds]:
         train, held_out = folds != fold, folds == fold
         validation = None
@@ -387,23 +462,22 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
             train, stopping = stopping_split(records, train, config.seed + int(fold))
             validation = (squares[stopping], metadata[stopping], labels[stopping])
         console.print(f"fold {fold}: {train.sum()} training, {held_out.sum()} held-out images")
-        net, best_epoch, earlier = train_one_model(
-            squares[train], metadata[train], labels[train], classes, config, checkpoints / f"fold{fold}.pt",
-            validation=validation, sources=sources[train],
+        net, best_epoch = train_one_model(
+            squares[train], metadata[train], labels[train], classes, config, run_dir / f"fold{fold}.pt",
+            validation=validation, sources=sources[train], run_log=run_log,
         )
         if config.int8:
-            graph = quantize_network(net, checkpoints / f"fold{fold}.int8.onnx", squares[train], metadata[train], config)
+            graph = quantize_network(net, run_dir / f"fold{fold}.int8.onnx", squares[train], metadata[train], config)
             oof[held_out] = graph_logits(graph, squares[held_out], metadata[held_out], prep, config.views)
         else:
-            graph = checkpoints / f"fold{fold}.onnx"
+            graph = run_dir / f"fold{fold}.onnx"
             export_onnx(net, graph, prep.size)
             oof[held_out] = predict_logits(net, squares[held_out], metadata[held_out], prep, config.views)
         best_epochs.append(best_epoch)
-        earlier_seconds += earlier
         fold_nets.append(net)
         fold_graphs.append(graph)
     if config.ensemble:
-        net, graph = fold_nets[0], checkpoints / "ensemble.onnx"  # net: the members' architecture (gate blocks)
+        net, graph = fold_nets[0], run_dir / "ensemble.onnx"  # net: the members' architecture (gate blocks)
         merge_member_graphs(fold_graphs, graph)
     elif config.refit:
         epochs = int(np.median(best_epochs))  # the first cycle, then as much of the restart as the folds used
@@ -411,12 +485,11 @@ def cross_validate_and_fit(records: pd.DataFrame, classes: list[str], config: Tr
             **{**config.__dict__, "epochs": min(epochs, config.epochs), "restart_epochs": max(0, epochs - config.epochs)}
         )
         console.print(f"final model on all {len(records)} images for {epochs} epochs")
-        net, _, earlier = train_one_model(squares, metadata, labels, classes, final_config, checkpoints / "final.pt", sources=sources)
-        earlier_seconds += earlier
-        graph = quantize_network(net, checkpoints / "final.int8.onnx", squares, metadata, config) if config.int8 else None
+        net, _ = train_one_model(squares, metadata, labels, classes, final_config, run_dir / "final.pt", sources=sources, run_log=run_log)
+        graph = quantize_network(net, run_dir / "final.int8.onnx", squares, metadata, config) if config.int8 else None
     else:  # never saw its held-out fold: calibration and threshold are fitted on unseen images
         net, graph = fold_nets[0], fold_graphs[0] if config.int8 else None
-    return records, labels, oof, net, earlier_seconds, graph
+    return records, labels, oof, net, graph
 
 
 def _copy_state(net: torch.nn.Module) -> dict:

@@ -27,6 +27,7 @@ from dermsight.models.model_card import write_model_card
 from dermsight.models.network import DermSightNet, export_onnx
 from dermsight.training import embed_mode
 from dermsight.training.config import TrainConfig
+from dermsight.training.resumable import RunLog, TrainingInterrupted, default_run_dir
 
 console = Console(stderr=True)
 
@@ -50,11 +51,13 @@ def train(config: TrainConfig) -> Bundle:
     """Train, validate, calibrate and export one bundle into `config.output`: out-of-fold
     predictions on the grouped (or source) folds, temperature and sensitivity-first threshold
     fitted on them, the final network (or the fold networks as one ensemble graph), the OOD
-    gate, the model card. Resumes from the run's checkpoints when interrupted."""
+    gate, the model card. Finetune mode keeps its checkpoints and run.json in the run folder
+    and resumes from them (the same command, or `--resume RUN_DIR`); a SIGTERM/SIGINT
+    checkpoints and raises `TrainingInterrupted`."""
     started = time.time()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    resumed_seconds = 0.0  # training done by earlier runs this one resumed from checkpoints
+    run_log = None  # finetune: the run folder's record of sessions
     int8_graph = None  # finetune --int8: the shipped network's quantized graph
     if config.int8 and config.mode != "finetune":
         raise ValueError("--int8 needs --mode finetune (embed mode's heads are fitted on float embeddings)")
@@ -76,7 +79,13 @@ def train(config: TrainConfig) -> Bundle:
     elif config.mode == "finetune":
         from dermsight.training import finetune
 
-        records, labels, oof_logits, net, resumed_seconds, int8_graph = finetune.cross_validate_and_fit(records, classes, config)
+        run_dir = config.run_dir or default_run_dir(config.output, config.cache_dir)
+        run_log = RunLog(run_dir, config.to_dict(), _command(), spent=time.time() - started)
+        try:
+            records, labels, oof_logits, net, int8_graph = finetune.cross_validate_and_fit(records, classes, config, run_dir, run_log)
+        except TrainingInterrupted as stop:
+            run_log.save(ended=f"stopped by {stop.signal_name} at {stop.where}")
+            raise
     else:
         raise ValueError(f"unknown mode {config.mode!r}; expected 'embed' or 'finetune'")
 
@@ -109,7 +118,7 @@ def train(config: TrainConfig) -> Bundle:
         metrics=metrics,
         training={
             "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": "dermsight " + shlex.join(sys.argv[1:]) if sys.argv and "dermsight" in sys.argv[0] else None,
+            "command": run_log.data["command"] if run_log is not None else _command(),
             "config": config.to_dict(),
             "n_images": int(len(all_records)),
             "class_counts": {c: int((all_records["diagnosis"] == c).sum()) for c in classes},
@@ -127,10 +136,21 @@ def train(config: TrainConfig) -> Bundle:
     save_out_of_fold(records, probabilities, classes, bundle)
     bundle.save()
     fit_gate(bundle, all_records, net.gate_block_sizes * members, config)
-    bundle.training["duration_seconds"] = round(time.time() - started + resumed_seconds, 1)
+    if run_log is None:
+        bundle.training["duration_seconds"] = round(time.time() - started, 1)
+    else:  # every session of the run, interrupted ones included
+        run_log.save(ended="finished")
+        bundle.training.update(
+            duration_seconds=round(run_log.total_seconds, 1), resumes=run_log.resumes, run_dir=str(run_log.folder),
+        )
     bundle.save()
     write_model_card(bundle)
     return bundle
+
+
+def _command() -> str | None:
+    """The `dermsight train ...` command line of this process, if it is one."""
+    return "dermsight " + shlex.join(sys.argv[1:]) if sys.argv and "dermsight" in sys.argv[0] else None
 
 
 def fit_gate(bundle: Bundle, records: pd.DataFrame, block_sizes: tuple[int, ...], config: TrainConfig, max_images: int = 3000) -> None:
