@@ -54,9 +54,10 @@ def test_a_burst_over_capacity_is_shed_fast(serving_bundle, images, tmp_path):
     assert set(statuses) <= {"201", "503"} and report["server_errors"] == report["client_errors"] == 0, report
     assert statuses.get("201", 0) >= 2 and statuses.get("503", 0) >= 8, report
     assert report["retry_after_s"] and min(report["retry_after_s"]) >= 1
-    # Shed at once, not after waiting in a queue. (How fast against the admitted uploads is
-    # bench/load.py's burst figure: two medians of a few uploads each flake on a busy machine.)
-    assert report["latency_503_ms"]["p50"] < 1000, report
+    # Shed at once, not after waiting in a queue: a 503 comes back faster than an admitted upload.
+    # Measured over 20 runs at load average ~19 on 2 cores: 503 p50 330-1,090 ms (a fixed 1 s bound
+    # failed once), at most 0.56 of the 201s' p50: this bound keeps a 1.8x margin.
+    assert report["latency_503_ms"]["p50"] <= report["latency_2xx_ms"]["p50"], report
 
 
 def test_a_retried_upload_counts_from_its_first_attempt(serving_bundle, images, tmp_path):
