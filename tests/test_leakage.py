@@ -14,6 +14,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from dermsight.data.dataset import assign_folds, assign_source_folds, group_ids
+from dermsight.data.records import SourceError
 from dermsight.data.schema import as_records
 
 ID_COLUMNS = ("patient_id", "lesion_id")
@@ -108,3 +109,21 @@ def test_source_folds_keep_a_patient_spanning_sources_in_one_fold():
         alone = folded["source"] == source
         linked = folded["group"].isin(folded.loc[~alone, "group"])
         assert (folded.loc[alone & ~linked, "fold"] == fold).all()
+
+
+def test_source_folds_split_the_largest_source_and_hold_out_each_other_source():
+    """The largest source spread over every fold by the seed, each smaller source's own images in
+    a fold of its own, integer folds; more smaller sources than folds is a clear error."""
+    records = linked_records(400, seed=2, sources=("main", "main", "main", "clinic_a", "clinic_b"), none_share=0.8)
+    folded = assign_source_folds(records, n_folds=2, seed=0)
+    assert folded["fold"].dtype == np.int64 and set(folded["fold"]) == {0, 1}
+    main = folded["source"] == "main"
+    assert folded.loc[main, "fold"].value_counts(normalize=True).between(0.35, 0.65).all()
+    for fold, source in enumerate(("clinic_a", "clinic_b")):
+        own = folded["source"] == source
+        alone = own & ~folded["group"].isin(folded.loc[~own, "group"])
+        assert alone.sum() > 20 and (folded.loc[alone, "fold"] == fold).all()
+    assert folded.equals(assign_source_folds(records, n_folds=2, seed=0))
+    assert not folded["fold"].equals(assign_source_folds(records, n_folds=2, seed=1)["fold"])
+    with pytest.raises(SourceError, match="2 sources besides main need at least as many folds; got 1"):
+        assign_source_folds(records, n_folds=1)
