@@ -41,7 +41,8 @@ declare -A TESTS=(
     $fuzz::test_a_broken_header_element_is_dropped_with_the_header"
   [context]="tests/test_context.py::test_the_odd_lesion_out_gets_the_highest_distance_and_score
     tests/test_context.py::test_context_by_value_on_a_hand_made_patient
-    tests/test_context.py::test_single_lesion_and_unknown_patients_fall_back_cleanly"
+    tests/test_context.py::test_single_lesion_and_unknown_patients_fall_back_cleanly
+    tests/test_context.py::test_a_two_image_patient_after_a_lone_one_with_risks_at_zero_and_one"
 )
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=(dataset calibration sanitize context)
