@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from dermsight.inference.engine_steps import decode_rows, engine_rows
 from dermsight.inference.predictor import Predictor
-from dermsight.inference.ray_engine import decode_rows, engine_rows
 from dermsight.models.bundle import load_bundle
 from dermsight.models.metadata import METADATA_FEATURES, encode_metadata
 from dermsight.serving.app import create_app
@@ -36,8 +36,8 @@ def test_the_bundle_reads_the_patient_image_count(patient_count_bundle, lesion_i
 
 
 def test_engine_pieces_carry_each_patients_count_over_the_whole_input(test_128, patient_count_bundle):
-    """The rows the Ray and Spark engines split into pieces (`engine_rows`, then `decode_rows`
-    per piece) encode the metadata exactly as the Predictor encodes the whole input: real
+    """The rows the Ray and Spark engines split into pieces (engine_steps: `engine_rows`, then
+    `decode_rows` per piece) encode the metadata exactly as the Predictor encodes the whole input: real
     test_128 patients in shuffled order (each spans several pieces), counts left for the engines
     to count, a few rows without a patient, two with a count given by their source."""
     records = scattered_patients(test_128, 120)
@@ -61,7 +61,8 @@ def test_engine_pieces_carry_each_patients_count_over_the_whole_input(test_128, 
 @pytest.fixture(scope="module")
 def count_client(patient_count_bundle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("count-app")
-    with TestClient(create_app(patient_count_bundle, f"sqlite:///{folder / 'app.db'}", storage_dir=folder, dev=True)) as client:
+    app = create_app(patient_count_bundle, f"sqlite:///{folder / 'app.db'}", storage_dir=folder, dev=True)
+    with TestClient(app) as client:
         yield client
     client.app.state.storage.engine.dispose()
 

@@ -54,7 +54,8 @@ def test_outside_ci_a_missing_program_skips_the_test(nothing_installed, monkeypa
 def test_a_missing_python_extra_skips_its_module_or_fails_in_ci(nothing_installed, monkeypatch, module, extra):
     """What test_ray_engine.py and test_ddp.py call at their top instead of pytest.importorskip."""
     monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match=f"{module} is not importable .*pip install -e '.\\[{extra}\\]'") as skipped:
+    wanted = f"{module} is not importable .*pip install -e '.\\[{extra}\\]'"
+    with pytest.raises(pytest.skip.Exception, match=wanted) as skipped:
         system_deps.python_module(module, extra)
     assert skipped.value.allow_module_level
     monkeypatch.setenv("CI", "true")
