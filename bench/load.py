@@ -1,13 +1,16 @@
 """Load benchmark of the web API on loopback: a real `dermsight serve` subprocess on
 127.0.0.1 as a clinic runs it (API keys required, one key for the bench, its rate limit
 set by --rate-limit/--burst and reported), and an asyncio httpx client uploading real
-SIIM-ISIC 2020 test_128 images (with their age, sex and site; a different image for every
-upload of the run, so every upload is stored and scored like a new one) at 8, 16 and 32
-concurrent clients, then one burst over capacity. Prints one JSON object: per level the
-final status of each upload, server errors (5xx other than the designed 503 load shedding:
-must be 0), the per-upload latency (p50/p90/p99: from its first attempt to its final 2xx
-answer, Retry-After waits and retried attempts included), the per-attempt latency beside
-it, and throughput; for the burst, how many were shed with 503 and how fast.
+HAM10000 images at a clinic's size (enlarged in memory to 600x450, the size of HAM10000's
+originals, JPEG quality 90, with their age, sex and site: bench/sections/api.py's uploads; a
+different image for every upload of the run, so every upload is stored and scored like a new
+one) at 8, 16 and 32 concurrent clients, then one burst over capacity. Prints one JSON
+object: per level the final status of each upload, server errors (5xx other than the designed
+503 load shedding: must be 0), failed uploads (no 2xx in the end), timeouts and uploads the
+level's time limit cut off, the per-upload latency over every upload that ended (p50/p90/p99:
+from its first attempt to its final answer or failure, Retry-After waits and retried attempts
+included) and over those that ended 2xx, the per-attempt latency beside it, and throughput;
+for the burst, how many were shed with 503 and how fast.
 
     .venv/bin/python bench/load.py [--model BUNDLE] [--clients 8,16,32] [--requests 10] [--burst 64]
     .venv/bin/python bench/load.py --dev        # the development server instead (no key, no rate limit)
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import itertools
 import json
 import os
@@ -44,18 +46,14 @@ if str(BENCH) not in sys.path:  # bench/_server.py (already imported when tests/
 import _server  # noqa: E402
 
 RETRIED = (429, 503)  # answers that ask the client to come back after Retry-After
+CUT_OFF = "cut off"  # the final status of an upload the level's time limit stopped
 
 
-def load_images(data: Path, count: int | None) -> list[tuple[str, bytes, dict[str, str]]]:
-    """(file name, JPEG bytes, form fields) of the first `count` test_128 images (None: all 5,545)."""
-    folder = data / "isic2020" / "test_128"
-    with open(data / "isic2020" / "test_128.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))[:count]
-    return [
-        (f"{row['image_name']}.jpg", (folder / f"{row['image_name']}.jpg").read_bytes(),
-         {"age": row["age_approx"], "sex": row["sex"], "site": row["anatom_site_general_challenge"]})
-        for row in rows
-    ]
+def load_images(data: Path, count: int) -> list[tuple[str, bytes, dict[str, str]]]:
+    """(file name, JPEG bytes, form fields) of `count` different HAM10000 images at 600x450."""
+    from sections.api import api_uploads
+
+    return [(f"lesion-{i}.jpg", jpeg, form) for i, (jpeg, form) in enumerate(api_uploads(count, data))]
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -93,7 +91,7 @@ def _summary(uploads: list[dict], wall: float, **extra) -> dict:
     """`uploads`: one dict per upload, {"status": final status, "seconds": first attempt to
     final answer, "attempts": [(status, seconds), ...]}."""
     attempts = [attempt for upload in uploads for attempt in upload["attempts"]]
-    done = [upload["seconds"] for upload in uploads if _ok(upload["status"])]
+    ended = [upload for upload in uploads if upload["attempts"]]  # a cut-off upload may never have been sent
     shed = [seconds for status, seconds in attempts if status == 503]
     return {
         **extra,
@@ -102,16 +100,22 @@ def _summary(uploads: list[dict], wall: float, **extra) -> dict:
         "statuses": _counts(upload["status"] for upload in uploads),  # the final answer of each upload
         "attempt_statuses": _counts(status for status, _ in attempts),
         "retried_uploads": sum(1 for upload in uploads if len(upload["attempts"]) > 1),
+        "failed_uploads": sum(1 for upload in uploads if not _ok(upload["status"])),  # every one, whatever ended it
         "server_errors": sum(1 for s, _ in attempts if isinstance(s, int) and s >= 500 and s != 503),
         "client_errors": sum(1 for s, _ in attempts if not isinstance(s, int)),
+        "timeouts": sum(1 for s, _ in attempts if isinstance(s, str) and "Timeout" in s),
+        "cut_off": sum(1 for upload in uploads if upload["status"] == CUT_OFF),
         "shed_503": len(shed),
         "rate_limited_429": sum(1 for s, _ in attempts if s == 429),
-        # Per upload, from its first attempt to its final 2xx (Retry-After waits included).
-        "latency_ms": percentiles(done),
+        # Per upload that ended (any final answer, an error or a timeout), from its first attempt
+        # to that end (Retry-After waits included): no upload is left out of the percentiles.
+        "latency_ms": percentiles([upload["seconds"] for upload in ended]),
+        # The same over the uploads that ended 2xx.
+        "latency_2xx_ms": percentiles([upload["seconds"] for upload in ended if _ok(upload["status"])]),
         # Per attempt that was answered 2xx (what the server took for the attempt that got through).
         "attempt_latency_ms": percentiles([seconds for status, seconds in attempts if _ok(status)]),
         "latency_503_ms": percentiles(shed),
-        "throughput_uploads_per_s": round(len(done) / wall, 2) if wall > 0 else None,
+        "throughput_uploads_per_s": round(sum(_ok(u["status"]) for u in uploads) / wall, 2) if wall > 0 else None,
         "seconds": round(wall, 2),
     }
 
@@ -136,19 +140,19 @@ async def run_clients(url: str, images, clients: int, requests: int, *, retries:
         for _ in range(requests):
             image, attempts = pick(), []
             started = time.perf_counter()
-            status: int | str = "deadline"
-            for _ in range(retries + 1):
+            ended = started
+            status: int | str = CUT_OFF
+            for attempt in range(retries + 1):
                 if time.perf_counter() > deadline:
+                    status = CUT_OFF
                     break
                 status, seconds, retry = await _post(http, image)
                 attempts.append((status, seconds))
-                if status not in RETRIED:
+                ended = time.perf_counter()  # the wait after a last refused attempt is not part of it
+                if status not in RETRIED or attempt == retries:
                     break
                 await asyncio.sleep(min(max(retry, 0.1), retry_cap))
-            if attempts:
-                # The final answer's time: the wait after a last refused attempt is not part of it.
-                uploads.append({"status": status, "attempts": attempts,
-                                "seconds": time.perf_counter() - started if _ok(status) else None})
+            uploads.append({"status": status, "attempts": attempts, "seconds": ended - started})
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=headers) as http:
         started = time.perf_counter()
@@ -204,7 +208,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10, help="Uploads per client at each level.")
     parser.add_argument("--burst", type=int, default=64, help="Simultaneous uploads over capacity (0: no burst).")
     parser.add_argument("--images", type=int, default=None,
-                        help="Distinct test_128 images (default: one per upload of the run; at most 5,545).")
+                        help="Distinct HAM10000 images (default: one per upload of the run).")
     parser.add_argument("--max-queue", type=int, default=16, help="The server's --max-queue.")
     parser.add_argument("--max-active", type=int, default=2, help="The server's --max-active.")
     parser.add_argument("--rate-limit", type=float, default=1000.0,
@@ -252,10 +256,12 @@ def main() -> None:
         },
         "model": {"name": model["name"], "version": model["version"]},
         "images": len(images), "uploads_in_run": needed,
-        "image_source": "isic2020/test_128 (128x128 JPEG), a different image for each upload"
+        "image_source": "HAM10000, the first by image id, each enlarged in memory to 600x450 (HAM10000's original "
+                        "size), JPEG quality 90, with its age, sex and site; a different image for each upload"
         + ("" if len(images) >= needed else f" until the {len(images)} run out, then cycling"),
-        "latency": "per upload: first attempt to final 2xx (Retry-After waits included); attempt_latency_ms: "
-                   "per 2xx attempt",
+        "latency": "latency_ms: per upload that ended, first attempt to its final answer, error or timeout "
+                   "(Retry-After waits included), failed ones counted in failed_uploads; latency_2xx_ms: the "
+                   "uploads that ended 2xx; attempt_latency_ms: per 2xx attempt",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_start": [round(x, 2) for x in load_at_start],
                     "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -263,6 +269,7 @@ def main() -> None:
         "levels": levels,
         "burst": shed,
         "server_errors_total": sum(level["server_errors"] for level in levels) + (shed["server_errors"] if shed else 0),
+        "failed_uploads_total": sum(level["failed_uploads"] for level in levels),  # the burst's are meant to be shed
     }
     text = json.dumps(report, indent=1)
     print(text)

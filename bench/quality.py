@@ -8,9 +8,11 @@ sharpness at its 1st percentile, brightness at its 0.5th and 99.5th, highlights 
 the lesion's distance from the centre at the 95th (lesions off the middle are common in real
 dermoscopy; a looser limit would catch fewer cut-off lesions, measured below). Then:
 
-- `false_warnings`: the share of each source's real images that earn each warning;
-- `detected`: the share of degraded copies of other real images (a second random sample) that
-  earn the warning meant for them: Gaussian blur of 2 network pixels (`blur`), exposure x0.3
+- `false_warnings`: the share of each source's real images that earn each warning, on a second
+  random sample of the same size that the thresholds were not fitted on (`false_warnings_fitted`:
+  on the fitted sample, which its own quantiles flatter, for comparison);
+- `detected`: the share of degraded copies of that second sample's images that earn the
+  warning meant for them: Gaussian blur of 2 network pixels (`blur`), exposure x0.3
   (`dark`), washed out to 25% contrast under white (`bright`), the left half of the frame kept
   (`half_cut`, the lesion's centre on the edge), the top-left quarter kept (`quarter_cut`), and
   downscaled to 96 px (`tiny`).
@@ -85,20 +87,27 @@ def main() -> None:
     records = deduplicate(load_sources([str(DATA / s) for s in SOURCES])).records
     records = records[records["image_ref"].notna()].sample(frac=1.0, random_state=0)
     fit = records.groupby("source").head(args.per_source)
-    check = records.drop(fit.index).groupby("source").head(max(args.per_source // 3, 1))
+    check = records.drop(fit.index).groupby("source").head(args.per_source)  # never in the fit
     print(f"measuring {len(fit)} images to fit, {len(check)} to check", file=sys.stderr)
     fit_measures = measured(fit["image_ref"].tolist(), prep)
     pooled = pd.DataFrame(fit_measures, columns=QUALITY_MEASURES)
     values = {name: float(np.quantile(pooled[MEASURE_OF[name]], q)) for name, q in QUANTILES.items()}
     thresholds = QualityThresholds(**values, fitted_on=f"{len(fit)} images, {args.per_source} per source of "
                                    f"{', '.join(SOURCES)}, by bench/quality.py")
-    false_warnings = {}
-    for source, rows in fit.reset_index(drop=True).groupby("source").groups.items():
-        warned = quality_warnings(fit_measures[rows], prep.size, thresholds)
-        false_warnings[source] = {code: round(float(np.mean([code in w for w in warned])), 3)
-                                  for code in sorted(set(DEGRADATIONS.values()))}
-    detected = {}
     refs = check["image_ref"].tolist()
+
+    def warning_shares(sample: pd.DataFrame, measures: np.ndarray) -> dict:
+        """Per source, the share of its clean images earning each warning."""
+        shares = {}
+        for source, rows in sample.reset_index(drop=True).groupby("source").groups.items():
+            warned = quality_warnings(measures[rows], prep.size, thresholds)
+            shares[source] = {code: round(float(np.mean([code in w for w in warned])), 3)
+                              for code in sorted(set(DEGRADATIONS.values()))}
+        return shares
+
+    false_warnings = warning_shares(check, measured(refs, prep))
+    false_warnings_fitted = warning_shares(fit, fit_measures)
+    detected = {}
     for kind, code in DEGRADATIONS.items():
         warned = quality_warnings(measured(refs, prep, kind), prep.size, thresholds)
         detected[kind] = {"warning": code, "share": round(float(np.mean([code in w for w in warned])), 3),
@@ -109,6 +118,8 @@ def main() -> None:
         "measures_by_source": pooled.assign(source=fit["source"].to_numpy()).groupby("source")
         .median().round(3).to_dict(orient="index"),
         "false_warnings": false_warnings,
+        "false_warnings_images_per_source": check.groupby("source").size().to_dict(),
+        "false_warnings_fitted": false_warnings_fitted,
         "detected": detected,
         "per_source": args.per_source,
     }

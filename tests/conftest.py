@@ -97,23 +97,37 @@ def combine(*parts: Loaded) -> Loaded:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(shared, tmp_path_factory) -> Path:
-    """A small embed-mode bundle trained once per test run on 300 real images (xdist
-    workers share it through a file lock): frozen ImageNet features."""
+def _trained_once(tmp_path_factory, name: str, **config) -> Path:
+    """A small embed-mode bundle (frozen ImageNet features) trained once per test run with
+    `config` (xdist workers share it through a file lock, and one embedding cache)."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    target = root / "tiny_bundle"
-    with open(root / "tiny_bundle.lock", "w") as lock:
+    target = root / name
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "bundle.json").exists():
             from dermsight.training.config import TrainConfig
             from dermsight.training.train import train
 
-            sources = [str(shared / "ham10000"), str(shared / "isic9" / "train")]
-            train(TrainConfig(sources=sources, max_images=300, folds=3, output=target,
-                              cache_dir=root / "tiny_bundle_cache", progress=False))
+            train(TrainConfig(output=target, cache_dir=root / "tiny_bundle_cache", progress=False, **config))
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(shared, tmp_path_factory) -> Path:
+    """A small embed-mode bundle trained once per test run on 300 real images."""
+    sources = [str(shared / "ham10000"), str(shared / "isic9" / "train")]
+    return _trained_once(tmp_path_factory, "tiny_bundle", sources=sources, max_images=300, folds=3)
+
+
+@pytest.fixture(scope="session")
+def patient_count_bundle(shared, tmp_path_factory) -> Path:
+    """A small embed-mode bundle whose network reads the patient's image count: trained on 150
+    real images, ISIC 2020 ones (whose patients' counts are known) beside isic9 ones (unknown).
+    The default bundle leaves that feature out, so it cannot show which count a path passes."""
+    sources = [str(shared / "isic2020" / "train_extra.csv"), str(shared / "isic9" / "train")]
+    return _trained_once(tmp_path_factory, "patient_count_bundle", sources=sources, max_images=150, folds=3,
+                         views=("identity",))
 
 
 @pytest.fixture(scope="session")

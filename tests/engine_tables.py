@@ -18,6 +18,14 @@ def complete_patients(records: pd.DataFrame, n_images: int, seed: int = 0) -> pd
     return records[records["patient_id"].isin(chosen)].reset_index(drop=True)
 
 
+def scattered_patients(records: pd.DataFrame, n_images: int, seed: int = 0) -> pd.DataFrame:
+    """Complete patients (about n_images) in shuffled order, with their image counts left for
+    the engine to count: each patient's images fall into several of the pieces an engine
+    splits its input into, so counting within a piece gives other counts."""
+    scattered = complete_patients(records, n_images, seed).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    return scattered.assign(patient_images=np.nan)
+
+
 def assert_same_table(engine_table: pd.DataFrame, local_table: pd.DataFrame, context_atol: float = 1e-5) -> None:
     """Same columns and dtypes, the same rows in the same order, every text and flag column equal,
     probabilities to 1e-5 and the patient context to `context_atol`."""

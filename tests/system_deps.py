@@ -1,12 +1,14 @@
 """The system programs some tests drive: Debian's Chromium (through Playwright), a
-PostgreSQL cluster (initdb), Java with PySpark (the Spark engine) and podman (the container
-image). A missing one skips its tests with the reason, except in CI (CI=true), where it fails
-them: scripts/system_deps.sh, scripts/install.sh and scripts/container.sh install them there,
-and a skip would hide that the browser, PostgreSQL, Spark or container tests never ran."""
+PostgreSQL cluster (initdb), Java with PySpark (the Spark engine), podman (the container
+image) and the optional Python extras whole test modules need (Ray, torch). A missing one skips
+its tests with the reason, except in CI (CI=true), where it fails them: scripts/system_deps.sh,
+scripts/install.sh and scripts/container.sh install them there, and a skip would hide that the
+browser, PostgreSQL, Spark, container, Ray or training tests never ran."""
 
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import subprocess
 from pathlib import Path
@@ -25,11 +27,12 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"true", "1"}
 
 
-def unavailable(reason: str) -> NoReturn:
-    """Skip the test for `reason`; in CI, fail it."""
+def unavailable(reason: str, *, whole_module: bool = False) -> NoReturn:
+    """Skip the test (`whole_module`: the test module, when called at its top) for `reason`;
+    in CI, fail it."""
     if in_ci():
         pytest.fail(f"{reason}; with CI=true that fails the test instead of skipping it", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=whole_module)
 
 
 def chromium() -> Path:
@@ -92,3 +95,12 @@ def container_image(tag: str) -> str:
     if result.returncode != 0:
         pytest.fail(f"scripts/container.sh build failed ({result.returncode}):\n{result.stderr[-3000:]}", pytrace=False)
     return tag
+
+
+def python_module(name: str, extra: str):
+    """The Python package `name`, which the `extra` extra installs, for a test module's top
+    (`torch = system_deps.python_module("torch", "train")`): missing, the module is skipped."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        unavailable(f"{name} is not importable ({err}): pip install -e '.[{extra}]'", whole_module=True)

@@ -146,7 +146,8 @@ def test_one_off_prediction_matches_the_predictor(client, storage, serving_bundl
 def test_non_dermoscopic_image_gets_no_risk(client, document_png):
     (prediction,) = upload(client, [("page.png", document_png)]).json()["predictions"]
     assert prediction["looks_dermoscopic"] is False
-    assert "does not look like a dermoscopic image" in prediction["decision"]
+    assert prediction["decision"] == "This does not look like a dermoscopic image, so DermSight gives no risk for it."
+    # That the refused image carries no melanoma_risk / above_threshold at all is issue 29's change.
 
 
 def test_patient_lesions_ranked_with_ugly_duckling_context(client, lesion_images):

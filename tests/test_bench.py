@@ -139,3 +139,44 @@ def test_serve_process_starts_the_production_server_with_an_api_key(serving_bund
         assert answer.status_code == 200 and answer.json()["name"] == "serving-test"
     assert server.process.poll() is not None
     assert _server.health_status("127.0.0.1", server.port, timeout=1) is None
+
+
+def test_an_api_latency_target_is_met_only_when_no_request_failed():
+    run = _bench_run()
+    api = {"concurrent": {"requests": 200, "failures": 0, "p50_ms": 30.0, "p99_ms": 100.0},
+           "paced": {"requests": 160, "failures": 3, "p50_ms": 30.0, "p99_ms": 100.0},
+           "serve_memory_after_requests": {"rss_mb": 300.0, "peak_rss_mb": 650.0}}
+    targets = run.summarise({"api": api})
+    assert targets["api_p50_ms_8_clients"] == {"target": "<= 40", "measured": 30.0, "met": True}
+    assert targets["api_p99_ms_8_clients_paced"] == {
+        "target": "<= 120", "measured": 100.0, "met": False, "note": "3 of 160 requests failed or timed out"}
+    # the memory target is the peak, not what is resident once the requests are over
+    assert targets["serve_rss_mb"] == {"target": "<= 600", "measured": 650.0, "met": False}
+    del api["concurrent"]["failures"]  # a run that did not count them cannot meet a target
+    assert run.summarise({"api": api})["api_p50_ms_8_clients"]["met"] is None
+
+
+def test_api_client_reports_a_timeout_and_a_refused_connection_as_failed_answers():
+    """Real sockets: a server that accepts and never answers, and a port nobody listens on.
+    Every answer counts in the latencies, the failed ones by status."""
+    import socket
+
+    _bench_run()
+    from sections.api import Answers, Client
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        status, body = Client(silent.getsockname()[1], {}, timeout=0.3).request("GET", "/api/health")
+        assert (status, body) == ("timeout", b"")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    assert Client(closed_port, {}, timeout=0.3).request("GET", "/api/health")[0] == "no answer"
+    answers = Answers()
+    for latency, status in ((10.0, 201), (20.0, 201), (300.0, "timeout"), (40.0, 503)):
+        answers.add(latency, status)
+    summary = answers.summary()
+    assert (summary["requests"], summary["failures"], answers.ok) == (4, 2, 2)
+    assert summary["failures_by_status"] == {"503": 1, "timeout": 1}
+    assert summary["p99_ms"] > 290.0  # the timeout is in the percentiles, not dropped

@@ -5,7 +5,13 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.isotonic import IsotonicRegression
 
-from dermsight.evaluation.calibration import IsotonicCalibrator, TemperatureScaler, choose_threshold
+from dermsight.evaluation.calibration import (
+    MIN_SOURCE_MELANOMAS,
+    IsotonicCalibrator,
+    TemperatureScaler,
+    choose_threshold,
+    choose_threshold_every_source,
+)
 from dermsight.evaluation.metrics import expected_calibration_error, sensitivity_specificity
 
 
@@ -112,3 +118,42 @@ def test_choose_threshold_refuses_no_positives_and_bad_targets():
         choose_threshold([0, 0, 0], [0.1, 0.5, 0.9])
     with pytest.raises(ValueError, match="target_sensitivity"):
         choose_threshold([0, 1], [0.1, 0.9], 0.0)
+
+
+def test_threshold_every_source_never_rises_above_the_pooled_one():
+    """A source with 40 melanomas scored 0.60-0.99 sets a threshold of its own (0.64 catches 36);
+    one with 10 melanomas scored 0.10-0.19 is too small to (MIN_SOURCE_MELANOMAS), but its
+    melanomas count in the pool: 45 of the 50 are caught only from 0.15 down. The rule takes the
+    lowest of the pooled and per-source thresholds, so 0.15, where pooled sensitivity is the
+    target; the per-source threshold alone (0.64) would catch 40 of 50."""
+    big = np.round(0.60 + 0.01 * np.arange(40), 2)
+    small = np.round(0.10 + 0.01 * np.arange(10), 2)
+    negatives = np.round(np.linspace(0.0, 0.7, 60), 3)
+    score = np.concatenate([big, small, negatives])
+    y = np.r_[np.ones(50, int), np.zeros(60, int)]
+    sources = ["big"] * 40 + ["small"] * 10 + ["big", "small"] * 30
+    assert MIN_SOURCE_MELANOMAS == 20
+    result = choose_threshold_every_source(y, score, sources, 0.9)
+    assert result["per_source"] == {"big": 0.64}
+    assert choose_threshold(y, score, 0.9)["threshold"] == result["threshold"] == 0.15
+    assert result["sensitivity"] == 0.9 == sensitivity_specificity(y, score, 0.15)["sensitivity"]
+    assert result["specificity"] == sensitivity_specificity(y, score, 0.15)["specificity"]
+
+
+def test_threshold_every_source_at_another_target_and_at_the_melanoma_minimum():
+    """Target 0.80 on the same scores: "big" alone needs 0.68 (32 of 40), the pool 0.60 (40 of 50).
+    A source with exactly MIN_SOURCE_MELANOMAS melanomas sets a threshold of its own."""
+    big = np.round(0.60 + 0.01 * np.arange(40), 2)
+    small = np.round(0.10 + 0.01 * np.arange(10), 2)
+    score = np.concatenate([big, small, np.linspace(0.0, 0.7, 60)])
+    y = np.r_[np.ones(50, int), np.zeros(60, int)]
+    sources = ["big"] * 40 + ["small"] * 10 + ["big", "small"] * 30
+    result = choose_threshold_every_source(y, score, sources, 0.8)
+    assert set(result) == {"threshold", "target_sensitivity", "sensitivity", "specificity", "ppv", "npv", "tp", "fp",
+                           "tn", "fn", "rule", "per_source"}
+    assert (result["threshold"], result["target_sensitivity"], result["per_source"]) == (0.6, 0.8, {"big": 0.68})
+    assert result["rule"] == "the lowest of the pooled and each source's threshold for the target sensitivity"
+    twenty = np.r_[np.ones(MIN_SOURCE_MELANOMAS, int), np.zeros(5, int)]
+    both = choose_threshold_every_source(np.r_[y, twenty], np.r_[score, np.linspace(0.3, 0.5, 25)],
+                                         sources + ["clinic"] * 25, 0.8)
+    assert set(both["per_source"]) == {"big", "clinic"}

@@ -98,6 +98,22 @@ def test_relative_features_by_value_on_hand_made_patients():
         assert features.loc[alone, "distance_ratio"] == 1.0
 
 
+def test_a_two_image_patient_after_a_lone_one_with_risks_at_zero_and_one():
+    """A lone lesion first must not stop the patients after it; two images are enough for
+    context; risks of exactly 0 and 1 give finite logits (clipped), and equal distances a
+    z-score of 0, not NaN. By hand: the pair's distances are 1 and 1 (orthogonal embeddings),
+    its logits -/+13.8, so risk_z -1 / +1 and the score -0.5 / +0.5."""
+    ids = pd.Series(["alone", "pair", "pair"])  # patients are taken in id order: "alone" first
+    context = patient_context(ids, np.eye(3), np.array([0.3, 0.0, 1.0]))
+    assert context["patient_lesions"].tolist() == [1.0, 2.0, 2.0]
+    pair = context.loc[[1, 2]]
+    np.testing.assert_allclose(pair["embedding_distance"], [1.0, 1.0])
+    np.testing.assert_allclose(pair["distance_z"], [0.0, 0.0])
+    np.testing.assert_allclose(pair["risk_z"], [-1.0, 1.0])
+    np.testing.assert_allclose(pair["ugly_duckling_score"], [-0.5, 0.5])
+    assert pair["risk_rank"].tolist() == [2.0, 1.0]
+
+
 @pytest.fixture(scope="module")
 def test_128_patients(shared):
     records = read_source(f"isic2020:{shared / 'isic2020' / 'test_128.csv'}").records

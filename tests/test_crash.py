@@ -77,6 +77,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(serving_bundle, sha
     server.wait_ready()
     acknowledged: dict[int, str] = {}  # image id -> SHA-256 of what must be stored
     failed_in_flight = []
+    refused = []  # (file, status, detail): before the kill, every upload must be accepted
     lock = threading.Lock()
 
     def client(part: list[tuple[str, bytes]]) -> None:
@@ -88,10 +89,12 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(serving_bundle, sha
                 except httpx.HTTPError:
                     failed_in_flight.append(name)  # the kill: no answer, so no promise was made
                     return
-                if 200 <= response.status_code < 300:
-                    with lock:
-                        for prediction in response.json()["predictions"]:
-                            acknowledged[prediction["image_id"]] = hashlib.sha256(sanitize_image(data).data).hexdigest()
+                if response.status_code != 201:
+                    refused.append((name, response.status_code, response.text[:200]))
+                    continue
+                with lock:
+                    for prediction in response.json()["predictions"]:
+                        acknowledged[prediction["image_id"]] = hashlib.sha256(sanitize_image(data).data).hexdigest()
 
     threads = [threading.Thread(target=client, args=(uploads[i::2],)) for i in range(2)]
     for thread in threads:
@@ -103,6 +106,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_upload(serving_bundle, sha
     for thread in threads:
         thread.join(30)
     print(f"killed after {len(acknowledged)} acknowledged uploads; {len(failed_in_flight)} in flight got no answer")
+    assert refused == [], log.read_text()[-2000:]
     assert len(acknowledged) >= 10, log.read_text()[-2000:]
     assert len(acknowledged) < len(uploads), "the server was killed after the batch ended"
 

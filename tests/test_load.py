@@ -54,9 +54,10 @@ def test_a_burst_over_capacity_is_shed_fast(serving_bundle, images, tmp_path):
     assert set(statuses) <= {"201", "503"} and report["server_errors"] == report["client_errors"] == 0, report
     assert statuses.get("201", 0) >= 2 and statuses.get("503", 0) >= 8, report
     assert report["retry_after_s"] and min(report["retry_after_s"]) >= 1
-    # Shed at once: a 503 takes no longer than the uploads that were admitted.
-    assert report["latency_503_ms"]["p50"] < 1000, report
-    assert report["latency_503_ms"]["p50"] <= report["latency_ms"]["p50"], report
+    # Shed at once, not after waiting in a queue: a 503 comes back faster than an admitted upload.
+    # Measured over 20 runs at load average ~19 on 2 cores: 503 p50 330-1,090 ms (a fixed 1 s bound
+    # failed once), at most 0.56 of the 201s' p50: this bound keeps a 1.8x margin.
+    assert report["latency_503_ms"]["p50"] <= report["latency_2xx_ms"]["p50"], report
 
 
 def test_a_retried_upload_counts_from_its_first_attempt(serving_bundle, images, tmp_path):
@@ -85,3 +86,16 @@ def test_the_bench_authenticates_with_an_api_key(serving_bundle, images, tmp_pat
                                                headers={"Authorization": f"Bearer {key}"}))
     assert refused["statuses"] == {"401": 1}, refused
     assert report["statuses"] == {"201": 4}, report
+
+
+def test_uploads_that_time_out_or_are_cut_off_are_counted_not_dropped(serving_bundle, images, tmp_path):
+    """An upload without a 2xx still counts: a timeout is a failed upload in the latency
+    percentiles (at the time it gave up), and one the level's time limit stopped is counted."""
+    app = create_app(serving_bundle, storage_dir=tmp_path, dev=True)
+    with in_thread(app) as url:
+        timed_out = asyncio.run(bench.run_clients(url, images, clients=2, requests=2, retries=0, timeout=0.001))
+        cut_off = asyncio.run(bench.run_clients(url, images, clients=2, requests=3, retries=0, max_seconds=0))
+    assert timed_out["uploads"] == timed_out["attempts"] == timed_out["failed_uploads"] == timed_out["timeouts"] == 4
+    assert timed_out["latency_ms"]["p50"] is not None and timed_out["latency_2xx_ms"]["p50"] is None, timed_out
+    assert (cut_off["uploads"], cut_off["attempts"], cut_off["cut_off"], cut_off["failed_uploads"]) == (6, 0, 6, 6)
+    assert cut_off["statuses"] == {"cut off": 6}

@@ -114,4 +114,6 @@ def test_unseen_dermoscopy_is_accepted(default_predictor, shared):
     records, _ = records_from_inputs([str(shared / "isic2020" / "test_128")])
     table, errors = default_predictor.predict_records(records.sample(300, random_state=1), progress=False)
     assert not errors and len(table) == 300
-    assert table["looks_dermoscopic"].mean() >= 0.95
+    # The gate refuses 74 of all 5,545 test_128 images (1.3%, README): 11 is the 99.9th percentile
+    # of the refusals among a random 300 at that rate (binomial); 5% (15) let a gate twice as strict pass.
+    assert (~table["looks_dermoscopic"]).sum() <= 11

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import system_deps
 from typer.testing import CliRunner
 
-pytest.importorskip("ray", reason="the Ray engine needs the scale extra")
+system_deps.python_module("ray.data", "scale")  # missing: these tests skip, or fail in CI
 
 from dermsight.cli import app  # noqa: E402
 from dermsight.inference.predictor import Predictor  # noqa: E402
 from dermsight.inference.ray_engine import predict_ray  # noqa: E402
-from engine_tables import PROBABILITIES, assert_same_table, complete_patients  # noqa: E402
+from engine_tables import PROBABILITIES, assert_same_table, complete_patients, scattered_patients  # noqa: E402
 
 def test_ray_engine_equals_the_single_process_predictor(test_128, trained_bundle, tmp_path):
     """~300 images of complete real patients, a few without a patient id, one truncated and
@@ -39,6 +40,15 @@ def test_ray_engine_equals_the_single_process_predictor(test_128, trained_bundle
     known = ray_table["patient_id"].notna()
     counts = ray_table.loc[known, "patient_id"].map(ray_table["patient_id"].value_counts())
     assert (ray_table.loc[known, "patient_lesions"] == counts).all() and (ray_table.loc[~known, "patient_lesions"] == 1).all()
+
+
+def test_ray_engine_gives_a_model_each_patients_count_over_the_whole_input(test_128, patient_count_bundle):
+    """With a bundle that reads the patient's image count (the default one does not), patients
+    whose images fall into different pieces score as in one process."""
+    records = scattered_patients(test_128, 120)
+    local_table, _ = Predictor(patient_count_bundle).predict_records(records, progress=False)
+    ray_table, _ = predict_ray(records, patient_count_bundle, workers=2, num_cpus=2)
+    assert_same_table(ray_table, local_table, context_atol=1e-4)
 
 
 def test_predict_command_with_the_ray_engine(test_128, trained_bundle, tmp_path):

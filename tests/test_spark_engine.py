@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from dermsight.cli import app
 from dermsight.inference.predictor import Predictor
-from engine_tables import PROBABILITIES, assert_same_table, complete_patients
+from engine_tables import PROBABILITIES, assert_same_table, complete_patients, scattered_patients
 from dermsight.inference.spark_engine import (
     SparkEngineError,
     check_master,
@@ -73,6 +73,15 @@ def test_spark_engine_equals_the_single_process_predictor(spark, test_128, train
     counts = spark_table.loc[known, "patient_id"].map(spark_table["patient_id"].value_counts())
     assert (spark_table.loc[known, "patient_lesions"] == counts).all()
     assert (spark_table.loc[~known, "patient_lesions"] == 1).all()
+
+
+def test_spark_engine_gives_a_model_each_patients_count_over_the_whole_input(spark, test_128, patient_count_bundle):
+    """With a bundle that reads the patient's image count (the default one does not), patients
+    whose images fall into different partitions score as in one process."""
+    records = scattered_patients(test_128, 120)
+    local_table, _ = Predictor(patient_count_bundle).predict_records(records, progress=False)
+    spark_table, _ = predict_spark(records, patient_count_bundle, spark=spark, partitions=4)
+    assert_same_table(spark_table, local_table)
 
 
 def test_unreadable_images_are_rows_not_a_failed_job(spark, test_128, trained_bundle, tmp_path):

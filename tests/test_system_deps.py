@@ -23,6 +23,8 @@ def nothing_installed(tmp_path, monkeypatch):
     monkeypatch.setattr(system_deps, "INITDB_GLOB", str(tmp_path / "no" / "*" / "bin" / "initdb"))
     monkeypatch.setitem(sys.modules, "playwright", None)  # `import playwright` raises ImportError
     monkeypatch.setitem(sys.modules, "pyspark", None)
+    for module in ("ray", "ray.data", "torch"):
+        monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "no" / "bin"))  # no java on PATH
 
@@ -46,6 +48,36 @@ def test_outside_ci_a_missing_program_skips_the_test(nothing_installed, monkeypa
     with pytest.raises(pytest.skip.Exception, match="not installed|not importable") as skipped:
         getattr(system_deps, helper)()
     assert "CI=true" not in str(skipped.value)
+
+
+@pytest.mark.parametrize(("module", "extra"), [("ray.data", "scale"), ("torch", "train")])
+def test_a_missing_python_extra_skips_its_module_or_fails_in_ci(nothing_installed, monkeypatch, module, extra):
+    """What test_ray_engine.py and test_ddp.py call at their top instead of pytest.importorskip."""
+    monkeypatch.delenv("CI", raising=False)
+    wanted = f"{module} is not importable .*pip install -e '.\\[{extra}\\]'"
+    with pytest.raises(pytest.skip.Exception, match=wanted) as skipped:
+        system_deps.python_module(module, extra)
+    assert skipped.value.allow_module_level
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="with CI=true that fails the test"):
+        system_deps.python_module(module, extra)
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [(None, "1 skipped"), ("true", "1 error")])
+def test_a_module_needing_a_missing_extra_is_skipped_whole_or_errors_in_ci(tmp_path, ci, outcome):
+    """A real pytest run of a module whose top asks for a package that is not installed."""
+    (tmp_path / "test_needs_extra.py").write_text(
+        "import system_deps\n\nsystem_deps.python_module('dermsight_no_such_package', 'scale')\n\n\n"
+        "def test_never_runs():\n    raise AssertionError\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | {"PYTHONPATH": str(REPO / "tests")}
+    if ci:
+        env["CI"] = ci
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "-rs",
+                             str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert outcome in result.stdout, result.stdout
+    assert ("with CI=true that fails the test" in result.stdout) == bool(ci)
+    assert result.returncode == (2 if ci else 5)  # 2: a collection error; 5: no test left to run
 
 
 def test_installed_programs_are_found_in_ci(tmp_path, monkeypatch):

@@ -7,7 +7,12 @@ disk), so every upload is stored, scored and given a heat map like a new one. St
 p50/p99 latency idle, under 8 concurrent closed-loop clients (each sends its next request as
 soon as it has an answer: saturation; with the server's CPU per upload and the p50 floor it
 implies), and 8 paced clients at 8, 32 and 64 requests/s in all (the first is the paced
-target figure); RSS after the requests."""
+target figure; open loop: each request's latency runs from the time it was due, so a request
+held back by a slow one before it counts its wait); peak RSS (VmHWM) and RSS after the requests.
+
+Every request counts: percentiles are over all answers, failed ones (any status but 201, a
+timeout, a connection that gave no answer, at the time it gave up) included, and each phase
+reports its failures beside them."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import http.client
 import io
 import itertools
 import os
+from collections import Counter
 import shutil
 import statistics
 import tempfile
@@ -33,15 +39,15 @@ from .common import (
 IMAGE_SIZE = (600, 450)
 
 
-def api_uploads(count: int) -> list[tuple[bytes, dict[str, str]]]:
-    """`count` different HAM10000 images (the first `count` by image id), each enlarged to
-    600x450 and encoded as JPEG (quality 90) in memory, with its own form fields (age, sex,
-    site; a missing one is left out)."""
+def api_uploads(count: int, data: Path = DATA) -> list[tuple[bytes, dict[str, str]]]:
+    """`count` different HAM10000 images (the first `count` by image id) of the datasets folder
+    `data`, each enlarged to 600x450 and encoded as JPEG (quality 90) in memory, with its own
+    form fields (age, sex, site; a missing one is left out). Also bench/load.py's uploads."""
     from PIL import Image
 
     from dermsight.data import readers
 
-    records = readers.read_ham10000(DATA / "ham10000").records
+    records = readers.read_ham10000(data / "ham10000").records
     records = records[records["image_ref"].notna()].sort_values("image_id").head(count)
     if len(records) < count:
         raise RuntimeError(f"the api section needs {count} images; HAM10000 has {len(records)}")
@@ -102,24 +108,64 @@ def start_server(workdir: Path, settings: Settings, model: Path | None, dev: boo
 class Client:
     """One keep-alive HTTP connection (stdlib: the client's own overhead stays small)."""
 
-    def __init__(self, port: int, headers: dict):
-        self.port, self.headers = port, headers
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    def __init__(self, port: int, headers: dict, timeout: float = 120.0):
+        self.port, self.headers, self.timeout = port, headers, timeout
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str | None = None) -> tuple[int, bytes]:
+                content_type: str | None = None) -> tuple[int | str, bytes]:
+        """(HTTP status, body); the status is "timeout" when no answer came within the timeout,
+        "no answer" when the connection failed (also on a fresh connection: a keep-alive one
+        the server had closed is reopened once)."""
         headers = dict(self.headers)
         if content_type:
             headers["Content-Type"] = content_type
-        try:
-            self.connection.request(method, path, body=body, headers=headers)
-            response = self.connection.getresponse()
-        except (ConnectionError, http.client.HTTPException):
-            self.connection.close()
-            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-            self.connection.request(method, path, body=body, headers=headers)
-            response = self.connection.getresponse()
-        return response.status, response.read()
+        for _ in range(2):
+            try:
+                self.connection.request(method, path, body=body, headers=headers)
+                response = self.connection.getresponse()
+                return response.status, response.read()
+            except TimeoutError:
+                self._reopen()
+                return "timeout", b""
+            except (ConnectionError, http.client.HTTPException):
+                self._reopen()
+        return "no answer", b""
+
+    def _reopen(self) -> None:
+        self.connection.close()
+        self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+
+
+class Answers:
+    """Every answer of one phase: its latency (ms) whatever it was, and the statuses of those
+    that were not 201 (an HTTP status, "timeout" or "no answer")."""
+
+    def __init__(self):
+        self.latencies_ms: list[float] = []
+        self.failed: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, latency_ms: float, status: int | str) -> None:
+        with self._lock:
+            self.latencies_ms.append(latency_ms)
+            if status != 201:
+                self.failed[str(status)] += 1
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies_ms) - sum(self.failed.values())
+
+    def summary(self) -> dict:
+        """Requests, failures (by status) and p50/p99 over all answers."""
+        measured = bool(self.latencies_ms)
+        return {
+            "requests": len(self.latencies_ms),
+            "failures": sum(self.failed.values()),
+            "failures_by_status": dict(sorted(self.failed.items())),
+            "p50_ms": rounded(percentile(self.latencies_ms, 50), 1) if measured else None,
+            "p99_ms": rounded(percentile(self.latencies_ms, 99), 1) if measured else None,
+        }
 
 
 def run(args, settings: Settings, results: dict) -> dict:
@@ -143,17 +189,14 @@ def run(args, settings: Settings, results: dict) -> dict:
             if status != 201:
                 raise RuntimeError(f"POST /api/images answered {status}: {payload[:300]!r}; serve log: "
                                    f"{server.log_tail(1500)}")
-        idle = []
+        idle = Answers()
         for _ in range(settings.api_idle_requests):
             body, content_type = next_body()
             started = now()
             status, _ = client.request("POST", "/api/images", body, content_type)
-            idle.append((now() - started) * 1000)
-            assert status == 201, status
+            idle.add((now() - started) * 1000, status)
 
-        loaded: list[float] = []
-        failures: list[int] = []
-        lock = threading.Lock()
+        loaded = Answers()
 
         def worker() -> None:
             own = Client(port, headers)
@@ -161,9 +204,7 @@ def run(args, settings: Settings, results: dict) -> dict:
                 body, content_type = next_body()
                 started = now()
                 status, _ = own.request("POST", "/api/images", body, content_type)
-                elapsed = (now() - started) * 1000
-                with lock:
-                    (loaded if status == 201 else failures).append(elapsed if status == 201 else status)
+                loaded.add((now() - started) * 1000, status)
 
         threads = [threading.Thread(target=worker) for _ in range(settings.api_clients)]
         cpu_before = process_cpu_seconds(process.pid)
@@ -173,31 +214,29 @@ def run(args, settings: Settings, results: dict) -> dict:
         for thread in threads:
             thread.join()
         wall = now() - started
-        server_cpu_ms = (process_cpu_seconds(process.pid) - cpu_before) * 1000 / max(1, len(loaded))
+        server_cpu_ms = (process_cpu_seconds(process.pid) - cpu_before) * 1000 / max(1, len(loaded.latencies_ms))
 
-        # Paced: the same 8 clients, each starting one request every 8 / rate seconds (random
-        # phase): a steady offered load below saturation, at each rate in turn.
+        # Paced: the same 8 clients, each due to send one request every 8 / rate seconds (random
+        # phase): a steady offered load, at each rate in turn. Open loop: a request's latency
+        # runs from when it was due, so the wait of one sent late behind a slow answer counts.
         rng = np.random.default_rng(0)
-        paced: dict[float, list[float]] = {}
+        paced: dict[float, Answers] = {}
 
-        def paced_worker(phase: float, interval: float, count: int, into: list[float]) -> None:
+        def paced_worker(phase: float, interval: float, count: int, into: Answers) -> None:
             own = Client(port, headers)
             begin = now() + phase
             for k in range(count):
-                delay = begin + k * interval - now()
+                due = begin + k * interval
                 body, content_type = next_body()
-                if delay > 0:
-                    time.sleep(delay)
-                sent = now()
+                if due > now():
+                    time.sleep(due - now())
                 status, _ = own.request("POST", "/api/images", body, content_type)
-                elapsed = (now() - sent) * 1000
-                with lock:
-                    (into if status == 201 else failures).append(elapsed if status == 201 else status)
+                into.add((now() - due) * 1000, status)
 
         for rate in settings.api_paced_rates:
             interval = settings.api_clients / rate
             count = max(3, round(settings.api_paced_seconds / interval))  # as requests_needed counts them
-            paced[rate] = []
+            paced[rate] = Answers()
             threads = [
                 threading.Thread(target=paced_worker, args=(phase, interval, count, paced[rate]))
                 for phase in rng.uniform(0, interval, settings.api_clients)
@@ -212,7 +251,8 @@ def run(args, settings: Settings, results: dict) -> dict:
         if server is not None:
             server.stop(20)
         shutil.rmtree(workdir, ignore_errors=True)
-    service_ms = statistics.median(idle)
+    service_ms = statistics.median(idle.latencies_ms)
+    first_rate = settings.api_paced_rates[0]
     jpeg_bytes = [len(jpeg) for jpeg, _ in uploads[:requests_sent]]
     return {
         "what": "POST /api/images, a different 600x450 JPEG (+ its age, sex, site) per request, real "
@@ -230,16 +270,11 @@ def run(args, settings: Settings, results: dict) -> dict:
         "jpeg_bytes_median": int(statistics.median(jpeg_bytes)) if jpeg_bytes else None,
         # From the process start to /api/health 200 (the database was created by `keys create` before).
         "startup_seconds_to_health": rounded(startup, 2),
-        "idle": {
-            "requests": len(idle), "p50_ms": rounded(percentile(idle, 50), 1),
-            "p99_ms": rounded(percentile(idle, 99), 1),
-        },
+        "idle": idle.summary(),
         "concurrent": {
             "clients": settings.api_clients,
-            "requests": len(loaded),
-            "p50_ms": rounded(percentile(loaded, 50), 1) if loaded else None,
-            "p99_ms": rounded(percentile(loaded, 99), 1) if loaded else None,
-            "requests_per_second": rounded(len(loaded) / wall, 1),
+            **loaded.summary(),
+            "requests_per_second": rounded(loaded.ok / wall, 1),  # uploads answered 201
             "closed_loop": True,
             "clients_x_idle_p50_ms": rounded(settings.api_clients * service_ms, 1),
             # Little's law: 8 clients always waiting on the server see p50 ~ 8 / throughput, and
@@ -251,16 +286,11 @@ def run(args, settings: Settings, results: dict) -> dict:
         # The first rate (1 request per client per second) is the "paced" figure of the targets.
         "paced": {
             "clients": settings.api_clients,
-            "offered_requests_per_second": settings.api_paced_rates[0],
-            "requests": len(paced[settings.api_paced_rates[0]]),
-            "p50_ms": rounded(percentile(paced[settings.api_paced_rates[0]], 50), 1),
-            "p99_ms": rounded(percentile(paced[settings.api_paced_rates[0]], 99), 1),
+            "offered_requests_per_second": first_rate,
+            "latency_from": "the time each request was due (open loop)",
+            **paced[first_rate].summary(),
         },
-        "paced_by_offered_rate": {
-            str(rate): {"requests": len(times), "p50_ms": rounded(percentile(times, 50), 1),
-                        "p99_ms": rounded(percentile(times, 99), 1)}
-            for rate, times in paced.items()
-        },
-        "failures": len(failures),
+        "paced_by_offered_rate": {str(rate): answers.summary() for rate, answers in paced.items()},
+        "failures": sum(phase.summary()["failures"] for phase in (idle, loaded, *paced.values())),
         "serve_memory_after_requests": {k: rounded(v, 1) for k, v in memory.items()},
     }

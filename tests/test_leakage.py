@@ -1,0 +1,129 @@
+"""No patient and no lesion on both sides of a split, checked from the raw patient and lesion
+ids (never from the computed `group` column, which a grouping bug would corrupt as well), on
+records that carry both ids, with chains of them and patients whose images span sources.
+
+The shared datasets have no record with both a patient and a lesion id (HAM10000 has lesions,
+ISIC 2020 patients), so these records are built: their ids are what such data links."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from dermsight.data.dataset import assign_folds, assign_source_folds, group_ids
+from dermsight.data.records import SourceError
+from dermsight.data.schema import as_records
+
+ID_COLUMNS = ("patient_id", "lesion_id")
+
+
+def linked_records(n: int, seed: int, *, sources: tuple[str, ...] = ("main",), none_share: float = 0.5) -> pd.DataFrame:
+    """`n` records whose patient ids (n/2 values) and lesion ids (n/2 values) are each missing
+    for `none_share` of them: many small groups joined by chains of both ids."""
+    rng = np.random.default_rng(seed)
+
+    def ids(prefix: str) -> list[str | None]:
+        return [None if rng.random() < none_share else f"{prefix}{k}" for k in rng.integers(0, n // 2, n)]
+
+    return as_records(pd.DataFrame({
+        "image_id": [f"ISIC_{i:07d}" for i in range(n)],
+        "image_ref": [f"/images/{i}.jpg" for i in range(n)],
+        "patient_id": ids("IP_"),
+        "lesion_id": ids("IL_"),
+        "diagnosis": rng.choice(["NV", "MEL", "BKL"], n, p=[0.6, 0.25, 0.15]),
+        "source": rng.choice(sources, n),
+    }))
+
+
+def components(records: pd.DataFrame) -> np.ndarray:
+    """The groups by another route: connected components (scipy) of the graph joining each row
+    to its patient id and its lesion id, numbered in order of first appearance."""
+    n, nodes, rows, columns = len(records), {}, [], []
+    for column in ID_COLUMNS:
+        for row, key in enumerate(records[column]):
+            if key is not None:
+                rows.append(row)
+                columns.append(n + nodes.setdefault((column, key), len(nodes)))
+    size = n + len(nodes)
+    graph = coo_matrix((np.ones(len(rows)), (rows, columns)), shape=(size, size))
+    return pd.factorize(connected_components(graph, directed=False)[1][:n])[0]
+
+
+def assert_no_id_in_two_folds(folded: pd.DataFrame) -> None:
+    for column in ID_COLUMNS:
+        folds = folded.dropna(subset=[column]).groupby(column)["fold"].nunique()
+        split = folds[folds > 1]
+        assert split.empty, f"{len(split)} {column}s in two folds, e.g. {split.index[:3].tolist()}"
+
+
+def test_a_row_with_both_ids_joins_its_patients_group_to_its_lesions_group():
+    """The rows P1/L1, P2/L2, P2/L1: the third row links patient P2 to lesion L1, so all three
+    are one group (re-linking the row alone, not its group, splits P2: groups 0, 1, 0)."""
+    records = pd.DataFrame({"patient_id": ["P1", "P2", "P2"], "lesion_id": ["L1", "L2", "L1"]})
+    assert group_ids(records).tolist() == [0, 0, 0]
+
+
+def test_a_chain_of_patients_and_lesions_is_one_group():
+    """P1-L1-P2-L2-P3-L3-P4, each link made by a later row than the one it joins, and a row
+    with neither id on its own."""
+    records = pd.DataFrame({
+        "patient_id": ["P1", "P2", "P3", "P4", "P2", "P3", "P4", None, "P9"],
+        "lesion_id": ["L1", "L2", "L3", "L4", "L1", "L2", "L3", None, None],
+    })
+    assert group_ids(records).tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_groups_are_exactly_the_connected_patients_and_lesions(seed):
+    """600 records with both ids, chains among them: the groups are the connected components
+    of the patient/lesion graph, no more split and no more merged."""
+    records = linked_records(600, seed, none_share=0.4)
+    expected = components(records)
+    assert 100 < expected.max() + 1 < 500 and np.bincount(expected).max() >= 10  # chains, not all singletons
+    assert group_ids(records).tolist() == expected.tolist()
+
+
+def test_grouped_folds_never_split_a_patient_or_a_lesion():
+    records = linked_records(400, seed=0)
+    folded = assign_folds(records, n_folds=5, seed=0)
+    assert set(folded["fold"]) == {0, 1, 2, 3, 4}
+    assert_no_id_in_two_folds(folded)
+
+
+def test_source_folds_keep_a_patient_spanning_sources_in_one_fold():
+    """Leave-one-source-out folds on records whose patients and lesions span three sources
+    (and label-only rows without an image): every patient and lesion still sits in one fold,
+    read from the raw ids."""
+    records = linked_records(400, seed=1, sources=("main", "main", "main", "clinic_a", "clinic_b"))
+    records.loc[records.index[::25], "image_ref"] = None  # label-only rows follow their group's images
+    spanning = records.dropna(subset=["patient_id"]).groupby("patient_id")["source"].nunique()
+    assert (spanning > 1).sum() >= 10
+    folded = assign_source_folds(records, n_folds=4, seed=0)
+    assert set(folded["fold"]) == {0, 1, 2, 3}
+    assert_no_id_in_two_folds(folded)
+    # a smaller source stays held out: its images not linked to another source's all sit in its fold
+    for fold, source in enumerate(("clinic_a", "clinic_b")):
+        alone = folded["source"] == source
+        linked = folded["group"].isin(folded.loc[~alone, "group"])
+        assert (folded.loc[alone & ~linked, "fold"] == fold).all()
+
+
+def test_source_folds_split_the_largest_source_and_hold_out_each_other_source():
+    """The largest source spread over every fold by the seed, each smaller source's own images in
+    a fold of its own, integer folds; more smaller sources than folds is a clear error."""
+    records = linked_records(400, seed=2, sources=("main", "main", "main", "clinic_a", "clinic_b"), none_share=0.8)
+    folded = assign_source_folds(records, n_folds=2, seed=0)
+    assert folded["fold"].dtype == np.int64 and set(folded["fold"]) == {0, 1}
+    main = folded["source"] == "main"
+    assert folded.loc[main, "fold"].value_counts(normalize=True).between(0.35, 0.65).all()
+    for fold, source in enumerate(("clinic_a", "clinic_b")):
+        own = folded["source"] == source
+        alone = own & ~folded["group"].isin(folded.loc[~own, "group"])
+        assert alone.sum() > 20 and (folded.loc[alone, "fold"] == fold).all()
+    assert folded.equals(assign_source_folds(records, n_folds=2, seed=0))
+    assert not folded["fold"].equals(assign_source_folds(records, n_folds=2, seed=1)["fold"])
+    with pytest.raises(SourceError, match="2 sources besides main need at least as many folds; got 1"):
+        assign_source_folds(records, n_folds=1)
