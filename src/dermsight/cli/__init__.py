@@ -1,4 +1,4 @@
-"""The `dermsight` command: data | train | predict | evaluate | serve | keys.
+"""The `dermsight` command: data | train | predict | evaluate | calibrate | serve | keys.
 
 One module per command group; each parses its options, calls one function of the layers below
 and prints. A new command is a module here with a `register(app)` function, named in COMMANDS
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import typer
 
-from dermsight.cli import data, evaluate, keys, predict, serve, train
+from dermsight.cli import calibrate, data, evaluate, keys, predict, serve, train
 
 app = typer.Typer(help="DermSight: melanoma decision support from dermoscopic images.", no_args_is_help=True)
 
-COMMANDS = (data, train, predict, evaluate, serve, keys)
+COMMANDS = (data, train, predict, evaluate, calibrate, serve, keys)
 for command in COMMANDS:
     command.register(app)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dermsight.cli.common import MODEL_HELP, console, fail
+from dermsight.cli.common import MODEL_HELP, SITE_HELP, console, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +35,7 @@ def serve_command(
     max_queue: int = typer.Option(16, min=0, help="Uploads waiting for a slot; beyond that: 503 + Retry-After."),
     max_connections: int = typer.Option(128, min=1, help="Open connections; beyond that uvicorn answers 503."),
     log_level: str = typer.Option("info", help="debug, info, warning or error (no request bodies are ever logged)."),
+    site: Path = typer.Option(None, "--site", envvar="DERMSIGHT_SITE", help=SITE_HELP + " Default: $DERMSIGHT_SITE."),
 ) -> None:
     """The web app and JSON API (docs at /docs). PostgreSQL instead of SQLite: set DERMSIGHT_DATABASE_URL.
 
@@ -43,6 +44,7 @@ def serve_command(
     import uvicorn
 
     from dermsight.models.bundle import BundleError
+    from dermsight.models.site_profile import SiteProfileError
     from dermsight.serving.app import create_app
     from dermsight.serving.limits import Settings
     from dermsight.serving.security import configure_logging, log_config
@@ -53,13 +55,14 @@ def serve_command(
     settings = Settings(dev=dev, rate=rate_limit, burst=burst, max_active=max_active, max_queue=max_queue,
                         cors_origins=tuple(cors_origin or ()))
     try:
-        web_app = create_app(model, storage_dir=data_dir, settings=settings)
-    except BundleError as err:
+        web_app = create_app(model, storage_dir=data_dir, settings=settings, site=site)
+    except (BundleError, SiteProfileError) as err:
         fail(err)
     if dev:
         console.print("[yellow]dev mode: no API keys needed[/] (loopback only)")
     elif not any(key.revoked_at is None for key in web_app.state.scorer.storage.list_api_keys()):
         console.print("[yellow]no API key yet:[/] create one with `dermsight keys create NAME` (same --data-dir)")
+    console.print(f"operating point: {web_app.state.operating_point}", highlight=False, soft_wrap=True)
     console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)", highlight=False)
     uvicorn.run(
         web_app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 
 from dermsight.evaluation.held_out import load_out_of_fold
 from dermsight.evaluation.metrics import exact_interval, expected_calibration_error
-from dermsight.inference.inputs import records_from_inputs
+from dermsight.data.inputs import records_from_inputs
 from dermsight.inference.predictor import Predictor
 from dermsight.models.bundle import Bundle
 from dermsight.models.site_profile import FORMAT_VERSION, KIND, SiteProfile, from_dict, recalibrate

@@ -71,7 +71,7 @@ class Page:
     def __init__(self, request: Request, auth: Authenticator | None, principal: Principal | None):
         self.request = request
         self.common = {"disclaimer": DISCLAIMER, "signed_in": principal is not None and principal.via == "session",
-                       "auth": auth is not None}
+                       "auth": auth is not None, "operating_point": request.app.state.operating_point}
 
     def __call__(self, name: str, status_code: int = 200, **context) -> HTMLResponse:
         templates = self.request.app.state.templates
