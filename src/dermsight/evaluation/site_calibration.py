@@ -48,7 +48,8 @@ class CalibrationError(ValueError):
 
 def lower_bound(successes: int, trials: int, confidence: float) -> float:
     """The exact one-sided lower confidence bound of a proportion."""
-    return float(binomtest(int(successes), int(trials), alternative="greater").proportion_ci(confidence, method="exact").low)
+    test = binomtest(int(successes), int(trials), alternative="greater")
+    return float(test.proportion_ci(confidence, method="exact").low)
 
 
 def melanomas_needed(target: float = 0.90, margin: float = USABLE_MARGIN, level: float = LEVEL) -> int:
@@ -81,7 +82,8 @@ def read_labels(path: Path | str) -> pd.Series:
     layout = next(((i, v) for i, v in LABEL_LAYOUTS if i in columns and v in columns), None)
     if layout is None:
         expected = " or ".join(f"{i},{v}" for i, v in LABEL_LAYOUTS)
-        raise CalibrationError(f"{path}: needs the columns {expected}; it has {', '.join(map(str, frame.columns)) or 'none'}")
+        found = ", ".join(map(str, frame.columns)) or "none"
+        raise CalibrationError(f"{path}: needs the columns {expected}; it has {found}")
     ids = frame[columns[layout[0]]].str.strip().map(_strip_suffix)
     text = frame[columns[layout[1]]].str.strip()
     value = pd.to_numeric(text, errors="coerce")
@@ -96,7 +98,8 @@ def read_labels(path: Path | str) -> pd.Series:
     conflicting = labels.groupby(level=0).nunique()
     conflicting = conflicting[conflicting > 1].index.tolist()
     if conflicting:
-        raise CalibrationError(f"{path}: {len(conflicting)} image(s) labelled both 0 and 1, e.g. {', '.join(conflicting[:5])}")
+        examples = ", ".join(conflicting[:5])
+        raise CalibrationError(f"{path}: {len(conflicting)} image(s) labelled both 0 and 1, e.g. {examples}")
     if labels.empty:
         raise CalibrationError(f"{path}: no label rows")
     return labels[~labels.index.duplicated()]
@@ -125,7 +128,9 @@ def match_labels(images: pd.Series, labels: pd.Series, labels_path: Path | str) 
     y = labels.loc[ids.to_numpy()].to_numpy()
     if y.sum() == 0 or y.sum() == len(y):
         kind = "melanoma" if y.sum() == 0 else "benign case"
-        raise CalibrationError(f"{labels_path}: the {len(y)} labelled case(s) include no {kind}: a threshold needs both")
+        raise CalibrationError(
+            f"{labels_path}: the {len(y)} labelled case(s) include no {kind}: a threshold needs both"
+        )
     return y
 
 
@@ -138,8 +143,9 @@ def choose_site_threshold(y, risk, target: float = 0.90, confidence: float | Non
     n = len(melanoma)
     if confidence is not None and lower_bound(n, n, confidence) < target:
         raise CalibrationError(
-            f"{n} melanomas cannot show sensitivity >= {target:.2f} at {confidence:.0%} confidence even if every one is "
-            f"detected: at least {melanomas_for_confidence(target, confidence)} are needed (exact binomial bound)"
+            f"{n} melanomas cannot show sensitivity >= {target:.2f} at {confidence:.0%} confidence even if every "
+            f"one is detected: at least {melanomas_for_confidence(target, confidence)} are needed "
+            "(exact binomial bound)"
         )
     for k in range(1, n + 1):  # melanoma[k - 1] is the highest threshold detecting k of them (ties: more)
         detected = int(np.sum(melanoma >= melanoma[k - 1]))
@@ -271,10 +277,12 @@ def fit_profile(
         data.update(chosen)
         data.update({
             "n_melanomas": int(y.sum()), "prevalence": prevalence["value"], "prevalence_interval": prevalence,
-            "recalibration": {"method": "platt (logistic regression on logit(melanoma_risk), the site's labelled cases)",
-                              "slope": slope, "intercept": intercept,
-                              "ece_before": expected_calibration_error(y, risk),
-                              "ece_after": expected_calibration_error(y, calibrated), "ece_on": "the calibration cases"},
+            "recalibration": {
+                "method": "platt (logistic regression on logit(melanoma_risk), the site's labelled cases)",
+                "slope": slope, "intercept": intercept, "ece_on": "the calibration cases",
+                "ece_before": expected_calibration_error(y, risk),
+                "ece_after": expected_calibration_error(y, calibrated),
+            },
             "warnings": _warnings(int(y.sum()), target),
             "melanomas_needed": _needed(target, confidence),
         })
@@ -288,8 +296,8 @@ def fit_profile(
             "confidence": None,
             "rule": "no labels: the bundle's threshold (a prior shift keeps its sensitivity); risk shifted to the "
                     "prevalence estimated from the images",
-            "sensitivity": pooled.get("sensitivity") or {"value": threshold.get("sensitivity", 0.0), "ci_low": 0.0, "ci_high": 1.0},
-            "specificity": pooled.get("specificity") or {"value": threshold.get("specificity", 0.0), "ci_low": 0.0, "ci_high": 1.0},
+            **{key: pooled.get(key) or {"value": threshold.get(key, 0.0), "ci_low": 0.0, "ci_high": 1.0}
+               for key in ("sensitivity", "specificity")},
             "sensitivity_measured_on": "images of sources the networks never saw (not this site's)",
             "n_melanomas": 0, "prevalence": from_images["value"], "prevalence_interval": from_images,
             "recalibration": {"method": f"prior shift from the training prior {prior:.3f} to the estimated prevalence",
@@ -305,8 +313,9 @@ def fit_profile(
 def _needed(target: float, confidence: float | None) -> dict:
     needed = {
         "usable_interval": melanomas_needed(target),
-        "how": f"smallest n whose exact {LEVEL:.0%} interval, with ceil({target:.2f} n) melanomas detected, has its lower "
-               f"end within {USABLE_MARGIN:.2f} of the estimate (scipy.stats.binomtest(...).proportion_ci, exact)",
+        "how": f"smallest n whose exact {LEVEL:.0%} interval, with ceil({target:.2f} n) melanomas detected, has "
+               f"its lower end within {USABLE_MARGIN:.2f} of the estimate "
+               "(scipy.stats.binomtest(...).proportion_ci, exact)",
         "rough_interval": melanomas_needed(target, 2 * USABLE_MARGIN),
     }
     if confidence:
@@ -336,6 +345,6 @@ def calibrate_site(
     plain = dataclasses.replace(bundle, site=None)
     table, unreadable = Predictor(plain).predict_records(records, batch_size=batch_size, progress=progress, cache=cache)
     skipped = [str(p) for p in problems] + [f"{image}: {message}" for image, message in unreadable.items()]
-    profile = fit_profile(plain, table["image"], table["melanoma_risk"].to_numpy(), labels=labels, labels_path=labels_path,
-                          target=target, confidence=confidence, site=site)
+    profile = fit_profile(plain, table["image"], table["melanoma_risk"].to_numpy(), labels=labels,
+                          labels_path=labels_path, target=target, confidence=confidence, site=site)
     return profile, skipped
