@@ -210,3 +210,21 @@ def test_a_profile_of_another_bundle_or_damaged_is_refused(tmp_path, site_cases,
         assert not out.exists()
         with pytest.raises(SiteProfileError, match=message.split(",")[0]):
             with_site(load_bundle(DEFAULT_BUNDLE), tmp_path / name)
+
+
+def test_prediction_table_applies_the_profile_as_every_engine_gets_it(calibrated, site_cases):
+    """`prediction_table` (what the local Predictor, the API and the Ray/Spark group-by tasks call with
+    the bundle) on real scores: risk, every member's risk and so the spread and `unsure` in the site's
+    units; the referral decided on the network's own risk at the profile's model threshold."""
+    from dermsight.inference.predictor import Predictor, prediction_table
+
+    files, _ = site_cases
+    profile, bundle = calibrated["profile"], load_bundle(DEFAULT_BUNDLE)
+    _, scores, _ = Predictor(bundle).predict_images([Path(f).read_bytes() for f in files[:8]], pd.DataFrame(index=range(8)))
+    table = prediction_table(scores, [f"image {i}" for i in range(8)], None, with_site(bundle, profile))
+    mel = bundle.classes.index("MEL")
+    members = profile.recalibrate(scores.member_probabilities[:, :, mel])
+    np.testing.assert_allclose(table["melanoma_risk"], profile.recalibrate(scores.probabilities[:, mel]), rtol=1e-5)
+    np.testing.assert_allclose(table["risk_spread"], members.std(axis=1), rtol=1e-4)
+    assert (table["unsure"] == (table["risk_spread"] > bundle.unsure_level)).all()
+    assert (table["above_threshold"] == (scores.probabilities[:, mel] >= profile.model_threshold)).all()

@@ -137,7 +137,8 @@ def from_dict(data: dict, where: str = "site profile") -> SiteProfile:
     try:
         numbers = {key: float(data[key]) for key in ("threshold", "model_threshold", "prevalence")}
         slope, intercept = float(data["recalibration"]["slope"]), float(data["recalibration"]["intercept"])
-        estimates = {key: float(data[key]["value"]) for key in _ESTIMATES}
+        estimates = {f"{key} {part}": float(data[key][part])
+                     for key in _ESTIMATES for part in ("value", "ci_low", "ci_high")}
         version = str(data["bundle"]["version"])
         int(data["n_cases"]), int(data["n_melanomas"])
     except (KeyError, TypeError, ValueError) as err:
