@@ -15,6 +15,7 @@ errors = Console(stderr=True)
 
 SOURCES_HELP = f"Dataset paths, optionally prefixed FORMAT: (one of {', '.join(READERS)})."
 MODEL_HELP = "Bundle directory (default: the committed default bundle)."
+SITE_HELP = "A site profile (`dermsight calibrate`): its recalibrated melanoma_risk, threshold and unsure apply."
 
 
 def fail(message: object, code: int = 1) -> NoReturn:

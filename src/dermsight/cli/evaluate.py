@@ -9,7 +9,7 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from dermsight.cli.common import MODEL_HELP, console, exit_if_unreadable_sources, fail, warn
+from dermsight.cli.common import MODEL_HELP, SITE_HELP, console, exit_if_unreadable_sources, fail, warn
 from dermsight.data.dataset import load_labelled
 from dermsight.data.records import Loaded, SourceError
 
@@ -31,6 +31,7 @@ def evaluate_command(
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the 95% intervals."),
     min_count: int = typer.Option(30, min=1, help="Subgroups with fewer images are flagged too small."),
     min_positives: int = typer.Option(5, min=0, help="Subgroups with fewer melanomas are flagged too small."),
+    site: Path = typer.Option(None, "--site", help=SITE_HELP + " Evaluated at the site's operating point."),
     robustness: bool = typer.Option(False, "--robustness", help="Also re-score held-out images of DATA under other acquisitions (JPEG quality, resolution, aspect, colour, focus): the report's sweep plot."),
 ) -> None:
     """Evaluate a bundle on labelled data (scoring it, or an existing predict CSV), or report its
@@ -42,6 +43,7 @@ def evaluate_command(
     from dermsight.evaluation.robustness import held_out_sweep
     from dermsight.inference.prediction_files import PredictionFileError, read_predictions
     from dermsight.models.bundle import BundleError, load_bundle
+    from dermsight.models.site_profile import SiteProfileError, with_site
 
     data = data or []
     options = dict(n_boot=bootstrap, min_count=min_count, min_positives=min_positives)
@@ -55,6 +57,7 @@ def evaluate_command(
         except BundleError as err:
             hint = "; no --model given, so the default bundle was tried: pass --model BUNDLE_DIR" if model is None else ""
             raise BundleError(f"{err}{hint}") from None
+        bundle = with_site(bundle, site)
         if cv:
             refs = image_refs(data or bundle.training.get("config", {}).get("sources", []))
             if not refs and data:
@@ -78,7 +81,7 @@ def evaluate_command(
                 result["robustness"] = {"sweep": held_out_sweep(bundle, _truth_records(data).records)}
         with console.status("writing the report"):
             paths = write_report(result, output)
-    except (EvaluationError, PredictionFileError, BundleError, SourceError, OSError) as err:
+    except (EvaluationError, PredictionFileError, BundleError, SiteProfileError, SourceError, OSError) as err:
         fail(err)
     _print_evaluation(result)
     console.print(f"report -> {paths['html']} (numbers: {paths['json']})", highlight=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dermsight.cli.common import MODEL_HELP, console, fail, warn
+from dermsight.cli.common import MODEL_HELP, SITE_HELP, console, fail, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -42,13 +42,15 @@ def predict_command(
         None, "--spark-conf", help="Spark engine: a Spark setting KEY=VALUE (repeatable), e.g. spark.executor.cores=4."
     ),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse scores of images this bundle scored before ($DERMSIGHT_CACHE/scores)."),
+    site: Path = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
     """Score images: one row per image with class probabilities, calibrated melanoma_risk,
     predicted_class, above_threshold and, where patients are known, patient context."""
     from dermsight.data.inputs import records_from_inputs
     from dermsight.inference.engines import ENGINES, EngineError, get_engine
     from dermsight.inference.prediction_files import write_predictions
-    from dermsight.models.bundle import BundleError
+    from dermsight.models.bundle import BundleError, load_bundle
+    from dermsight.models.site_profile import SiteProfileError, operating_point, with_site
 
     given = {"address": address, "workers": workers, "num_cpus": num_cpus, "master": master,
              "executor_memory": executor_memory, "partitions": partitions, "spark_conf": spark_conf}
@@ -67,8 +69,9 @@ def predict_command(
         console.print("[red]no images to score[/]")
         raise typer.Exit(1)
     try:
+        model = with_site(load_bundle(model), site)  # the profile travels with the bundle to every engine
         table, unreadable, bundle = chosen.predict(records, model, batch_size=batch_size, cache=cache, warn=warn, **options)
-    except (EngineError, BundleError) as err:
+    except (EngineError, BundleError, SiteProfileError) as err:
         fail(err)
     for image_id, message in unreadable.items():
         console.print(f"[yellow]unreadable[/] {image_id}: {message}", highlight=False)
@@ -79,6 +82,7 @@ def predict_command(
         f"{flagged:,} at or above the melanoma threshold {bundle.melanoma_threshold:.4f}; "
         f"{len(unreadable) + len(problems):,} skipped"
     )
+    console.print(f"operating point: {operating_point(bundle)}", highlight=False, soft_wrap=True)
 
 
 def _flags(options: tuple[str, ...]) -> str:

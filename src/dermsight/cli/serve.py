@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dermsight.cli.common import MODEL_HELP, console, fail
+from dermsight.cli.common import MODEL_HELP, SITE_HELP, console, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +39,7 @@ def serve_command(
         None, "--forwarded-allow-ips",
         help="Trust X-Forwarded-For/-Proto only from these proxy addresses (comma-separated; default: from nobody).",
     ),
+    site: Path = typer.Option(None, "--site", envvar="DERMSIGHT_SITE", help=SITE_HELP + " Default: $DERMSIGHT_SITE."),
 ) -> None:
     """The web app and JSON API (docs at /docs). PostgreSQL instead of SQLite: set DERMSIGHT_DATABASE_URL.
 
@@ -47,6 +48,7 @@ def serve_command(
     import uvicorn
 
     from dermsight.models.bundle import BundleError
+    from dermsight.models.site_profile import SiteProfileError
     from dermsight.serving.app import create_app
     from dermsight.serving.limits import Settings
     from dermsight.serving.security import configure_logging, log_config
@@ -57,8 +59,8 @@ def serve_command(
     settings = Settings(dev=dev, rate=rate_limit, burst=burst, max_active=max_active, max_queue=max_queue,
                         cors_origins=tuple(cors_origin or ()))
     try:
-        web_app = create_app(model, storage_dir=data_dir, settings=settings)
-    except BundleError as err:
+        web_app = create_app(model, storage_dir=data_dir, settings=settings, site=site)
+    except (BundleError, SiteProfileError) as err:
         fail(err)
     if dev:
         console.print("[yellow]dev mode: no API keys needed[/] (loopback only)")
@@ -66,6 +68,7 @@ def serve_command(
         fail("no active API key, so nobody could use this server (production mode needs one); create one with "
              "`dermsight keys create NAME --role admin` (same --data-dir and DERMSIGHT_DATABASE_URL) and start "
              "again, or serve with --dev on a loopback address", 2)
+    console.print(f"operating point: {web_app.state.operating_point}", highlight=False, soft_wrap=True)
     console.print(f"DermSight on http://{host}:{port}  (API docs: /docs)", highlight=False)
     uvicorn.run(
         web_app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,

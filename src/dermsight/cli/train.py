@@ -44,7 +44,7 @@ def train_command(
     metadata: str = typer.Option("all", help="Metadata the network reads: all, source-neutral (no patient image count: only ISIC 2020 fills it) or none."),
     metadata_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Finetune mode: share of training images shown with every metadata field missing."),
     gate_negatives: list[Path] = typer.Option(None, "--gate-negatives", help="A Derm7pt folder: its clinical close-up photos (published train split) teach the out-of-distribution gate what an ordinary photo looks like."),
-    threshold_every_source: bool = typer.Option(False, "--threshold-every-source", help="The melanoma threshold reaches --target-sensitivity on every training source's held-out images (the lowest of their thresholds), not only pooled."),
+    threshold_every_source: bool = typer.Option(False, "--threshold-every-source", help="Without --source-folds: the melanoma threshold reaches --target-sensitivity on every training source's held-out images (the lowest of their thresholds), not only pooled. With --source-folds the threshold is chosen on the pooled images of the sources held out whole."),
     ensemble: bool = typer.Option(False, "--ensemble", help="Finetune mode: ship the fold networks as one averaged graph (their spread is the uncertainty) instead of a refit."),
     checkpoint_minutes: float = typer.Option(5.0, min=0.0, help="Finetune mode: a mid-epoch checkpoint this often (SIGTERM/SIGINT also checkpoint, then stop); rerun the same command to resume."),
     resume: Path = typer.Option(None, "--resume", help="Finetune mode: resume the run in this run folder with its own recipe (run.json); give no sources or other recipe options."),

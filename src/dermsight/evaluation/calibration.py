@@ -13,7 +13,7 @@ from scipy.special import log_softmax, softmax
 from sklearn.exceptions import NotFittedError
 from sklearn.isotonic import IsotonicRegression
 
-from dermsight.evaluation.metrics import check_binary, sensitivity_specificity
+from dermsight.evaluation.metrics import check_binary, exact_interval, sensitivity_specificity
 
 TEMPERATURE_BOUNDS = (0.01, 100.0)
 
@@ -146,4 +146,36 @@ def choose_threshold_every_source(y_true, score, sources, target_sensitivity: fl
         **sensitivity_specificity(y, s, lowest),
         "rule": "the lowest of the pooled and each source's threshold for the target sensitivity",
         "per_source": per_source,
+    }
+
+
+def choose_threshold_held_out_sources(y_true, score, sources, held_out, target_sensitivity: float = 0.90) -> dict:
+    """The threshold for the target sensitivity on the pooled images of the sources held out whole
+    (`held_out`: predicted by networks that never saw their source), what a new clinic should
+    expect, with each such source's sensitivity and specificity there (exact 95% intervals).
+    Returns what `choose_threshold` does on those images, plus `rule`, `pooled_held_out` and
+    `held_out_sources`."""
+    y, s = check_binary(y_true, score)
+    sources, held_out = np.asarray(sources, dtype=object), np.asarray(held_out, dtype=bool)
+    if not (y[held_out] == 1).any():
+        raise ValueError("no melanoma among the images of sources held out whole")
+    chosen = choose_threshold(y[held_out], s[held_out], target_sensitivity)
+    threshold = chosen["threshold"]
+
+    def figures(rows: np.ndarray) -> dict:
+        positive, negative = rows & (y == 1), rows & (y == 0)
+        return {
+            "images": int(rows.sum()), "melanomas": int(positive.sum()),
+            "sensitivity": exact_interval(int((s[positive] >= threshold).sum()), int(positive.sum())),
+            "specificity": exact_interval(int((s[negative] < threshold).sum()), int(negative.sum())),
+        }
+
+    return {
+        **chosen,
+        "rule": "pooled leave-one-source-out: the highest threshold reaching the target sensitivity on the pooled "
+                "images of every source held out whole (networks that never saw their source)",
+        "pooled_held_out": figures(held_out),
+        "held_out_sources": {str(source): figures(held_out & (sources == source))
+                             for source in sorted(set(sources[held_out]))
+                             if ((sources == source) & held_out & (y == 1)).any()},
     }

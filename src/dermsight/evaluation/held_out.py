@@ -60,14 +60,16 @@ def load_out_of_fold(bundle: Bundle) -> pd.DataFrame:
 
 
 def out_of_fold_predictions(bundle: Bundle, oof: pd.DataFrame) -> pd.DataFrame:
-    """The out-of-fold table in the `dermsight predict` layout (the gate was not run on it)."""
+    """The out-of-fold table in the `dermsight predict` layout (the gate was not run on it), with
+    the bundle's site profile applied when it carries one."""
     classes = [c for c in bundle.classes if c in CLASSES or c == "UNK"]
+    probabilities = pd.DataFrame(bundle.site_probabilities(oof[bundle.classes].to_numpy()), columns=bundle.classes)
     table = pd.DataFrame({"image": oof["image_id"]})
     for code in DIAGNOSES:
-        table[code] = oof[code] if code in oof.columns else 0.0
-    table["melanoma_risk"] = oof["MEL"]
-    table["predicted_class"] = np.asarray(classes, dtype=object)[oof[classes].to_numpy().argmax(axis=1)]
-    table["above_threshold"] = oof["MEL"] >= bundle.melanoma_threshold
+        table[code] = probabilities[code].to_numpy() if code in probabilities.columns else 0.0
+    table["melanoma_risk"] = table["MEL"]
+    table["predicted_class"] = np.asarray(classes, dtype=object)[probabilities[classes].to_numpy().argmax(axis=1)]
+    table["above_threshold"] = oof["MEL"].to_numpy() >= bundle.model_threshold
     table["looks_dermoscopic"] = True
     return table
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from isic_challenge_scoring import metrics as isic_metrics
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 CI_PERCENTILES = (2.5, 97.5)
@@ -185,6 +186,13 @@ def sensitivity_specificity(y_true, score, threshold: float) -> dict:
         "tn": tn,
         "fn": fn,
     }
+
+
+def exact_interval(successes: int, trials: int, level: float = 0.95) -> dict:
+    """A proportion with its exact (Clopper-Pearson) two-sided interval (scipy's binomtest)."""
+    ci = binomtest(int(successes), int(trials)).proportion_ci(level, method="exact")
+    return {"value": successes / trials, "ci_low": float(ci.low), "ci_high": float(ci.high), "successes": int(successes),
+            "trials": int(trials), "level": level, "method": "exact (Clopper-Pearson)"}
 
 
 def bootstrap_values(

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from dermsight.models.bundle import Bundle
+from dermsight.models.site_profile import operating_point
 
 FORMAT_VERSION = 1
 
@@ -40,6 +41,8 @@ def bundle_info(bundle: Bundle) -> dict:
         "threshold": bundle.melanoma_threshold,
         "target_sensitivity": bundle.threshold.get("target_sensitivity"),
         "temperature": bundle.temperature,
+        "operating_point": operating_point(bundle),
+        "site": bundle.site.summary() if bundle.site else None,
     }
 
 

@@ -13,14 +13,15 @@ def threshold_check(bundle: Bundle, melanoma: dict, y: np.ndarray, risk: np.ndar
     """The bundle's threshold, its validation figures and this data's, the threshold that would
     reach the target sensitivity here, and the verdict: holds / below target (within the
     interval) / does not hold."""
-    target = bundle.threshold.get("target_sensitivity")
+    site = bundle.site.data if bundle.site else None  # a site profile's operating point replaces the bundle's
+    target = site["target_sensitivity"] if site else bundle.threshold.get("target_sensitivity")
     sensitivity = melanoma["sensitivity"]
     check = {
         "threshold": bundle.melanoma_threshold,
         "threshold_compared": round(bundle.melanoma_threshold, DECIMALS),
         "target_sensitivity": target,
-        "validation_sensitivity": bundle.threshold.get("sensitivity"),
-        "validation_specificity": bundle.threshold.get("specificity"),
+        "validation_sensitivity": site["sensitivity"]["value"] if site else bundle.threshold.get("sensitivity"),
+        "validation_specificity": site["specificity"]["value"] if site else bundle.threshold.get("specificity"),
         "sensitivity": sensitivity,
         "specificity": melanoma["specificity"],
         "here": choose_threshold(y, risk, target) if target else None,

@@ -25,9 +25,10 @@ class BatchEngine(Protocol):
     def prepare(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The options checked (EngineError when malformed) before any image is read."""
 
-    def predict(self, records: pd.DataFrame, model: Path | None, *, batch_size: int, cache: bool, warn: Warn,
+    def predict(self, records: pd.DataFrame, model: Bundle | Path | None, *, batch_size: int, cache: bool, warn: Warn,
                 **options: Any) -> tuple[pd.DataFrame, dict[str, str], Bundle]:
-        """(prediction table, {image_id: error}, the bundle used) for `records`."""
+        """(prediction table, {image_id: error}, the bundle used) for `records`; `model` is a bundle
+        directory or a Bundle (which may carry a site profile: every engine applies it)."""
 
 
 class LocalEngine:
@@ -59,7 +60,7 @@ class RayEngine:
     def predict(self, records, model, *, batch_size, cache, warn, **options):
         from dermsight.inference.ray_engine import predict_ray
 
-        bundle = load_bundle(model)
+        bundle = model if isinstance(model, Bundle) else load_bundle(model)
         table, unreadable = predict_ray(records, bundle, batch_size=batch_size, **options)
         return table, unreadable, bundle
 
@@ -80,7 +81,7 @@ class SparkEngine:
     def predict(self, records, model, *, batch_size, cache, warn, **options):
         from dermsight.inference.spark_engine import predict_spark
 
-        bundle = load_bundle(model)
+        bundle = model if isinstance(model, Bundle) else load_bundle(model)
         conf = options.pop("spark_conf", None)
         table, unreadable = predict_spark(records, bundle, conf=conf, batch_size=batch_size, **options)
         return table, unreadable, bundle

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from dermsight.inference.onnx_session import ParallelSession
 from dermsight.inference.score_cache import ScoreCache
 from dermsight.models.bundle import Bundle, load_bundle
 from dermsight.models.metadata import encode_metadata
+from dermsight.models.site_profile import SiteProfile, with_site
 
 # One probability column per ISIC 2019 code, UNK ("benign, other") included, whatever
 # subset a bundle predicts (absent classes are 0): the layout never changes.
@@ -84,10 +85,15 @@ def no_quality(n: int) -> np.ndarray:
 def prediction_table(scores: Scores, image_ids: Sequence[str], patient_ids: pd.Series | None, bundle: Bundle) -> pd.DataFrame:
     """`Predictor.predict_table` without a Predictor (no ONNX session): what the batch engines'
     group-by tasks run on one patient's scores, with the bundle's classes, threshold, input
-    size (for the quality warnings) and uncertainty level."""
-    classes, threshold = list(bundle.classes), bundle.melanoma_threshold
+    size (for the quality warnings), uncertainty level and site profile (recalibrated risks,
+    the members' spread in the site's units, the site's threshold)."""
+    classes, mel = list(bundle.classes), bundle.classes.index("MEL")
     n = len(scores.probabilities)
-    risk = scores.probabilities[:, classes.index("MEL")]
+    referred = scores.probabilities[:, mel] >= bundle.model_threshold  # the network's risk decides, site or not
+    if bundle.site:  # the site's recalibrated risks (members too: their spread is in the site's units)
+        scores = replace(scores, probabilities=bundle.site_probabilities(scores.probabilities),
+                         member_probabilities=bundle.site_probabilities(scores.member_probabilities))
+    risk = scores.probabilities[:, mel]
     columns: dict[str, object] = {"image": list(image_ids)}
     if patient_ids is not None:
         columns["patient_id"] = patient_ids.to_numpy()
@@ -95,12 +101,12 @@ def prediction_table(scores: Scores, image_ids: Sequence[str], patient_ids: pd.S
         columns[code] = scores.probabilities[:, classes.index(code)] if code in classes else np.zeros(n, np.float32)
     columns["melanoma_risk"] = risk
     if scores.member_probabilities.shape[1] > 1:
-        columns["risk_spread"] = scores.risk_spread(classes.index("MEL"))
+        columns["risk_spread"] = scores.risk_spread(mel)
         if bundle.unsure_level is not None:
             columns["unsure"] = columns["risk_spread"] > bundle.unsure_level
     columns["predicted_class"] = np.asarray(classes, dtype=object)[scores.probabilities.argmax(axis=1)]
     columns["differential"] = differential_text(scores.probabilities, classes)
-    columns["above_threshold"] = risk >= threshold
+    columns["above_threshold"] = referred
     columns["looks_dermoscopic"] = scores.looks_dermoscopic
     warnings = [""] * n  # images whose quality was not measured (Ray without measures) get none
     measured = np.flatnonzero(~np.isnan(scores.image_quality).any(axis=1))
@@ -126,8 +132,12 @@ class Predictor:
     (`predict_records`, the CLI, evaluation and the batch engines), always into the same
     prediction table. `threads`: ONNX Runtime runs in flight (default: one per core)."""
 
-    def __init__(self, bundle: Bundle | Path | str | None = None, threads: int | None = None):
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    def __init__(self, bundle: Bundle | Path | str | None = None, threads: int | None = None,
+                 site: SiteProfile | Path | str | None = None):
+        """`site`: a site profile (or its file) to apply; None: the bundle's own operating point
+        (or the profile a given Bundle already carries)."""
+        bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.bundle = bundle if bundle.site and site is None else with_site(bundle, site)
         self.session = ParallelSession(self.bundle.onnx_path, threads)
         self.classes = self.bundle.classes
         self.melanoma_index = self.classes.index("MEL")

@@ -17,7 +17,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dermsight.imaging.preprocess import Preprocessing
+from dermsight.models.site_profile import SiteProfile
 
 FORMAT_VERSION = 1
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[3] / "bundles" / "default"
@@ -46,6 +49,7 @@ class Bundle:
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     uncertainty: dict = field(default_factory=dict)  # {"risk_spread_level": s, ...}: bench/uncertainty.py
+    site: SiteProfile | None = None  # a clinic's operating point (site_profile.with_site); never saved here
 
     @property
     def unsure_level(self) -> float | None:
@@ -59,7 +63,17 @@ class Bundle:
 
     @property
     def melanoma_threshold(self) -> float:
-        return float(self.threshold.get("melanoma", 0.5))
+        """The referral threshold on the melanoma_risk shown: the site profile's when one is attached."""
+        return self.site.threshold if self.site else self.model_threshold
+
+    @property
+    def model_threshold(self) -> float:
+        """The same cut on the network's own (uncalibrated-to-the-site) risk: what decides above_threshold."""
+        return self.site.model_threshold if self.site else float(self.threshold.get("melanoma", 0.5))
+
+    def site_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
+        """Class probabilities (..., K) as the attached site profile recalibrates them (unchanged without one)."""
+        return self.site.apply(probabilities, self.classes.index("MEL")) if self.site else probabilities
 
     @property
     def version(self) -> str:

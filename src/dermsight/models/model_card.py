@@ -69,8 +69,9 @@ examined and, where indicated, excised and sent to histopathology whatever this 
   (T = {bundle.temperature:.3f}, fitted on out-of-fold predictions); melanoma risk = P(MEL); a class activation map.
 - Operating threshold: melanoma risk >= {bundle.melanoma_threshold:.4f}, chosen on out-of-fold predictions for a
   target sensitivity of {threshold.get('target_sensitivity', 0):.0%} (achieved {_fmt(threshold.get('sensitivity'))},
-  specificity {_fmt(threshold.get('specificity'))} there).
-
+  specificity {_fmt(threshold.get('specificity'))} there){'; rule: ' + threshold['rule'] if threshold.get('rule') else ''}.
+  A clinic sets its own with `dermsight calibrate` (README: Calibrate for your clinic).
+{_held_out_threshold(threshold)}
 ## Reproduce
 ```
 {training.get('command') or 'dermsight train ' + ' '.join(training.get('config', {}).get('sources', []))}
@@ -114,6 +115,23 @@ Trained on {training.get('n_images', '?')} images from {', '.join(training.get('
 - Images that do not look like dermoscopy should be rejected by the service's out-of-distribution gate, not scored.
 """
     (bundle.path / "MODEL_CARD.md").write_text(text)
+
+
+def _held_out_threshold(threshold: dict) -> str:
+    """The threshold's sensitivity and specificity on every source held out whole (exact intervals)."""
+    sources = threshold.get("held_out_sources")
+    if not sources:
+        return ""
+    rows = "\n".join(
+        f"| {name} | {s['images']} | {s['melanomas']} | {_metric(s, 'sensitivity')} | {_metric(s, 'specificity')} |"
+        for name, s in {"pooled": threshold["pooled_held_out"], **sources}.items()
+    )
+    previous = threshold.get("previous", {}).get("melanoma")
+    before = f" (the previous threshold {previous:.4f} was {threshold['previous']['rule']})" if previous else ""
+    return (
+        f"\nAt this threshold, on the sources the networks never saw (exact 95% intervals){before}:\n\n"
+        "| source left out | images | melanomas | sensitivity | specificity |\n|---|---|---|---|---|\n" + rows + "\n"
+    )
 
 
 def _metric(stats: dict, key: str) -> str:

@@ -18,6 +18,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from dermsight.inference.predictor import Predictor
+from dermsight.models.site_profile import ENVIRONMENT as SITE_ENVIRONMENT
+from dermsight.models.site_profile import operating_point
 from dermsight.serving.errors import EXCEPTION_HANDLERS
 from dermsight.serving.limits import Admission, Settings
 from dermsight.serving.middleware import add_middleware
@@ -50,6 +52,7 @@ def create_app(
     *,
     dev: bool = False,
     settings: Settings | None = None,
+    site: Path | str | None = None,
 ) -> FastAPI:
     """The app on `bundle_path` (default: the committed bundle). Files go to `storage_dir`
     ($DERMSIGHT_DATA_DIR, else ./.dermsight); rows to `database_url`
@@ -58,12 +61,16 @@ def create_app(
     removed, missing files reported in the log).
 
     Every path but the sign-in page, /learn, /api/health, the API docs and static files
-    needs an API key or a signed-in browser session, unless `dev` (or `settings.dev`)."""
+    needs an API key or a signed-in browser session, unless `dev` (or `settings.dev`).
+
+    `site`: a site profile (`dermsight calibrate`; default $DERMSIGHT_SITE) whose threshold and
+    recalibrated risk every prediction follows; the API (/api/model) and every page say which
+    operating point is active."""
     settings = settings or Settings()
     dev = dev or settings.dev
     storage_dir, database_url = resolve_locations(storage_dir, database_url)
     quiet_libraries()
-    predictor = Predictor(bundle_path)
+    predictor = Predictor(bundle_path, site=site or os.environ.get(SITE_ENVIRONMENT) or None)
     storage = Storage(database_url, storage_dir)
     check = storage.check_files(remove=True)
     (log.info if check.clean else log.warning)(check.summary())
@@ -80,6 +87,7 @@ def create_app(
     # What the dependency providers hand to routes (and what tests and the CLI inspect).
     app.state.settings = settings
     app.state.predictor = predictor
+    app.state.operating_point = operating_point(predictor.bundle)
     app.state.storage = storage
     app.state.storage_check = check
     app.state.scorer = Scorer(predictor, storage)

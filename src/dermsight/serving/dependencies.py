@@ -74,7 +74,8 @@ class Page:
         role = principal.role if principal is not None else "admin" if auth is None else "read"
         self.common = {"disclaimer": DISCLAIMER, "signed_in": principal is not None and principal.via == "session",
                        "auth": auth is not None, "role": role,
-                       "may": {"upload": allows(role, "clinician"), "delete": allows(role, "admin")}}
+                       "may": {"upload": allows(role, "clinician"), "delete": allows(role, "admin")},
+                       "operating_point": request.app.state.operating_point}
 
     def __call__(self, name: str, status_code: int = 200, **context) -> HTMLResponse:
         templates = self.request.app.state.templates

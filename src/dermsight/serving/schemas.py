@@ -132,7 +132,10 @@ class ModelOut(BaseModel):
     classes: list[str]
     class_names: dict[str, str]
     melanoma_threshold: float
-    threshold: dict = Field(description="The operating point and how it was chosen.")
+    threshold: dict = Field(description="The bundle's own operating point and how it was chosen.")
+    operating_point: str = Field(description="The active operating point in words: a site profile's, or the "
+                                 "bundle's threshold from other clinics and how it held there.")
+    site: dict | None = Field(None, description="The active site profile (`dermsight calibrate`), None without one.")
     metrics: dict = Field(description="Out-of-fold validation metrics of the bundle.")
     training: dict
 

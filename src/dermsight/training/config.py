@@ -30,7 +30,7 @@ class TrainConfig:
     class_weighting: bool = True
     l2: float = 0.1  # embed mode: L2 penalty on the standardised head weights
     target_sensitivity: float = 0.90
-    threshold_every_source: bool = False  # the threshold reaches the target sensitivity on every source's held-out images
+    threshold_every_source: bool = False  # without source_folds: the target sensitivity on every source's held-out images
     # finetune mode
     epochs: int = 3
     batch_size: int = 48

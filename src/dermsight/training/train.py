@@ -17,7 +17,12 @@ from rich.console import Console
 
 from dermsight.data.dataset import build_dataset
 from dermsight.data.schema import DIAGNOSES
-from dermsight.evaluation.calibration import TemperatureScaler, choose_threshold, choose_threshold_every_source
+from dermsight.evaluation.calibration import (
+    TemperatureScaler,
+    choose_threshold,
+    choose_threshold_every_source,
+    choose_threshold_held_out_sources,
+)
 from dermsight.evaluation.held_out import per_source
 from dermsight.evaluation.metrics import binary_summary, multiclass_summary
 from dermsight.data.readers import derm7pt_clinical_photos
@@ -97,7 +102,11 @@ def train(config: TrainConfig) -> Bundle:
     probabilities = scaler.transform(oof_logits)
     melanoma = (labels == classes.index("MEL")).astype(int)
     risk = probabilities[:, classes.index("MEL")]
-    if config.threshold_every_source:  # the target sensitivity on each source's held-out images, not only pooled
+    if config.source_folds:  # pooled over the sources held out whole: what a clinic the networks never saw gets
+        sources = records["source"].to_numpy()
+        held_out = sources != records["source"].value_counts().idxmax()
+        threshold = choose_threshold_held_out_sources(melanoma, risk, sources, held_out, config.target_sensitivity)
+    elif config.threshold_every_source:  # the target sensitivity on each source's held-out images, not only pooled
         threshold = choose_threshold_every_source(melanoma, risk, records["source"].to_numpy(), config.target_sensitivity)
     else:
         threshold = choose_threshold(melanoma, risk, config.target_sensitivity)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from dermsight.data.schema import CLASS_NAMES
+from dermsight.models.site_profile import operating_point
 from dermsight.serving.dependencies import PredictorDep, StorageDep
 from dermsight.serving.schemas import HealthOut, ModelOut
 
@@ -24,4 +25,5 @@ def model(predictor: PredictorDep) -> ModelOut:
         name=bundle.name, version=bundle.version, classes=bundle.classes,
         class_names={c: CLASS_NAMES[c] for c in bundle.classes}, melanoma_threshold=bundle.melanoma_threshold,
         threshold=bundle.threshold, metrics=bundle.metrics, training=bundle.training,
+        operating_point=operating_point(bundle), site=bundle.site.summary() if bundle.site else None,
     )
