@@ -10,8 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dermsight.cli.common import console
-from dermsight.cli.keys import DATA_DIR_HELP, web_storage
+from dermsight.cli.common import DATA_DIR_HELP, console, web_storage
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -15,6 +16,7 @@ errors = Console(stderr=True)
 
 SOURCES_HELP = f"Dataset paths, optionally prefixed FORMAT: (one of {', '.join(READERS)})."
 MODEL_HELP = "Bundle directory (default: the committed default bundle)."
+DATA_DIR_HELP = "The server's --data-dir (default: $DERMSIGHT_DATA_DIR or ./.dermsight); $DERMSIGHT_DATABASE_URL applies."
 SITE_HELP = "A site profile (`dermsight calibrate`): its recalibrated melanoma_risk, threshold and unsure apply."
 
 
@@ -37,3 +39,12 @@ def exit_if_unreadable_sources(loaded: Loaded) -> None:
         errors.print(f"[bold red]error:[/] cannot read {problem.where}: {problem.message}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+def web_storage(data_dir: Path | None):
+    """The web app's storage at `data_dir` (or $DERMSIGHT_DATABASE_URL), as `dermsight serve` opens it."""
+    from dermsight.serving.app import resolve_locations
+    from dermsight.serving.storage.repository import Storage
+
+    storage_dir, database_url = resolve_locations(data_dir)
+    return Storage(database_url, storage_dir)

@@ -8,24 +8,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dermsight.cli.common import console, errors, fail
+from dermsight.cli.common import DATA_DIR_HELP, console, errors, fail, web_storage
 
 keys_app = typer.Typer(help="API keys of the web app (stored as SHA-256 hashes in its database).", no_args_is_help=True)
-DATA_DIR_HELP = "The server's --data-dir (default: $DERMSIGHT_DATA_DIR or ./.dermsight); $DERMSIGHT_DATABASE_URL applies."
 
 
 def register(app: typer.Typer) -> None:
     """Add `dermsight keys` to `app`."""
     app.add_typer(keys_app, name="keys")
-
-
-def web_storage(data_dir: Path | None):
-    """The web app's storage at `data_dir` (or $DERMSIGHT_DATABASE_URL), as `dermsight serve` opens it."""
-    from dermsight.serving.app import resolve_locations
-    from dermsight.serving.storage.repository import Storage
-
-    storage_dir, database_url = resolve_locations(data_dir)
-    return Storage(database_url, storage_dir)
 
 
 @keys_app.command("create")
