@@ -93,7 +93,10 @@ def test_health_model_and_docs(client, serving_bundle, database):
     assert model["classes"] == bundle.classes and model["class_names"]["MEL"] == "melanoma"
     assert model["melanoma_threshold"] == pytest.approx(bundle.melanoma_threshold)
     assert model["metrics"] == json.loads(json.dumps(bundle.metrics))
-    assert "swagger" in client.get("/docs").text.lower()
+    for url in ("/docs", "/redoc"):  # the app's own copies of Swagger UI and ReDoc, never a CDN
+        page = client.get(url).text
+        assert "/static/docs/" in page and "cdn" not in page.lower() and "https://" not in page
+    assert client.get("/static/docs/swagger-ui-bundle.js").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {
         "/api/health", "/api/model",

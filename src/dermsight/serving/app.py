@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -28,6 +29,9 @@ from dermsight.serving.security import Authenticator, TokenBucket, quiet_librari
 from dermsight.serving.storage.repository import Storage
 
 HERE = Path(__file__).parent
+# Swagger UI and ReDoc, served by the app from the pinned fastapi-offline package: the API page
+# works on a network that reaches no CDN (routes/pages.py serves /docs and /redoc).
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 DEFAULT_DATA_DIR = Path(".dermsight")
 ROUTERS = (service.router, patients.router, images.router, session.router, pages.router)  # the schema's order
 log = logging.getLogger("dermsight.serving")
@@ -76,6 +80,8 @@ def create_app(
         version=predictor.bundle.version,
         description=f"Melanoma decision support from dermoscopic images. {DISCLAIMER}",
         exception_handlers=EXCEPTION_HANDLERS,
+        docs_url=None,
+        redoc_url=None,
     )
     # What the dependency providers hand to routes (and what tests and the CLI inspect).
     app.state.settings = settings
@@ -89,6 +95,7 @@ def create_app(
     app.state.login_limiter = TokenBucket(settings.login_rate, settings.login_burst)
     app.state.templates = Jinja2Templates(HERE / "templates")
 
+    app.mount("/static/docs", StaticFiles(directory=DOCS_ASSETS), name="docs_assets")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     for router in ROUTERS:
         app.include_router(router)

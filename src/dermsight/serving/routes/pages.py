@@ -1,10 +1,11 @@
 """The HTML pages: upload (/), the patient list and a patient's view (their data come from
-the JSON API through static/app.js), and the public education page (/learn) with the
-bundle's held-out numbers."""
+the JSON API through static/app.js), the public education page (/learn) with the
+bundle's held-out numbers, and the API documentation (/docs: Swagger UI, /redoc: ReDoc)
+from the app's own copies of their scripts."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from dermsight.data.schema import CLASS_NAMES, SEXES, SITES
@@ -34,6 +35,16 @@ def patient_page(patient_id: RowId, page: PageDep, storage: StorageDep) -> HTMLR
     except NotFound as err:
         return page("missing.html", status_code=404, message=str(err))
     return page("patient.html", patient=patient)
+
+
+@router.get("/docs", response_class=HTMLResponse)
+def swagger_ui(page: PageDep, request: Request) -> HTMLResponse:
+    return page("api_docs.html", viewer="Swagger UI", openapi_url=request.app.openapi_url)
+
+
+@router.get("/redoc", response_class=HTMLResponse)
+def redoc(page: PageDep, request: Request) -> HTMLResponse:
+    return page("api_docs.html", viewer="ReDoc", openapi_url=request.app.openapi_url)
 
 
 @router.get("/learn", response_class=HTMLResponse)
