@@ -259,7 +259,7 @@ BAD_UPLOADS = {
     "unknown patient": (["lesion"], {"patient_id": "999999"}, 404, "patient 999999 does not exist"),
     "no files": ([], {"age": "40"}, 422, "files: Field required"),
     "too many files": (["lesion"] * 21, {}, 422, "21 images in one upload; at most 20"),
-    "second file bad": (["lesion", ("notes.txt", b"hello")], {}, 422, "notes.txt: not an image"),
+    "both files bad": (["truncated", ("notes.txt", b"hello")], {}, 422, "notes.txt: not an image"),
 }
 
 
@@ -280,6 +280,26 @@ def test_bad_upload_is_refused_and_stores_nothing(case, client, storage, lesion_
     assert response.status_code == status, response.text
     assert response.json() == {"detail": response.json()["detail"]} and words in response.json()["detail"]
     assert storage.counts() == before and stored_files(storage) == before_files
+
+
+def test_mixed_upload_stores_each_good_file_and_reports_each_bad_one(client, storage, lesion_images):
+    """A truncated JPEG beside a real lesion: the lesion is scored and stored, the broken file
+    is reported with its reason and nothing of it is stored (207: some files left out)."""
+    lesion = lesion_images[0].read_bytes()
+    patient = new_patient(client, "P-mixed")
+    before, before_files = storage.counts(), stored_files(storage)
+    response = upload(client, [("cut.jpg", lesion[: len(lesion) // 2]), ("good.jpg", lesion)], patient_id=patient)
+    assert response.status_code == 207, response.text
+    body = response.json()
+    assert body["rejected"] == [{"number": 1, "filename": "cut.jpg", "reason": body["rejected"][0]["reason"]}]
+    assert "cut.jpg: corrupt or truncated JPEG" in body["rejected"][0]["reason"]
+    (prediction,) = body["predictions"]
+    assert storage.file(storage.get_image(prediction["image_id"]).path).read_bytes() == lesion
+    after = storage.counts()
+    assert (after["images"] - before["images"], after["predictions"] - before["predictions"]) == (1, 1)
+    assert len(stored_files(storage) - before_files) == 2  # the good image and its heat map
+    assert len(client.get(f"/api/patients/{patient}").json()["lesions"]) == 1
+    assert upload(client, [("good.jpg", lesion)]).json()["rejected"] == []  # all good: 201, nothing left out
 
 
 def test_oversized_file_is_413(client, storage, lesion_images, monkeypatch):
@@ -351,7 +371,7 @@ def test_concurrent_one_off_uploads_each_store_their_own_image(serving_bundle, l
     metadata = parse_metadata("60", "female", "torso")
     expected = [scorer.predictor.predict_images([data], pd.DataFrame({"age": [60.0], "sex": ["female"], "site": ["torso"]}))[0] for data in images]
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda data: scorer.upload([Upload("lesion.jpg", data)], metadata, None), images))
+        results = list(pool.map(lambda data: scorer.upload([Upload("lesion.jpg", data)], metadata, None).predictions, images))
     assert len(set(images)) == len(images) >= 6
     assert storage.counts()["predictions"] == storage.counts()["images"] == len(images)
     for data, table, (prediction,) in zip(images, expected, results):
@@ -371,8 +391,9 @@ def test_concurrent_uploads_to_one_patient_each_see_the_ones_before(serving_bund
     patient = storage.create_patient("P-concurrent").id
     metadata = parse_metadata("60", "female", "torso")
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda path: scorer.upload([Upload(path.name, path.read_bytes())], metadata, patient),
-                                lesion_images))
+        results = list(pool.map(
+            lambda path: scorer.upload([Upload(path.name, path.read_bytes())], metadata, patient).predictions, lesion_images
+        ))
     assert all(len(predictions) == 1 for predictions in results)
     assert len(storage.get_patient(patient).lesions) == len(lesion_images) == 6
     assert storage.counts()["predictions"] == sum(range(1, 7))

@@ -22,6 +22,7 @@ from dermsight.inference.predictor import Predictor
 from dermsight.serving.errors import EXCEPTION_HANDLERS
 from dermsight.serving.limits import Admission, Settings
 from dermsight.serving.middleware import add_middleware
+from dermsight.serving.reference import RiskReference
 from dermsight.serving.routes import images, pages, patients, service, session
 from dermsight.serving.schemas import DISCLAIMER
 from dermsight.serving.scoring import Scorer
@@ -86,6 +87,7 @@ def create_app(
     # What the dependency providers hand to routes (and what tests and the CLI inspect).
     app.state.settings = settings
     app.state.predictor = predictor
+    app.state.risk_reference = RiskReference.from_bundle(predictor.bundle)
     app.state.storage = storage
     app.state.storage_check = check
     app.state.scorer = Scorer(predictor, storage)
