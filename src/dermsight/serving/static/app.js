@@ -63,8 +63,8 @@ function modelLabel(version) {
 
 /** The photo and the heat map in the same framing, with the map's colour scale and what it shows. */
 function pictures(prediction) {
-  const photo = el("img", { src: prediction.image_url, alt: "the uploaded lesion image", loading: "lazy" });
-  const map = el("img", { src: prediction.heatmap_url, alt: "heat map of melanoma-like features", loading: "lazy" });
+  const photo = el("img", { src: prediction.image_url, alt: "the uploaded lesion image" });
+  const map = el("img", { src: prediction.heatmap_url, alt: "heat map of melanoma-like features" });
   if (document.body.dataset.heatmapFit === "squash") {
     // The network saw the whole frame squashed to a square: show the map stretched back to the photo's frame.
     photo.addEventListener("load", () => {
@@ -106,8 +106,8 @@ function renderCard(prediction, title, context = null) {
   const quality = qualityNotes(prediction);
   if (ood) {
     card.append(
-      el("div", { class: "pictures single" }, figure(el("img", { src: prediction.image_url, alt: "the uploaded image",
-        loading: "lazy" }), "Uploaded image")),
+      el("div", { class: "pictures single" }, figure(el("img", { src: prediction.image_url, alt: "the uploaded image" }),
+        "Uploaded image")),
       el("p", { class: "decision" }, "This does not look like a dermoscopic image."),
       el("p", {}, "DermSight only judges dermoscopic close-ups of a single skin lesion, so it gives no risk here. " +
         "Upload a dermoscopic image, or ask a clinician."),
