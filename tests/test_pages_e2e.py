@@ -16,7 +16,7 @@ from dermsight.models.bundle import DEFAULT_BUNDLE
 from dermsight.serving.app import create_app
 import system_deps
 from live_server import in_thread
-from test_web_e2e import browser, open_page, submit_upload  # noqa: F401
+from test_web_e2e import browser, open_page, submit_upload, wait_until  # noqa: F401
 
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
@@ -205,3 +205,11 @@ def test_patient_view_names_each_lesion_and_explains_its_score(browser, server, 
     for score, line in scored:
         assert ("(typical for this patient)" in line) == (score <= 0)
     assert "a negative score means more typical than the average lesion" in page.inner_text("main")
+    # HAM10000's photos are 4:3: the heat map (over the squashed square the network read) is shown in the photo's
+    # own frame, beside the whole photo, so the two line up.
+    wait_until(page, "[...document.querySelectorAll('#lesions img')].every(i => i.complete)")
+    for card in page.query_selector_all("#lesions .card:not(.ood)"):
+        photo, heat = (card.query_selector(f".pictures img[alt*='{alt}']").bounding_box() for alt in ("lesion", "heat map"))
+        natural = card.eval_on_selector(".pictures img", "i => i.naturalWidth / i.naturalHeight")
+        assert abs(natural - 4 / 3) < 0.01
+        assert abs(photo["width"] / photo["height"] - natural) < 0.02 and abs(heat["width"] / heat["height"] - natural) < 0.02
