@@ -58,7 +58,8 @@ class RiskReference:
             f"{len(oof):,} out-of-fold validation images ({', '.join(names)}), each scored by a network "
             "that had not trained on that lesion"
         )
-        return cls(bundle.version, oof["MEL"].to_numpy(dtype=float), (oof["diagnosis"] == "MEL").to_numpy(), measured_on)
+        melanoma = (oof["diagnosis"] == "MEL").to_numpy()
+        return cls(bundle.version, oof["MEL"].to_numpy(dtype=float), melanoma, measured_on)
 
     def around(self, risk: float, neighbours: int = NEIGHBOURS) -> RiskBand:
         """The `neighbours` validation images whose risks are nearest `risk` (fewer when the

@@ -130,7 +130,7 @@ class ImageOut(BaseModel):
 class LesionOut(BaseModel):
     lesion_id: int
     site: str | None
-    filename: str | None = Field(description="The file name of the lesion's newest image (the one scored), as uploaded.")
+    filename: str | None = Field(description="The file name of the lesion's newest (scored) image, as uploaded.")
     uploaded_at: datetime = Field(description="When the lesion's newest image (the one scored) was uploaded.")
     rank: int = Field(description="1 = first in the requested order.")
     ugly_duckling_score: float | None
@@ -229,7 +229,7 @@ def uncertainty(prediction: Prediction) -> str | None:
         else f"The model's networks' melanoma risks differ {spread}"
     )
     if prediction.risk_spread < margin:
-        return f"{lead}, less than this risk's distance from the referral threshold, so the decision does not hinge on it."
+        return f"{lead}, less than this risk's distance from the referral threshold: the decision does not hinge on it."
     return f"{lead}, as much as this risk's distance from the referral threshold: the decision is a close call."
 
 
@@ -285,7 +285,8 @@ def image_out(image: Image, reference: RiskReference | None = None) -> ImageOut:
     return ImageOut(
         id=image.id, lesion_id=image.lesion_id, patient_id=image.lesion.patient_id, sha256=image.sha256,
         format=image.format, width=image.width, height=image.height, age=image.age, sex=image.sex,
-        site=image.lesion.site, filename=image.filename, uploaded_at=image.uploaded_at, file_url=f"/api/images/{image.id}/file",
+        site=image.lesion.site, filename=image.filename, uploaded_at=image.uploaded_at,
+        file_url=f"/api/images/{image.id}/file",
         predictions=[prediction_out(p, reference) for p in image.predictions],
     )
 

@@ -44,7 +44,9 @@ def get_patient(
     return PatientDetail(
         **patient_out(patient, len(patient.lesions)).model_dump(),
         order=order,
-        lesions=[lesion_out(item, rank, reference) for rank, item in enumerate(ranked_lesions(patient, order), start=1)],
+        lesions=[
+            lesion_out(item, rank, reference) for rank, item in enumerate(ranked_lesions(patient, order), start=1)
+        ],
     )
 
 
