@@ -1,6 +1,7 @@
 """The answer a clinician reads, in a real headless Chromium against a real server running the
-committed ensemble bundle: a melanoma, a benign nevus, a blurred and a tiny photo, each card with
-its differential, how sure the model is and what is wrong with the photo.
+committed ensemble bundle: a melanoma, a benign nevus above and one below the threshold, a blurred and a
+tiny photo and a melanoma the model is unsure of, each card with its graded decision, what the risk means,
+its differential, how sure the model is, what is wrong with the photo, and the photo and heat map.
 
 Screenshots go to $DERMSIGHT_SCREENSHOTS (README's docs/screenshots were made with
 `DERMSIGHT_SCREENSHOTS=docs/screenshots pytest tests/test_result_card_e2e.py`), else a tmp folder."""
@@ -58,7 +59,7 @@ def shrink(rgb: np.ndarray) -> np.ndarray:
 def photos(shared) -> dict[str, bytes]:
     """Real ISIC archive images (256 x 256): a melanoma and a nevus as they are, the melanoma out of
     focus (Gaussian blur, 2.4 px: the warning) and the nevus shrunk to 100 x 100 px, and a melanoma
-    the model is unsure of. Each is the first of its kind, in the archive's order, that the committed
+    the model is unsure of, and a nevus below the referral threshold. Each is the first of its kind, in the archive's order, that the committed
     bundle's photo gate accepts with its altered copy, the copy earning its warning (a refused photo
     gets the other card)."""
     records = read_isic_cli(shared / "isic2017").records
@@ -85,10 +86,14 @@ def photos(shared) -> dict[str, bytes]:
         row = scored(data).iloc[0]
         return bool(row["looks_dermoscopic"] and row["unsure"])
 
+    def below(data: bytes) -> bool:
+        row = scored(data).iloc[0]
+        return bool(row["looks_dermoscopic"] and not row["above_threshold"])
+
     melanoma = np.asarray(Image.open(io.BytesIO(first("MEL", with_copy(blur, "out_of_focus")))).convert("RGB"))
     nevus = np.asarray(Image.open(io.BytesIO(first("NV", with_copy(shrink, "too_small")))).convert("RGB"))
     return {
-        "melanoma": jpeg(melanoma), "unsure": first("MEL", unsure), "nevus": jpeg(nevus),
+        "melanoma": jpeg(melanoma), "unsure": first("MEL", unsure), "nevus": jpeg(nevus), "below": first("NV", below),
         "blurred": jpeg(blur(melanoma)), "tiny": jpeg(shrink(nevus)),
     }
 
@@ -97,13 +102,14 @@ def photos(shared) -> dict[str, bytes]:
 LABELS = {"urgent": "Refer urgently", "routine": "Refer", "not_prompted": "No referral prompted"}
 REFERRALS = {
     "melanoma": {"urgent", "routine"}, "unsure": {"urgent", "routine"}, "blurred": {"urgent", "routine", "not_prompted"},
-    "nevus": {"not_prompted", "routine"}, "tiny": {"not_prompted", "routine", "urgent"},
+    "nevus": {"not_prompted", "routine"}, "tiny": {"not_prompted", "routine", "urgent"}, "below": {"not_prompted"},
 }
 
 
 @pytest.mark.parametrize(
     ("name", "warning"),
-    [("melanoma", None), ("nevus", None), ("blurred", "out_of_focus"), ("tiny", "too_small"), ("unsure", None)],
+    [("melanoma", None), ("nevus", None), ("blurred", "out_of_focus"), ("tiny", "too_small"), ("unsure", None),
+     ("below", None)],
 )
 def test_card_shows_differential_uncertainty_and_photo_quality(browser, server, photos, shots, name, warning):  # noqa: F811
     page = open_page(browser, 1100, 1000)
@@ -118,7 +124,8 @@ def test_card_shows_differential_uncertainty_and_photo_quality(browser, server, 
     assert DISCLAIMER in text and "melanoma risk" in text
     differential = card.query_selector_all("ol.differential li")
     assert len(differential) == 3
-    assert any("malignant" in li.inner_text() for li in differential)  # melanoma is always among the three here
+    if name != "below":  # melanoma is among the three for the others
+        assert any("malignant" in li.inner_text() for li in differential)
     # Decision first, in words and a text badge (never colour alone), graded for the clinician.
     first = card.query_selector("p.verdict")
     assert card.eval_on_selector("h3 + p", "e => e.classList.contains('verdict')")
