@@ -18,6 +18,7 @@ import dermsight.serving.routes.images as images_routes
 from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.app import create_app
+from dermsight.serving.schemas import DECISIONS
 from dermsight.serving.scoring import Scorer, Upload, parse_metadata
 from dermsight.serving.storage.models import Prediction
 from dermsight.serving.storage.repository import Storage
@@ -125,8 +126,9 @@ def test_one_off_prediction_matches_the_predictor(client, storage, serving_bundl
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert prediction["above_threshold"] == (prediction["melanoma_risk"] >= prediction["threshold"])
     assert prediction["looks_dermoscopic"] is True and prediction["context"] is None
-    expected = "Above the referral threshold" if prediction["above_threshold"] else "Below the threshold"
-    assert prediction["decision"].startswith(expected)
+    assert prediction["decision"] == DECISIONS[prediction["referral"]]
+    assert prediction["referral"] == ("not_prompted" if not prediction["above_threshold"]
+                                      else "urgent" if prediction["melanoma_risk"] >= 0.3 else "routine")
     assert storage.counts()["predictions"] == before["predictions"] + 1
 
     image = client.get(prediction["image_url"])
@@ -285,7 +287,10 @@ def test_bad_upload_is_refused_and_stores_nothing(case, client, storage, lesion_
 def test_mixed_upload_stores_each_good_file_and_reports_each_bad_one(client, storage, lesion_images):
     """A truncated JPEG beside a real lesion: the lesion is scored and stored, the broken file
     is reported with its reason and nothing of it is stored (207: some files left out)."""
-    lesion = lesion_images[0].read_bytes()
+    # A real lesion no other test stored (files are content-addressed: a shared one would add no new file).
+    out = io.BytesIO()
+    Image.open(lesion_images[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out, format="JPEG", quality=95)
+    lesion = out.getvalue()
     patient = new_patient(client, "P-mixed")
     before, before_files = storage.counts(), stored_files(storage)
     response = upload(client, [("cut.jpg", lesion[: len(lesion) // 2]), ("good.jpg", lesion)], patient_id=patient)
@@ -500,5 +505,5 @@ def test_the_ensemble_says_when_it_is_unsure(isic2020, tmp_path):
     assert {p["unsure"] for p in predictions} == {True, False}  # uploaded without their metadata: close, not equal
     for p in predictions:
         assert p["unsure"] == (p["risk_spread"] > level)
-        assert p["uncertainty"].startswith("The model is unsure" if p["unsure"] else "The ensemble's networks agree")
+        assert p["uncertainty"].startswith("The model is unsure" if p["unsure"] else "The model's networks agree")
         assert "too_small" in [w["code"] for w in p["quality_warnings"]]  # test_128: 128 px < the network's 160

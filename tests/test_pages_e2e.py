@@ -196,8 +196,8 @@ def test_patient_view_names_each_lesion_and_explains_its_score(browser, server, 
     page = open_page(browser, 1366, 900)
     page.goto(f"{server}{patient_url}")
     page.wait_for_selector("#lesions .card >> nth=2")
-    titles = [h.inner_text() for h in page.query_selector_all("#lesions .card h3")]
-    assert sorted(titles) == sorted(path.name for path in lesion_images[:3])
+    # No file name: a file name can carry a patient's name, and DermSight never stores one (tests/test_security.py).
+    assert all(re.fullmatch(r"Lesion \d+", h.inner_text()) for h in page.query_selector_all("#lesions .card h3"))
     lines = [p.inner_text() for p in page.query_selector_all("#lesions .card .context")]
     assert all(re.search(r"uploaded \d{4}-\d\d-\d\d \d\d:\d\d", line) for line in lines), lines
     scored = [(float(m.group(1)), line) for line in lines if (m := re.search(r"ugly-duckling score (-?[\d.]+)", line))]

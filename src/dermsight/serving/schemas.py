@@ -121,7 +121,6 @@ class ImageOut(BaseModel):
     age: float | None
     sex: str | None
     site: str | None
-    filename: str | None = Field(description="The file's name as uploaded; None for images stored before it was kept.")
     uploaded_at: datetime
     file_url: str
     predictions: list[PredictionOut] = Field(description="Oldest first; the last is current.")
@@ -130,7 +129,6 @@ class ImageOut(BaseModel):
 class LesionOut(BaseModel):
     lesion_id: int
     site: str | None
-    filename: str | None = Field(description="The file name of the lesion's newest (scored) image, as uploaded.")
     uploaded_at: datetime = Field(description="When the lesion's newest image (the one scored) was uploaded.")
     rank: int = Field(description="1 = first in the requested order.")
     ugly_duckling_score: float | None
@@ -285,7 +283,7 @@ def image_out(image: Image, reference: RiskReference | None = None) -> ImageOut:
     return ImageOut(
         id=image.id, lesion_id=image.lesion_id, patient_id=image.lesion.patient_id, sha256=image.sha256,
         format=image.format, width=image.width, height=image.height, age=image.age, sex=image.sex,
-        site=image.lesion.site, filename=image.filename, uploaded_at=image.uploaded_at,
+        site=image.lesion.site, uploaded_at=image.uploaded_at,
         file_url=f"/api/images/{image.id}/file",
         predictions=[prediction_out(p, reference) for p in image.predictions],
     )
@@ -302,8 +300,7 @@ def patient_out(patient: Patient, lesion_count: int) -> PatientOut:
 def lesion_out(item: RankedLesion, rank: int, reference: RiskReference | None = None) -> LesionOut:
     """The API view of one lesion of a patient, with its rank in the requested order."""
     return LesionOut(
-        lesion_id=item.lesion.id, site=item.lesion.site, rank=rank, filename=item.prediction.image.filename,
-        uploaded_at=item.prediction.image.uploaded_at,
+        lesion_id=item.lesion.id, site=item.lesion.site, rank=rank, uploaded_at=item.prediction.image.uploaded_at,
         ugly_duckling_score=item.ugly_duckling_score, prediction=prediction_out(item.prediction, reference),
     )
 

@@ -119,8 +119,8 @@ def heatmap(prediction_id: RowId, storage: StorageDep) -> FileResponse:
 
 
 def display_name(filename: str | None, number: int) -> str:
-    """The file's name for messages back to the uploader and for the patient view (stored
-    with the image, never logged): its last path component, printable, at most 100 characters."""
+    """The file's name for messages back to the uploader (never logged or stored): its
+    last path component, printable, at most 100 characters."""
     name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(c for c in name if c.isprintable())[:100].strip()
     return name or f"file {number}"

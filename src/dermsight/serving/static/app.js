@@ -239,7 +239,7 @@ function setUpPatient(root) {
   async function load() {
     try {
       const patient = await api(`/api/patients/${id}?order=${order}`);
-      const cards = patient.lesions.map((l) => renderCard(l.prediction, l.filename || `Lesion ${l.lesion_id}`, contextLine(l)));
+      const cards = patient.lesions.map((l) => renderCard(l.prediction, `Lesion ${l.lesion_id}`, contextLine(l)));
       document.getElementById("lesions").replaceChildren(...cards);
       status.hidden = false;
       status.textContent = patient.lesions.length

@@ -80,7 +80,6 @@ class Image(Base):
     height: Mapped[int] = mapped_column(Integer)
     age: Mapped[float | None] = mapped_column(Float)  # the patient's age when the image was taken
     sex: Mapped[str | None] = mapped_column(String(10))
-    filename: Mapped[str | None] = mapped_column(String(100))  # as uploaded (images.display_name); None before 0005
     uploaded_at: Mapped[datetime] = mapped_column(default=now)
     lesion: Mapped[Lesion] = relationship(back_populates="images")
     predictions: Mapped[list[Prediction]] = relationship(

@@ -51,7 +51,6 @@ class NewImage:
     age: float | None
     sex: str | None
     site: str | None
-    filename: str | None = None
 
 
 @dataclass
@@ -272,7 +271,7 @@ class Storage:
             lesion = Lesion(patient_id=patient_id, site=item.site)
             image = Image(
                 lesion=lesion, sha256=image_file[1], path=image_file[0], format=item.format,
-                width=item.width, height=item.height, age=item.age, sex=item.sex, filename=item.filename,
+                width=item.width, height=item.height, age=item.age, sex=item.sex,
             )
             session.add_all([lesion, image])
         else:
