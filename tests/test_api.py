@@ -18,6 +18,7 @@ import dermsight.serving.routes.images as images_routes
 from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.app import create_app
+from dermsight.serving.schemas import DECISIONS
 from dermsight.serving.scoring import Scorer, Upload, parse_metadata
 from dermsight.serving.storage.models import Prediction
 from dermsight.serving.storage.repository import Storage
@@ -93,7 +94,10 @@ def test_health_model_and_docs(client, serving_bundle, database):
     assert model["classes"] == bundle.classes and model["class_names"]["MEL"] == "melanoma"
     assert model["melanoma_threshold"] == pytest.approx(bundle.melanoma_threshold)
     assert model["metrics"] == json.loads(json.dumps(bundle.metrics))
-    assert "swagger" in client.get("/docs").text.lower()
+    for url in ("/docs", "/redoc"):  # the app's own copies of Swagger UI and ReDoc, never a CDN
+        page = client.get(url).text
+        assert "/static/docs/" in page and "cdn" not in page.lower() and "https://" not in page
+    assert client.get("/static/docs/swagger-ui-bundle.js").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {
         "/api/health", "/api/model",
@@ -122,8 +126,9 @@ def test_one_off_prediction_matches_the_predictor(client, storage, serving_bundl
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert prediction["above_threshold"] == (prediction["melanoma_risk"] >= prediction["threshold"])
     assert prediction["looks_dermoscopic"] is True and prediction["context"] is None
-    expected = "Above the referral threshold" if prediction["above_threshold"] else "Below the threshold"
-    assert prediction["decision"].startswith(expected)
+    assert prediction["decision"] == DECISIONS[prediction["referral"]]
+    assert prediction["referral"] == ("not_prompted" if not prediction["above_threshold"]
+                                      else "urgent" if prediction["melanoma_risk"] >= 0.3 else "routine")
     assert storage.counts()["predictions"] == before["predictions"] + 1
 
     image = client.get(prediction["image_url"])
@@ -257,7 +262,7 @@ BAD_UPLOADS = {
     "unknown patient": (["lesion"], {"patient_id": "999999"}, 404, "patient 999999 does not exist"),
     "no files": ([], {"age": "40"}, 422, "files: Field required"),
     "too many files": (["lesion"] * 21, {}, 422, "21 images in one upload; at most 20"),
-    "second file bad": (["lesion", ("notes.txt", b"hello")], {}, 422, "notes.txt: not an image"),
+    "both files bad": (["truncated", ("notes.txt", b"hello")], {}, 422, "notes.txt: not an image"),
 }
 
 
@@ -278,6 +283,29 @@ def test_bad_upload_is_refused_and_stores_nothing(case, client, storage, lesion_
     assert response.status_code == status, response.text
     assert response.json() == {"detail": response.json()["detail"]} and words in response.json()["detail"]
     assert storage.counts() == before and stored_files(storage) == before_files
+
+
+def test_mixed_upload_stores_each_good_file_and_reports_each_bad_one(client, storage, lesion_images):
+    """A truncated JPEG beside a real lesion: the lesion is scored and stored, the broken file
+    is reported with its reason and nothing of it is stored (207: some files left out)."""
+    # A real lesion no other test stored (files are content-addressed: a shared one would add no new file).
+    out = io.BytesIO()
+    Image.open(lesion_images[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out, format="JPEG", quality=95)
+    lesion = out.getvalue()
+    patient = new_patient(client, "P-mixed")
+    before, before_files = storage.counts(), stored_files(storage)
+    response = upload(client, [("cut.jpg", lesion[: len(lesion) // 2]), ("good.jpg", lesion)], patient_id=patient)
+    assert response.status_code == 207, response.text
+    body = response.json()
+    assert body["rejected"] == [{"number": 1, "filename": "cut.jpg", "reason": body["rejected"][0]["reason"]}]
+    assert "cut.jpg: corrupt or truncated JPEG" in body["rejected"][0]["reason"]
+    (prediction,) = body["predictions"]
+    assert storage.file(storage.get_image(prediction["image_id"]).path).read_bytes() == lesion
+    after = storage.counts()
+    assert (after["images"] - before["images"], after["predictions"] - before["predictions"]) == (1, 1)
+    assert len(stored_files(storage) - before_files) == 2  # the good image and its heat map
+    assert len(client.get(f"/api/patients/{patient}").json()["lesions"]) == 1
+    assert upload(client, [("good.jpg", lesion)]).json()["rejected"] == []  # all good: 201, nothing left out
 
 
 def test_oversized_file_is_413(client, storage, lesion_images, monkeypatch):
@@ -349,7 +377,7 @@ def test_concurrent_one_off_uploads_each_store_their_own_image(serving_bundle, l
     metadata = parse_metadata("60", "female", "torso")
     expected = [scorer.predictor.predict_images([data], pd.DataFrame({"age": [60.0], "sex": ["female"], "site": ["torso"]}))[0] for data in images]
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda data: scorer.upload([Upload("lesion.jpg", data)], metadata, None), images))
+        results = list(pool.map(lambda data: scorer.upload([Upload("lesion.jpg", data)], metadata, None).predictions, images))
     assert len(set(images)) == len(images) >= 6
     assert storage.counts()["predictions"] == storage.counts()["images"] == len(images)
     for data, table, (prediction,) in zip(images, expected, results):
@@ -369,8 +397,9 @@ def test_concurrent_uploads_to_one_patient_each_see_the_ones_before(serving_bund
     patient = storage.create_patient("P-concurrent").id
     metadata = parse_metadata("60", "female", "torso")
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda path: scorer.upload([Upload(path.name, path.read_bytes())], metadata, patient),
-                                lesion_images))
+        results = list(pool.map(
+            lambda path: scorer.upload([Upload(path.name, path.read_bytes())], metadata, patient).predictions, lesion_images
+        ))
     assert all(len(predictions) == 1 for predictions in results)
     assert len(storage.get_patient(patient).lesions) == len(lesion_images) == 6
     assert storage.counts()["predictions"] == sum(range(1, 7))
@@ -477,5 +506,5 @@ def test_the_ensemble_says_when_it_is_unsure(isic2020, tmp_path):
     assert {p["unsure"] for p in predictions} == {True, False}  # uploaded without their metadata: close, not equal
     for p in predictions:
         assert p["unsure"] == (p["risk_spread"] > level)
-        assert p["uncertainty"].startswith("The model is unsure" if p["unsure"] else "The ensemble's networks agree")
+        assert p["uncertainty"].startswith("The model is unsure" if p["unsure"] else "The model's networks agree")
         assert "too_small" in [w["code"] for w in p["quality_warnings"]]  # test_128: 128 px < the network's 160

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -23,6 +24,7 @@ from dermsight.models.site_profile import operating_point
 from dermsight.serving.errors import EXCEPTION_HANDLERS
 from dermsight.serving.limits import Admission, Settings
 from dermsight.serving.middleware import add_middleware
+from dermsight.serving.reference import RiskReference
 from dermsight.serving.routes import images, pages, patients, service, session
 from dermsight.serving.schemas import DISCLAIMER
 from dermsight.serving.scoring import Scorer
@@ -30,6 +32,9 @@ from dermsight.serving.security import Authenticator, FailureLimiter, TokenBucke
 from dermsight.serving.storage.repository import Storage
 
 HERE = Path(__file__).parent
+# Swagger UI and ReDoc, served by the app from the pinned fastapi-offline package: the API page
+# works on a network that reaches no CDN (routes/pages.py serves /docs and /redoc).
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 DEFAULT_DATA_DIR = Path(".dermsight")
 ROUTERS = (service.router, patients.router, images.router, session.router, pages.router)  # the schema's order
 log = logging.getLogger("dermsight.serving")
@@ -83,11 +88,14 @@ def create_app(
         version=predictor.bundle.version,
         description=f"Melanoma decision support from dermoscopic images. {DISCLAIMER}",
         exception_handlers=EXCEPTION_HANDLERS,
+        docs_url=None,
+        redoc_url=None,
     )
     # What the dependency providers hand to routes (and what tests and the CLI inspect).
     app.state.settings = settings
     app.state.predictor = predictor
     app.state.operating_point = operating_point(predictor.bundle)
+    app.state.risk_reference = RiskReference.from_bundle(predictor.bundle)
     app.state.storage = storage
     app.state.storage_check = check
     app.state.scorer = Scorer(predictor, storage)
@@ -97,6 +105,7 @@ def create_app(
     app.state.failures = FailureLimiter(settings.failure_rate, settings.failure_burst)
     app.state.templates = Jinja2Templates(HERE / "templates")
 
+    app.mount("/static/docs", StaticFiles(directory=DOCS_ASSETS), name="docs_assets")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     for router in ROUTERS:
         app.include_router(router)

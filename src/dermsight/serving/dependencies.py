@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.limits import Admission
+from dermsight.serving.reference import RiskReference
 from dermsight.serving.schemas import DISCLAIMER
 from dermsight.serving.scoring import Scorer
 from dermsight.serving.security import Authenticator, FailureLimiter, Principal, allows
@@ -22,6 +23,11 @@ from dermsight.serving.storage.repository import Storage
 async def get_predictor(request: Request) -> Predictor:
     """The one Predictor of the loaded bundle."""
     return request.app.state.predictor
+
+
+async def get_reference(request: Request) -> RiskReference | None:
+    """The loaded bundle's validation risks (what a risk meant); None for a bundle without them."""
+    return request.app.state.risk_reference
 
 
 async def get_storage(request: Request) -> Storage:
@@ -57,6 +63,7 @@ async def get_principal(request: Request) -> Principal | None:
 
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+ReferenceDep = Annotated[RiskReference | None, Depends(get_reference)]
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]
 AuthDep = Annotated[Authenticator | None, Depends(get_auth)]
@@ -75,7 +82,8 @@ class Page:
         self.common = {"disclaimer": DISCLAIMER, "signed_in": principal is not None and principal.via == "session",
                        "auth": auth is not None, "role": role,
                        "may": {"upload": allows(role, "clinician"), "delete": allows(role, "admin")},
-                       "operating_point": request.app.state.operating_point}
+                       "operating_point": request.app.state.operating_point,
+                       "heatmap_fit": request.app.state.predictor.bundle.preprocessing.fit}
 
     def __call__(self, name: str, status_code: int = 200, **context) -> HTMLResponse:
         templates = self.request.app.state.templates

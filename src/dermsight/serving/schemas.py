@@ -14,12 +14,15 @@ from pydantic import BaseModel, Field
 
 from dermsight.data.schema import CLASS_NAMES, MALIGNANT
 from dermsight.imaging.quality import WARNINGS, warning_message
+from dermsight.serving.reference import RiskReference
 from dermsight.serving.storage.models import Image, Patient, Prediction, RankedLesion
 
 ID_MAX = 2**31 - 1  # ids are INTEGER (32 bits on PostgreSQL); 2**63 overflowed SQLite: a 500 found by fuzzing
 RowId = Annotated[int, PathParam(ge=1, le=ID_MAX, description="A row id.")]
 DISCLAIMER = "Decision support, not a diagnosis."
 NON_MELANOMA_CANCER_LEVEL = 0.5  # P(BCC) + P(SCC) at or above this: "more likely than not"
+URGENT_RISK = 0.30  # a calibrated melanoma risk from here on: urgent referral (about 1 in 3 such lesions is melanoma)
+Referral = Literal["urgent", "routine", "not_prompted"]
 
 
 # -- models ---------------------------------------------------------------------------
@@ -51,6 +54,16 @@ class QualityWarning(BaseModel):
     message: str = Field(description="What is wrong with the photo, in plain words.")
 
 
+class RiskMeaning(BaseModel):
+    """What this risk meant on held-out images (the scoring bundle's out-of-fold validation)."""
+
+    images: int = Field(description="Validation images whose risks were nearest this one.")
+    melanomas: int = Field(description="How many of them were melanoma.")
+    risk_low: float = Field(description="The lowest of their risks, 0-1.")
+    risk_high: float = Field(description="The highest of their risks, 0-1.")
+    measured_on: str = Field(description="Which images: collections, and how each was held out.")
+
+
 class PredictionOut(BaseModel):
     id: int
     image_id: int
@@ -75,6 +88,14 @@ class PredictionOut(BaseModel):
     )
     threshold: float = Field(description="The model's referral threshold on melanoma_risk.")
     above_threshold: bool
+    referral: Referral | None = Field(
+        description=f"What DermSight suggests to the clinician: urgent (melanoma_risk >= {URGENT_RISK}), routine "
+        "(at or above the threshold), not_prompted (below it; melanoma not ruled out); None when not dermoscopic."
+    )
+    risk_meaning: RiskMeaning | None = Field(
+        None, description="Among held-out validation images with about this risk, how many were melanoma; None when "
+        "the scoring model's validation table is not loaded (another model version, or none shipped)."
+    )
     looks_dermoscopic: bool = Field(description="False: not a dermoscopic image; the risk is meaningless.")
     decision: str = Field(description="The outcome in plain words.")
     differential: list[Diagnosis] = Field(description="The three most probable classes, most probable first.")
@@ -108,6 +129,7 @@ class ImageOut(BaseModel):
 class LesionOut(BaseModel):
     lesion_id: int
     site: str | None
+    uploaded_at: datetime = Field(description="When the lesion's newest image (the one scored) was uploaded.")
     rank: int = Field(description="1 = first in the requested order.")
     ugly_duckling_score: float | None
     prediction: PredictionOut
@@ -118,11 +140,21 @@ class PatientDetail(PatientOut):
     lesions: list[LesionOut]
 
 
+class RejectedFile(BaseModel):
+    number: int = Field(description="The file's place in the upload, 1 = first.")
+    filename: str
+    reason: str = Field(description="Why it was left out, in one sentence.")
+
+
 class ScoringOut(BaseModel):
     patient_id: int | None
     patient_url: str | None
     model_version: str
-    predictions: list[PredictionOut]
+    predictions: list[PredictionOut] = Field(description="One per stored file, in upload order.")
+    rejected: list[RejectedFile] = Field(
+        default_factory=list, description="Uploaded files left out, nothing of them stored (status 207); empty when "
+        "every file was stored (status 201)."
+    )
     disclaimer: str = DISCLAIMER
 
 
@@ -155,34 +187,65 @@ def differential(probabilities: dict[str, float], top: int = 3) -> list[Diagnosi
     return [Diagnosis(code=c, name=CLASS_NAMES.get(c, c), probability=p, malignant=c in MALIGNANT) for c, p in ranked]
 
 
-def decision(prediction: Prediction) -> str:
+def referral(prediction: Prediction) -> Referral | None:
     if not prediction.looks_dermoscopic:
-        return "This does not look like a dermoscopic image, so DermSight gives no risk for it."
-    if prediction.above_threshold:
-        return "Above the referral threshold: have a dermatologist examine this lesion."
-    return (
-        "Below the threshold: DermSight does not flag this lesion. "
-        "See a dermatologist anyway if it changes or worries you."
-    )
+        return None
+    if not prediction.above_threshold:
+        return "not_prompted"
+    return "urgent" if prediction.melanoma_risk >= URGENT_RISK else "routine"
+
+
+DECISIONS: dict[Referral | None, str] = {
+    "urgent": "High melanoma risk: refer urgently for a dermatologist's examination.",
+    "routine": "Above the referral threshold: refer for a dermatologist's examination.",
+    "not_prompted": "Below the referral threshold: DermSight does not prompt a referral. This does not rule out "
+    "melanoma; your clinical and dermoscopic examination decides.",
+    None: "This does not look like a dermoscopic image, so DermSight gives no risk for it.",
+}
+
+
+def decision(prediction: Prediction) -> str:
+    """The clinician's next step in words (the clinician reads the card, not the patient)."""
+    return DECISIONS[referral(prediction)]
 
 
 def uncertainty(prediction: Prediction) -> str | None:
-    """The ensemble's spread in words: unsure with its reason above the fitted level."""
+    """The ensemble's spread (the standard deviation of its networks' melanoma risks) in
+    percentage points, and what it means for the decision."""
     if prediction.risk_spread is None or not prediction.looks_dermoscopic:
         return None
-    points = f"{100 * prediction.risk_spread:.0f}"
+    points = round(100 * prediction.risk_spread)
+    spread = (
+        "by less than 1 percentage point" if points < 1 else f"by about {points} percentage point{'s' * (points != 1)}"
+    )
     if prediction.unsure:
         return (
-            f"The model is unsure: its networks' melanoma risks for this lesion differ by about ±{points} points, more "
-            "than on 9 in 10 images it was tested on, where its answers were much less reliable. Rely on your own "
-            "examination."
+            f"The model is unsure about this lesion: its networks' melanoma risks differ {spread}, more than on 9 in "
+            "10 of the images it was tested on. On such images its risks were much less reliable, so give your own "
+            "examination more weight than this risk."
         )
-    within = f"their melanoma risks for this lesion are within about ±{points} points of each other"
-    return f"The ensemble's networks agree: {within}." if prediction.unsure is False else f"For the ensemble's networks, {within}."
+    margin = abs(prediction.melanoma_risk - prediction.threshold)
+    lead = (
+        f"The model's networks agree: their melanoma risks differ {spread}" if prediction.unsure is False
+        else f"The model's networks' melanoma risks differ {spread}"
+    )
+    if prediction.risk_spread < margin:
+        return f"{lead}, less than this risk's distance from the referral threshold: the decision does not hinge on it."
+    return f"{lead}, as much as this risk's distance from the referral threshold: the decision is a close call."
 
 
-def prediction_out(prediction: Prediction) -> PredictionOut:
-    """The API view of a stored prediction."""
+def risk_meaning(prediction: Prediction, reference: RiskReference | None) -> RiskMeaning | None:
+    if reference is None or reference.model_version != prediction.model_version or not prediction.looks_dermoscopic:
+        return None
+    band = reference.around(prediction.melanoma_risk)
+    return RiskMeaning(
+        images=band.images, melanomas=band.melanomas, risk_low=band.low, risk_high=band.high,
+        measured_on=reference.measured_on,
+    )
+
+
+def prediction_out(prediction: Prediction, reference: RiskReference | None = None) -> PredictionOut:
+    """The API's prediction; `reference` (the loaded bundle's validation risks) fills risk_meaning."""
     image = prediction.image
     probabilities = prediction.probabilities
     return PredictionOut(
@@ -204,6 +267,8 @@ def prediction_out(prediction: Prediction) -> PredictionOut:
         ],
         threshold=prediction.threshold,
         above_threshold=prediction.above_threshold,
+        referral=referral(prediction),
+        risk_meaning=risk_meaning(prediction, reference),
         looks_dermoscopic=prediction.looks_dermoscopic,
         decision=decision(prediction),
         differential=differential(probabilities),
@@ -216,13 +281,14 @@ def prediction_out(prediction: Prediction) -> PredictionOut:
     )
 
 
-def image_out(image: Image) -> ImageOut:
+def image_out(image: Image, reference: RiskReference | None = None) -> ImageOut:
     """The API view of a stored image with its predictions."""
     return ImageOut(
         id=image.id, lesion_id=image.lesion_id, patient_id=image.lesion.patient_id, sha256=image.sha256,
         format=image.format, width=image.width, height=image.height, age=image.age, sex=image.sex,
-        site=image.lesion.site, uploaded_at=image.uploaded_at, file_url=f"/api/images/{image.id}/file",
-        predictions=[prediction_out(p) for p in image.predictions],
+        site=image.lesion.site, uploaded_at=image.uploaded_at,
+        file_url=f"/api/images/{image.id}/file",
+        predictions=[prediction_out(p, reference) for p in image.predictions],
     )
 
 
@@ -234,19 +300,23 @@ def patient_out(patient: Patient, lesion_count: int) -> PatientOut:
     )
 
 
-def lesion_out(item: RankedLesion, rank: int) -> LesionOut:
-    """The API view of one lesion of a patient, with its rank by melanoma risk."""
+def lesion_out(item: RankedLesion, rank: int, reference: RiskReference | None = None) -> LesionOut:
+    """The API view of one lesion of a patient, with its rank in the requested order."""
     return LesionOut(
-        lesion_id=item.lesion.id, site=item.lesion.site, rank=rank,
-        ugly_duckling_score=item.ugly_duckling_score, prediction=prediction_out(item.prediction),
+        lesion_id=item.lesion.id, site=item.lesion.site, rank=rank, uploaded_at=item.prediction.image.uploaded_at,
+        ugly_duckling_score=item.ugly_duckling_score, prediction=prediction_out(item.prediction, reference),
     )
 
 
-def scoring_out(patient_id: int | None, model_version: str, predictions: list[Prediction]) -> ScoringOut:
-    """The API answer to an upload or a re-scoring."""
+def scoring_out(
+    patient_id: int | None, model_version: str, predictions: list[Prediction], reference: RiskReference | None = None,
+    rejected: list[RejectedFile] | None = None,
+) -> ScoringOut:
+    """The API answer to an upload (with the files left out) or a re-scoring."""
     return ScoringOut(
         patient_id=patient_id,
         patient_url=f"/patients/{patient_id}" if patient_id is not None else None,
         model_version=model_version,
-        predictions=[prediction_out(p) for p in predictions],
+        predictions=[prediction_out(p, reference) for p in predictions],
+        rejected=rejected or [],
     )

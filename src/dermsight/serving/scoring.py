@@ -49,6 +49,23 @@ class Upload:
 
 
 @dataclass
+class Rejected:
+    """An uploaded file left out of its upload (nothing of it stored): its place (1-based), name and why."""
+
+    number: int
+    filename: str
+    reason: str
+
+
+@dataclass
+class UploadResult:
+    """The predictions of the stored files, in upload order, and the files left out."""
+
+    predictions: list[Prediction]
+    rejected: list[Rejected]
+
+
+@dataclass
 class LesionMetadata:
     """What the uploader said about the lesions of an upload, in schema vocabulary."""
 
@@ -88,17 +105,25 @@ class Scorer:
         self._patient_locks: weakref.WeakValueDictionary[int, threading.Lock] = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
 
-    def upload(self, uploads: list[Upload], metadata: LesionMetadata, patient_id: int | None) -> list[Prediction]:
-        """Score and store new images (of a patient, or anonymous one-offs); returns
-        their predictions. Raises InputError for unusable images, NotFound for an unknown
-        patient; nothing is stored then."""
+    def upload(self, uploads: list[Upload], metadata: LesionMetadata, patient_id: int | None) -> UploadResult:
+        """Score and store new images (of a patient, or anonymous one-offs). A file that is
+        not a readable image is left out and reported, and nothing of it is stored; the
+        others are scored and stored. Raises InputError when no file is usable, NotFound for
+        an unknown patient; nothing is stored then."""
         if not uploads:
             raise InputError("no image uploaded")
-        new = [(upload.filename, self._sanitized(upload), metadata) for upload in uploads]
+        new, rejected = [], []
+        for number, upload in enumerate(uploads, start=1):
+            try:
+                new.append((upload.filename, self._sanitized(upload), metadata))
+            except InputError as err:
+                rejected.append(Rejected(number, upload.filename, str(err)))
+        if not new:
+            raise InputError("; ".join(r.reason for r in rejected))
         if patient_id is None:
-            return self._score_and_store(None, new)
+            return UploadResult(self._score_and_store(None, new), rejected)
         with self._patient_lock(patient_id):
-            return self._score_and_store(patient_id, new)[-len(uploads):]
+            return UploadResult(self._score_and_store(patient_id, new)[-len(new):], rejected)
 
     @staticmethod
     def _sanitized(upload: Upload) -> Sanitized:

@@ -63,7 +63,7 @@ KEY_CACHE_SECONDS = 5.0  # a revoked key stops working within this time
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 
 # Paths anyone may fetch; everything else needs a key or a session (deny by default).
-PUBLIC_PATHS = frozenset({"/learn", "/login", "/logout", "/api/health", "/docs", "/docs/oauth2-redirect", "/redoc",
+PUBLIC_PATHS = frozenset({"/learn", "/login", "/logout", "/api/health", "/docs", "/redoc",
                           "/openapi.json"})
 PUBLIC_PREFIXES = ("/static/",)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -72,11 +72,10 @@ CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'; "
     "base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
 )
-# FastAPI's documentation pages load Swagger UI / ReDoc from a CDN and start them inline.
+# The documentation pages (/docs, /redoc) run the app's own Swagger UI and ReDoc scripts; both set
+# inline styles, and ReDoc searches in a blob: worker. Nothing comes from another origin.
 DOCS_CSP = (
-    "default-src 'self'; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-    "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; font-src 'self' https://fonts.gstatic.com; "
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
     "worker-src 'self' blob:; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
 )
 SECURITY_HEADERS = {

@@ -13,12 +13,13 @@ from fastapi.responses import FileResponse
 
 from dermsight.data.schema import SEXES, SITES
 from dermsight.serving.audit import note_objects
-from dermsight.serving.dependencies import AdmissionDep, PredictorDep, ScorerDep, StorageDep
+from dermsight.serving.dependencies import AdmissionDep, PredictorDep, ReferenceDep, ScorerDep, StorageDep
 from dermsight.serving.limits import MB
 from dermsight.serving.schemas import (
     ID_MAX,
     ImageOut,
     PredictionOut,
+    RejectedFile,
     RowId,
     ScoringOut,
     image_out,
@@ -38,12 +39,21 @@ log = logging.getLogger("dermsight.serving")
 router = APIRouter(prefix="/api")
 
 
-@router.post("/images", response_model=ScoringOut, status_code=201, tags=["images"])
+@router.post(
+    "/images", response_model=ScoringOut, status_code=201, tags=["images"],
+    responses={
+        207: {"model": ScoringOut, "description": "Some files stored and scored (`predictions`), others left out with "
+              "their reasons (`rejected`); nothing of a left-out file is stored."},
+        422: {"description": "Bad metadata, too many files, or no usable file (each file's reason in `detail`)."},
+    },
+)
 async def upload_images(
+    response: Response,
     scorer: ScorerDep,
     admission: AdmissionDep,
     predictor: PredictorDep,
     request: Request,
+    reference: ReferenceDep,
     files: Annotated[list[UploadFile], File(description=f"1-{MAX_FILES} lesion images (JPEG, PNG, ...).")],
     age: Annotated[str | None, Form(description="Years, 0-120; empty if unknown.")] = None,
     sex: Annotated[str | None, Form(description=f"{' or '.join(SEXES)}; empty if unknown.")] = None,
@@ -54,7 +64,8 @@ async def upload_images(
 ) -> ScoringOut:
     """Score one or more lesion images of one body site and store them with their
     predictions and heat maps; with a patient, all their lesions are scored again
-    together so the ugly-duckling context covers them."""
+    together so the ugly-duckling context covers them. A file that is not a readable image
+    is left out and reported (status 207), the others are stored (201 when all are)."""
     started = time.monotonic()
     if patient_id is not None:
         note_objects(request, f"patient {patient_id}")
@@ -67,21 +78,24 @@ async def upload_images(
         if upload.size is not None and upload.size > MAX_FILE_BYTES:
             raise HTTPException(413, f"{name}: file is over the {MAX_FILE_BYTES // MB} MB limit")
         uploads.append(Upload(name, await upload.read()))
-    predictions = await admission.run(scorer.upload, uploads, metadata, patient_id)
-    note_objects(request, "images " + ",".join(str(p.image.id) for p in predictions),
-                 "predictions " + ",".join(str(p.id) for p in predictions))
+    result = await admission.run(scorer.upload, uploads, metadata, patient_id)
+    note_objects(request, "images " + ",".join(str(p.image.id) for p in result.predictions),
+                 "predictions " + ",".join(str(p.id) for p in result.predictions))
     # Counts, sizes and ids only: never names, bytes or metadata values.
     log.info(
-        "upload scored: %d image(s), %d bytes, %s, images %s, %.2f s", len(uploads),
-        sum(len(u.data) for u in uploads), "patient" if patient_id is not None else "one-off",
-        ",".join(str(p.image.id) for p in predictions), time.monotonic() - started,
+        "upload scored: %d image(s), %d left out, %d bytes, %s, images %s, %.2f s", len(result.predictions),
+        len(result.rejected), sum(len(u.data) for u in uploads), "patient" if patient_id is not None else "one-off",
+        ",".join(str(p.image.id) for p in result.predictions), time.monotonic() - started,
     )
-    return scoring_out(patient_id, predictor.bundle.version, predictions)
+    if result.rejected:
+        response.status_code = 207
+    rejected = [RejectedFile(number=r.number, filename=r.filename, reason=r.reason) for r in result.rejected]
+    return scoring_out(patient_id, predictor.bundle.version, result.predictions, reference, rejected)
 
 
 @router.get("/images/{image_id}", response_model=ImageOut, tags=["images"])
-def get_image(image_id: RowId, storage: StorageDep) -> ImageOut:
-    return image_out(storage.get_image(image_id))
+def get_image(image_id: RowId, storage: StorageDep, reference: ReferenceDep) -> ImageOut:
+    return image_out(storage.get_image(image_id), reference)
 
 
 @router.get("/images/{image_id}/file", tags=["images"], response_class=FileResponse)
@@ -98,8 +112,8 @@ def delete_image(image_id: RowId, storage: StorageDep) -> Response:
 
 
 @router.get("/predictions/{prediction_id}", response_model=PredictionOut, tags=["predictions"])
-def get_prediction(prediction_id: RowId, storage: StorageDep) -> PredictionOut:
-    return prediction_out(storage.get_prediction(prediction_id))
+def get_prediction(prediction_id: RowId, storage: StorageDep, reference: ReferenceDep) -> PredictionOut:
+    return prediction_out(storage.get_prediction(prediction_id), reference)
 
 
 @router.get("/predictions/{prediction_id}/heatmap", tags=["predictions"], response_class=FileResponse)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, Response
 
 from dermsight.serving.audit import note_objects
-from dermsight.serving.dependencies import AdmissionDep, PredictorDep, ScorerDep, StorageDep
+from dermsight.serving.dependencies import AdmissionDep, PredictorDep, ReferenceDep, ScorerDep, StorageDep
 from dermsight.serving.schemas import (
     PatientDetail,
     PatientIn,
@@ -40,13 +40,16 @@ def list_patients(storage: StorageDep) -> list[PatientOut]:
 def get_patient(
     patient_id: RowId,
     storage: StorageDep,
+    reference: ReferenceDep,
     order: Annotated[Literal["risk", "ugly_duckling"], Query(description="Rank lesions by this.")] = "risk",
 ) -> PatientDetail:
     patient = storage.get_patient(patient_id)
     return PatientDetail(
         **patient_out(patient, len(patient.lesions)).model_dump(),
         order=order,
-        lesions=[lesion_out(item, rank) for rank, item in enumerate(ranked_lesions(patient, order), start=1)],
+        lesions=[
+            lesion_out(item, rank, reference) for rank, item in enumerate(ranked_lesions(patient, order), start=1)
+        ],
     )
 
 
@@ -58,10 +61,15 @@ def delete_patient(patient_id: RowId, storage: StorageDep) -> Response:
 
 @router.post("/{patient_id}/rescore", response_model=ScoringOut)
 async def rescore_patient(
-    patient_id: RowId, scorer: ScorerDep, admission: AdmissionDep, predictor: PredictorDep, request: Request
+    patient_id: RowId,
+    scorer: ScorerDep,
+    admission: AdmissionDep,
+    predictor: PredictorDep,
+    request: Request,
+    reference: ReferenceDep,
 ) -> ScoringOut:
     """Score the newest image of each lesion again with the model now loaded; older
     predictions stay as history."""
     predictions = await admission.run(scorer.rescore, patient_id)
     note_objects(request, "predictions " + ",".join(str(p.id) for p in predictions))
-    return scoring_out(patient_id, predictor.bundle.version, predictions)
+    return scoring_out(patient_id, predictor.bundle.version, predictions, reference)

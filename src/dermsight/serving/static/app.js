@@ -39,9 +39,10 @@ function showError(message) {
 }
 
 const percent = (value) => `${(100 * value).toFixed(value < 0.1 ? 1 : 0)}%`;
+const REFERRAL_LABELS = { urgent: "Refer urgently", routine: "Refer", not_prompted: "No referral prompted" };
 
-function figure(src, alt, caption) {
-  return el("figure", {}, el("img", { src, alt, loading: "lazy" }), el("figcaption", {}, caption));
+function figure(img, caption) {
+  return el("figure", {}, img, el("figcaption", {}, caption));
 }
 
 /** The photo's quality warnings (measured before scoring), or null when there are none. */
@@ -52,7 +53,50 @@ function qualityNotes(prediction) {
     el("ul", {}, ...warnings.map((w) => el("li", { "data-warning": w.code }, w.message))));
 }
 
-/** One result card; `title` names the lesion, `context` (patient view) goes under it. */
+/** "robust-lite0-...@2026-12-01T22:40:55Z" -> its name and training date, the full id on demand. */
+function modelLabel(version) {
+  const [name, created] = version.split("@");
+  const summary = el("summary", {}, "Model ", el("span", { class: "token" }, name));
+  if (created) summary.append(", trained ", el("span", { class: "token" }, created.slice(0, 10)));
+  return el("details", { class: "model-id muted" }, summary, el("code", {}, version));
+}
+
+/** The photo and the heat map in the same framing, with the map's colour scale and what it shows. */
+function pictures(prediction) {
+  const photo = el("img", { src: prediction.image_url, alt: "the uploaded lesion image" });
+  const map = el("img", { src: prediction.heatmap_url, alt: "heat map of melanoma-like features" });
+  if (document.body.dataset.heatmapFit === "squash") {
+    // The network saw the whole frame squashed to a square: show the map stretched back to the photo's frame.
+    photo.addEventListener("load", () => {
+      for (const img of [photo, map]) {
+        img.style.aspectRatio = `${photo.naturalWidth} / ${photo.naturalHeight}`;
+        img.classList.add("whole-frame");
+      }
+    });
+  }
+  return el("div", { class: "pictures-block" },
+    el("div", { class: "pictures" }, figure(photo, "Image"), figure(map, "Heat map")),
+    el("div", { class: "scale", "aria-hidden": "true" }, el("span", {}, "none"), el("span", { class: "ramp" }),
+      el("span", {}, "strongest in this image")),
+    el("p", { class: "caption" }, "The heat map shows where the network found melanoma-like features, relative to " +
+      "this image's strongest; it is not the lesion's outline, and no colour does not mean benign."));
+}
+
+/** What the risk meant on held-out images, or null when the API has no figures for this model. */
+function riskMeaning(prediction) {
+  const meaning = prediction.risk_meaning;
+  // issue 27 (site profile): "calibrated on N cases at <site>" / "threshold from other clinics" goes here.
+  if (!meaning) return null;
+  const share = Math.round((100 * meaning.melanomas) / meaning.images);
+  return el("div", { class: "meaning" },
+    el("p", {}, `What this risk means: of the ${meaning.images.toLocaleString("en")} validation images whose risks ` +
+      `were nearest (${percent(meaning.risk_low)} to ${percent(meaning.risk_high)}), ` +
+      `${meaning.melanomas.toLocaleString("en")} (${share}%) were melanoma.`),
+    el("details", {}, el("summary", {}, "Which images"), el("p", {}, `${meaning.measured_on}. A clinic whose ` +
+      "patients, dermatoscope or melanoma rate differ can see other shares.")));
+}
+
+/** One result card: decision first, then what the risk means, how sure the model is, the photo. */
 function renderCard(prediction, title, context = null) {
   const ood = !prediction.looks_dermoscopic;
   const state = ood ? "ood" : prediction.above_threshold ? "above" : "below";
@@ -62,7 +106,8 @@ function renderCard(prediction, title, context = null) {
   const quality = qualityNotes(prediction);
   if (ood) {
     card.append(
-      el("div", { class: "pictures single" }, figure(prediction.image_url, "uploaded image", "Uploaded image")),
+      el("div", { class: "pictures single" }, figure(el("img", { src: prediction.image_url, alt: "the uploaded image" }),
+        "Uploaded image")),
       el("p", { class: "decision" }, "This does not look like a dermoscopic image."),
       el("p", {}, "DermSight only judges dermoscopic close-ups of a single skin lesion, so it gives no risk here. " +
         "Upload a dermoscopic image, or ask a clinician."),
@@ -71,26 +116,33 @@ function renderCard(prediction, title, context = null) {
   } else {
     const ranked = el("ol", { class: "differential" }, ...prediction.differential.map((d) =>
       el("li", {}, `${d.name} ${percent(d.probability)}`, d.malignant ? el("span", { class: "malignant" }, " malignant") : "")));
-    const agreement = prediction.uncertainty
-      ? el("p", { class: prediction.unsure ? "unsure" : "muted" }, prediction.uncertainty) : null;
     card.append(
-      el("div", { class: "pictures" },
-        figure(prediction.image_url, "lesion image", "Image"),
-        figure(prediction.heatmap_url, "melanoma heat map over the lesion", "Heat map")),
-      quality || "",
+      el("p", { class: "verdict" }, el("span", { class: "badge", "data-referral": prediction.referral },
+        REFERRAL_LABELS[prediction.referral]), " ", el("span", { class: "decision" }, prediction.decision)),
       el("p", { class: "risk" }, el("span", { class: "risk-value" }, percent(prediction.melanoma_risk)),
-        " melanoma risk"),
-      el("p", { class: "decision" }, prediction.decision),
+        " melanoma risk", el("span", { class: "muted" }, ` · referral threshold ${percent(prediction.threshold)}`)),
+      riskMeaning(prediction) || "",
+      prediction.uncertainty ? el("p", { class: prediction.unsure ? "uncertainty unsure" : "uncertainty" },
+        prediction.uncertainty) : "",
       prediction.non_melanoma_cancer_likely
         ? el("p", { class: "decision" }, "A non-melanoma skin cancer (basal or squamous cell carcinoma) is likely: refer.")
         : "",
       el("p", {}, "Most similar to:"), ranked,
-      agreement || "",
-      el("p", { class: "muted" }, `Referral threshold ${percent(prediction.threshold)} · model ${prediction.model_version}`),
+      quality || "",
+      pictures(prediction),
+      modelLabel(prediction.model_version),
     );
   }
   card.append(el("p", { class: "disclaimer" }, prediction.disclaimer));
   return card;
+}
+
+/** The card of an uploaded file that was left out (nothing of it stored). */
+function rejectedCard(rejected) {
+  return el("article", { class: "card rejected", "data-rejected": rejected.number },
+    el("h3", {}, rejected.filename),
+    el("p", { class: "decision" }, "Not scored, not stored"),
+    el("p", {}, rejected.reason));
 }
 
 // -- upload page ----------------------------------------------------------------------
@@ -132,7 +184,11 @@ function setUpUpload(form) {
     results.replaceChildren(); link.hidden = true;
     try {
       const result = await api("/api/images", { method: "POST", body: data });
-      results.replaceChildren(...result.predictions.map((p, i) => renderCard(p, files[i] ? files[i].name : `Image ${i + 1}`)));
+      // One card per file, in upload order: the stored ones with their result, the others with their reason.
+      const left = new Map(result.rejected.map((r) => [r.number, r]));
+      const stored = [...result.predictions];
+      results.replaceChildren(...files.map((file, i) => left.has(i + 1)
+        ? rejectedCard(left.get(i + 1)) : renderCard(stored.shift(), file.name)));
       link.hidden = !result.patient_url;
       if (result.patient_url) link.replaceChildren(el("a", { href: result.patient_url }, "Open the patient view: all lesions ranked"));
     } catch (error) {
@@ -160,11 +216,18 @@ function setUpPatients(form) {
 
 // -- patient view ---------------------------------------------------------------------
 
-/** "Rank 1 · torso · ugly-duckling score 0.42" (no score for a lone or non-dermoscopic image). */
+/** "Rank 1 · torso · uploaded 2026-12-07 09:41 · ugly-duckling score 1.28 (stands out)" (no score for a lone
+ * or non-dermoscopic image). The score is in standard deviations around this patient's average lesion (0). */
 function contextLine(lesion) {
-  const parts = [`Rank ${lesion.rank}`, lesion.site || "site unknown"];
+  const stamp = lesion.uploaded_at;  // UTC; SQLite's come back without the offset
+  const uploaded = new Date(/(Z|[+-]\d\d:\d\d)$/.test(stamp) ? stamp : `${stamp}Z`);
+  const when = `${uploaded.toLocaleDateString("en-CA")} ${uploaded.toTimeString().slice(0, 5)}`;
+  const parts = [`Rank ${lesion.rank}`, lesion.site || "site unknown", `uploaded ${when}`];
   const score = lesion.ugly_duckling_score;
-  if (lesion.prediction.looks_dermoscopic && score !== null) parts.push(`ugly-duckling score ${score.toFixed(2)}`);
+  if (lesion.prediction.looks_dermoscopic && score !== null) {
+    const reading = score >= 1 ? "stands out" : score > 0 ? "a little unusual" : "typical for this patient";
+    parts.push(`ugly-duckling score ${score.toFixed(2)} (${reading})`);
+  }
   return parts.join(" · ");
 }
 
