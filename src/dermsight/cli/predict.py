@@ -48,6 +48,7 @@ def predict_command(
     from dermsight.data.inputs import records_from_inputs
     from dermsight.inference.engines import ENGINES, EngineError, get_engine
     from dermsight.inference.prediction_files import write_predictions
+    from dermsight.inference.predictor import withhold_refused
     from dermsight.models.bundle import BundleError
 
     given = {"address": address, "workers": workers, "num_cpus": num_cpus, "master": master,
@@ -72,11 +73,13 @@ def predict_command(
         fail(err)
     for image_id, message in unreadable.items():
         console.print(f"[yellow]unreadable[/] {image_id}: {message}", highlight=False)
+    table = withhold_refused(table)  # a refused image's row keeps its reason, and no risk
     write_predictions(table, output)
     flagged = int(table["above_threshold"].sum())
     console.print(
         f"{len(table):,} images scored with {bundle.name} -> {output}; "
         f"{flagged:,} at or above the melanoma threshold {bundle.melanoma_threshold:.4f}; "
+        f"{int((table['refusal'] != '').sum()):,} refused as not dermoscopic (no risk given); "
         f"{len(unreadable) + len(problems):,} skipped"
     )
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from dermsight.data.schema import CLASS_NAMES, MALIGNANT
 from dermsight.imaging.quality import WARNINGS, warning_message
+from dermsight.inference.ood import REFUSAL, REFUSAL_MESSAGE
 from dermsight.serving.storage.models import Image, Patient, Prediction, RankedLesion
 
 ID_MAX = 2**31 - 1  # ids are INTEGER (32 bits on PostgreSQL); 2**63 overflowed SQLite: a 500 found by fuzzing
@@ -51,16 +52,29 @@ class QualityWarning(BaseModel):
     message: str = Field(description="What is wrong with the photo, in plain words.")
 
 
+class Refusal(BaseModel):
+    code: Literal["not_dermoscopic"] = Field(
+        description=f"Why no risk is given. `{REFUSAL}`: the out-of-distribution gate (dermsight.inference.ood) found "
+        "the image is not dermoscopy: an ordinary close-up photo, or no skin image at all."
+    )
+    message: str = Field(description="The reason in plain words, for the person who uploaded the image.")
+
+
 class PredictionOut(BaseModel):
+    """One image's prediction. A refused image (`looks_dermoscopic` false, `refusal` set) carries
+    no model output: probabilities, classes, risk, decision flags, differential, context and
+    heat map are null."""
+
     id: int
     image_id: int
     lesion_id: int
     patient_id: int | None
     model_version: str
-    probabilities: dict[str, float] = Field(description="Calibrated probability of each class.")
-    predicted_class: str
-    predicted_class_name: str
-    melanoma_risk: float = Field(description="Calibrated probability of melanoma, 0-1.")
+    refusal: Refusal | None = Field(description="Set when DermSight refuses the image and gives no risk; else null.")
+    probabilities: dict[str, float] | None = Field(description="Calibrated probability of each class.")
+    predicted_class: str | None
+    predicted_class_name: str | None
+    melanoma_risk: float | None = Field(description="Calibrated probability of melanoma, 0-1.")
     risk_spread: float | None = Field(
         None, description="Standard deviation of the melanoma risks of the ensemble's member networks (how much they "
         "disagree); None for a single-network model."
@@ -74,18 +88,18 @@ class PredictionOut(BaseModel):
         description="Image-quality problems measured before scoring (warnings, not refusals); empty when none."
     )
     threshold: float = Field(description="The model's referral threshold on melanoma_risk.")
-    above_threshold: bool
-    looks_dermoscopic: bool = Field(description="False: not a dermoscopic image; the risk is meaningless.")
+    above_threshold: bool | None
+    looks_dermoscopic: bool = Field(description="False: not a dermoscopic image, refused (see `refusal`): no risk.")
     decision: str = Field(description="The outcome in plain words.")
-    differential: list[Diagnosis] = Field(description="The three most probable classes, most probable first.")
-    non_melanoma_cancer_likely: bool = Field(
+    differential: list[Diagnosis] | None = Field(description="The three most probable classes, most probable first.")
+    non_melanoma_cancer_likely: bool | None = Field(
         description=f"P(BCC) + P(SCC) >= {NON_MELANOMA_CANCER_LEVEL}: a basal or squamous cell carcinoma is likely; "
         "refer."
     )
     context: dict[str, float | None] | None = Field(description="Patient context (ugly duckling); None for one-offs.")
     created_at: datetime
     image_url: str
-    heatmap_url: str
+    heatmap_url: str | None
     disclaimer: str = DISCLAIMER
 
 
@@ -154,7 +168,7 @@ def differential(probabilities: dict[str, float], top: int = 3) -> list[Diagnosi
 
 def decision(prediction: Prediction) -> str:
     if not prediction.looks_dermoscopic:
-        return "This does not look like a dermoscopic image, so DermSight gives no risk for it."
+        return REFUSAL_MESSAGE
     if prediction.above_threshold:
         return "Above the referral threshold: have a dermatologist examine this lesion."
     return (
@@ -178,9 +192,24 @@ def uncertainty(prediction: Prediction) -> str | None:
     return f"The ensemble's networks agree: {within}." if prediction.unsure is False else f"For the ensemble's networks, {within}."
 
 
+def quality_warnings(prediction: Prediction) -> list[QualityWarning]:
+    image = prediction.image
+    codes = prediction.quality_warnings.split(";")
+    return [QualityWarning(code=code, message=warning_message(code, image.width, image.height)) for code in codes if code]
+
+
 def prediction_out(prediction: Prediction) -> PredictionOut:
     """The API view of a stored prediction."""
     image = prediction.image
+    if not prediction.looks_dermoscopic:
+        return PredictionOut(
+            id=prediction.id, image_id=image.id, lesion_id=image.lesion_id, patient_id=image.lesion.patient_id,
+            model_version=prediction.model_version, refusal=Refusal(code=REFUSAL, message=REFUSAL_MESSAGE),
+            probabilities=None, predicted_class=None, predicted_class_name=None, melanoma_risk=None,
+            quality_warnings=quality_warnings(prediction), threshold=prediction.threshold, above_threshold=None,
+            looks_dermoscopic=False, decision=decision(prediction), differential=None, non_melanoma_cancer_likely=None,
+            context=None, created_at=prediction.created_at, image_url=f"/api/images/{image.id}/file", heatmap_url=None,
+        )
     probabilities = prediction.probabilities
     return PredictionOut(
         id=prediction.id,
@@ -195,17 +224,14 @@ def prediction_out(prediction: Prediction) -> PredictionOut:
         risk_spread=prediction.risk_spread,
         unsure=prediction.unsure,
         uncertainty=uncertainty(prediction),
-        quality_warnings=[
-            QualityWarning(code=code, message=warning_message(code, image.width, image.height))
-            for code in prediction.quality_warnings.split(";") if code
-        ],
+        quality_warnings=quality_warnings(prediction),
         threshold=prediction.threshold,
         above_threshold=prediction.above_threshold,
-        looks_dermoscopic=prediction.looks_dermoscopic,
+        refusal=None,
+        looks_dermoscopic=True,
         decision=decision(prediction),
         differential=differential(probabilities),
-        non_melanoma_cancer_likely=prediction.looks_dermoscopic
-        and probabilities.get("BCC", 0.0) + probabilities.get("SCC", 0.0) >= NON_MELANOMA_CANCER_LEVEL,
+        non_melanoma_cancer_likely=probabilities.get("BCC", 0.0) + probabilities.get("SCC", 0.0) >= NON_MELANOMA_CANCER_LEVEL,
         context=prediction.context,
         created_at=prediction.created_at,
         image_url=f"/api/images/{image.id}/file",
