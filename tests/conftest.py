@@ -152,19 +152,32 @@ def lesion_images(shared) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def serving_bundle(tiny_bundle, lesion_images, document_png, tmp_path_factory) -> Path:
-    """A copy of `tiny_bundle` for the web app tests (which may change it), checked to
-    accept `lesion_images` and to refuse `document_png` with its own gate."""
+def clinical_photos(shared) -> list[Path]:
+    """Four real ordinary close-up photos of moles (not dermoscopy): Derm7pt clinical photos of
+    its published valid split, whose cases no photo detector is fitted on."""
+    photos = readers.derm7pt_clinical_photos(shared / "derm7pt", split="valid")
+    return [Path(ref) for ref in photos["clinical_ref"].iloc[[0, 40, 80, 120]]]
+
+
+@pytest.fixture(scope="session")
+def serving_bundle(tiny_bundle, shared, lesion_images, clinical_photos, document_png, tmp_path_factory) -> Path:
+    """A copy of `tiny_bundle` for the web app tests (which may change it) with a photo
+    detector fitted for its preprocessing (a small sample: 80 images per dermoscopy source, 150
+    Derm7pt train-split photos), checked to accept `lesion_images` and to refuse
+    `clinical_photos` and `document_png` with its own gate."""
     from dermsight.inference.predictor import Predictor
+    from dermsight.models.bundle import load_bundle
+    from dermsight.training.photo_gate import fit_photo_gate, shared_dermoscopy
 
     copy = tmp_path_factory.mktemp("serving") / "bundle"
     shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns("weights.pt", "out_of_fold.csv.gz"))
     config = json.loads((copy / "bundle.json").read_text())
     config["name"] = "serving-test"
     (copy / "bundle.json").write_text(json.dumps(config, indent=1))
-    images = [*(path.read_bytes() for path in lesion_images), document_png]
+    fit_photo_gate(load_bundle(copy), shared_dermoscopy(shared, per_source=80), [shared / "derm7pt"], max_photos=150)
+    images = [*(path.read_bytes() for path in [*lesion_images, *clinical_photos]), document_png]
     _, scores, _ = Predictor(copy).predict_images(images, pd.DataFrame({"age": [None] * len(images)}))
-    assert scores.looks_dermoscopic.tolist() == [True] * len(lesion_images) + [False]
+    assert scores.looks_dermoscopic.tolist() == [True] * len(lesion_images) + [False] * (len(clinical_photos) + 1)
     return copy
 
 
