@@ -42,7 +42,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "quality_warnings",
 )
 
-# The model's answers, which mean nothing for an image the gate refused (besides the class probabilities).
+# With the class probabilities, the model's answers that mean nothing for an image the gate refused.
 WITHHELD_COLUMNS = ("melanoma_risk", "risk_spread", "unsure", "predicted_class", "differential", "above_threshold")
 
 
@@ -118,7 +118,8 @@ def prediction_table(scores: Scores, image_ids: Sequence[str], patient_ids: pd.S
 
 
 def withhold_refused(table: pd.DataFrame) -> pd.DataFrame:
-    """The prediction table as it leaves DermSight (`dermsight predict`'s file, the service):
+    """The prediction table as it leaves DermSight (`dermsight predict`'s file; the service
+    stores the same, serving.scoring):
     a `refusal` column (the reason code, empty for an accepted image) beside
     `looks_dermoscopic`, and for each refused image no model output at all: its class
     probabilities, risk, spread, class, differential, decision and patient context are blank."""
