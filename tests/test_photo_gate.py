@@ -46,7 +46,7 @@ def test_derm7pt_splits_are_disjoint_cases(shared):
 
 def test_photo_detector_refuses_held_out_clinical_photos_and_keeps_unseen_dermoscopy(photo_sets, tmp_path):
     features, frame, held_out = photo_sets
-    assert set(frame["fold"]) == set(range(frame["family"][frame["kind"] == "dermoscopy"].nunique()))
+    assert frame.groupby(["kind", "group"])["fold"].nunique().max() == 1  # a case and its re-takes share a fold
     detector, _ = fit_photo_detector(features, (frame["kind"] != "dermoscopy").to_numpy(), frame["fold"].to_numpy())
     gate = OODGate((1,), [BlockGate(np.zeros(1), np.eye(1), np.eye(1))], threshold=np.inf, photo=detector)
     gate.save(tmp_path)
