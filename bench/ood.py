@@ -125,9 +125,9 @@ def main() -> None:
     parser.add_argument("--per-source", type=int, default=300, help="Dermoscopy per source in the held-out refit (default 300).")
     args = parser.parse_args()
 
+    from dermsight.data.inputs import records_from_inputs
     from dermsight.data.readers import derm7pt_clinical_photos
     from dermsight.data.sources import read_source
-    from dermsight.data.inputs import records_from_inputs
     from dermsight.evaluation.ood_images import acquisition_variant, non_dermoscopic_images
     from dermsight.inference.predictor import Predictor
     from dermsight.training.photo_gate import shared_dermoscopy
