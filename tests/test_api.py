@@ -16,6 +16,7 @@ from PIL import Image
 
 import dermsight.serving.routes.images as images_routes
 from dermsight.inference.heatmap import heatmap_jpeg
+from dermsight.inference.ood import REFUSAL_MESSAGE
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.app import create_app
 from dermsight.serving.schemas import DECISIONS
@@ -148,11 +149,52 @@ def test_one_off_prediction_matches_the_predictor(client, storage, serving_bundl
     assert client.get(prediction["image_url"]).status_code == 404
 
 
-def test_non_dermoscopic_image_gets_no_risk(client, document_png):
-    (prediction,) = upload(client, [("page.png", document_png)]).json()["predictions"]
+WITHHELD = ("probabilities", "predicted_class", "predicted_class_name", "melanoma_risk", "risk_spread", "unsure",
+            "uncertainty", "above_threshold", "differential", "non_melanoma_cancer_likely", "context", "heatmap_url")
+
+
+def assert_refused_without_risk(client, storage, prediction) -> None:
+    """A refused image carries no risk anywhere: not in the API's answer, not in the stored row, no heat map."""
     assert prediction["looks_dermoscopic"] is False
-    assert prediction["decision"] == "This does not look like a dermoscopic image, so DermSight gives no risk for it."
-    # That the refused image carries no melanoma_risk / above_threshold at all is issue 29's change.
+    assert prediction["refusal"] == {"code": "not_dermoscopic", "message": REFUSAL_MESSAGE}
+    assert prediction["decision"] == REFUSAL_MESSAGE and "ordinary photo" in REFUSAL_MESSAGE
+    assert {key: prediction[key] for key in WITHHELD} == dict.fromkeys(WITHHELD)
+    row = storage.get_prediction(prediction["id"])
+    stored = (row.melanoma_risk, row.above_threshold, row.probabilities, row.predicted_class, row.risk_spread,
+              row.context, row.heatmap_path)
+    assert stored == (None,) * len(stored) and row.refusal == "not_dermoscopic"
+    assert client.get(f"/api/predictions/{prediction['id']}/heatmap").status_code == 404
+    assert client.get(f"/api/predictions/{prediction['id']}").json() == prediction
+
+
+def test_non_dermoscopic_image_gets_no_risk(client, storage, document_png):
+    (prediction,) = upload(client, [("page.png", document_png)]).json()["predictions"]
+    assert_refused_without_risk(client, storage, prediction)
+
+
+def test_ordinary_photos_of_moles_carry_no_risk(client, storage, clinical_photos, lesion_images):
+    """Real Derm7pt clinical photos (cases no detector saw): each refused one carries no risk,
+    one-off and in a patient, whose dermoscopic lesion keeps its risk and ranks first."""
+    before = stored_files(storage)
+    response = upload(client, clinical_photos)
+    assert response.status_code == 201, response.text
+    predictions = response.json()["predictions"]
+    refused = [photo for photo, p in zip(clinical_photos, predictions) if not p["looks_dermoscopic"]]
+    assert len(refused) >= 2  # the serving bundle's gate refuses most (conftest); the rate: bench/ood.py
+    for prediction in predictions:
+        if prediction["looks_dermoscopic"]:
+            assert prediction["refusal"] is None and prediction["melanoma_risk"] is not None
+        else:
+            assert_refused_without_risk(client, storage, prediction)
+    heatmaps = len(predictions) - len(refused)
+    assert len(stored_files(storage) - before) == len(clinical_photos) + heatmaps  # no heat map for a refused one
+    patient = new_patient(client, "P-photo")
+    predictions = upload(client, [lesion_images[0], refused[0]], patient_id=patient).json()["predictions"]
+    assert predictions[0]["looks_dermoscopic"] is True and predictions[0]["melanoma_risk"] is not None
+    assert_refused_without_risk(client, storage, predictions[1])
+    lesions = client.get(f"/api/patients/{patient}").json()["lesions"]
+    assert [lesion["prediction"]["id"] for lesion in lesions] == [p["id"] for p in predictions]
+    assert lesions[1]["ugly_duckling_score"] is None
 
 
 def test_patient_lesions_ranked_with_ugly_duckling_context(client, lesion_images):

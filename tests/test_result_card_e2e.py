@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from dermsight.data.readers import read_isic_cli
+from dermsight.inference.ood import REFUSAL_MESSAGE
 from dermsight.inference.predictor import Predictor
 from dermsight.models.bundle import DEFAULT_BUNDLE
 from dermsight.serving.app import create_app
@@ -160,4 +161,24 @@ def test_card_shows_differential_uncertainty_and_photo_quality(browser, server, 
     assert abs(photo["width"] / photo["height"] - natural) < 0.02
     assert card.query_selector(".scale .ramp") and "not the lesion's outline" in card.inner_text()
     card.screenshot(path=shots / f"card-{name}.png")
+    assert page.script_errors == []
+
+
+def test_refused_card_shows_the_refusal_and_its_reason_only(browser, server, clinical_photos, shots):  # noqa: F811
+    """A real ordinary photo of a mole (Derm7pt clinical photo, a case no detector saw): the card
+    says it was refused and why, and nothing else: no risk, heat map, differential or photo advice."""
+    page = open_page(browser, 1100, 1000)
+    page.goto(f"{server}/")
+    photo = clinical_photos[0]
+    page.set_input_files("input[name=files]", [{"name": photo.name, "mimeType": "image/jpeg", "buffer": photo.read_bytes()}])
+    submit_upload(page)
+    card = page.query_selector("#results .card.ood")
+    assert card is not None
+    text = card.inner_text()
+    assert REFUSAL_MESSAGE in text and "Refused: no risk given." in text
+    assert card.query_selector("[data-refusal]").get_attribute("data-refusal") == "not_dermoscopic"
+    for absent in ("img", ".risk", "ol.differential", ".quality", ".disclaimer", "p.unsure", "p.muted"):
+        assert card.query_selector(absent) is None, absent
+    assert "risk " not in text.lower().replace("no risk given", "") and "%" not in text
+    card.screenshot(path=shots / "card-refused.png")
     assert page.script_errors == []

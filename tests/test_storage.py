@@ -12,8 +12,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from PIL import Image as PILImage
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
+from dermsight.serving.storage.database import make_engine, upgrade_database
 from dermsight.serving.storage.models import Base, NotFound, ranked_lesions
 from dermsight.serving.storage.repository import NewImage, NewPrediction, Storage
 
@@ -61,7 +62,7 @@ def files(store: Storage) -> set[str]:
 def test_migrations_build_the_orm_schema(storage):
     with storage.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        assert MigrationContext.configure(connection).get_current_revision() == "0005_key_roles_audit"
+        assert MigrationContext.configure(connection).get_current_revision() == "0006_refused_no_risk"
         if storage.backend == "sqlite":
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -162,3 +163,40 @@ def test_list_patients_counts_lesions(storage, jpegs):
                                     (new_image(jpegs[1]), new_prediction(0.2))])
     assert [(p.id, n) for p, n in storage.list_patients()] == [(second.id, 0), (first.id, 2)]
     assert np.isclose(storage.get_image(storage.get_patient(first.id).lesions[0].images[0].id).age, 52.0)
+
+
+def test_migration_clears_the_risk_of_images_refused_before_it(database_url):
+    """Rows stored by 0004 for a refused image held a risk, a class and a heat map; 0005 clears
+    them (and keeps an accepted image's), on each backend."""
+    from alembic import command
+    from alembic.config import Config
+
+    from dermsight.serving.storage.database import MIGRATIONS
+
+    engine = make_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        now = "2026-12-01 10:00:00+00:00"
+        connection.execute(text(f"INSERT INTO lesions (id, created_at) VALUES (1, '{now}')"))
+        connection.execute(text(
+            "INSERT INTO images (id, lesion_id, sha256, path, format, width, height, uploaded_at) "
+            f"VALUES (1, 1, 'ab', 'images/ab', 'jpeg', 200, 150, '{now}')"
+        ))
+        for row, dermoscopic in ((1, True), (2, False)):
+            connection.execute(text(
+                "INSERT INTO predictions (id, image_id, model_version, probabilities, predicted_class, melanoma_risk, "
+                "threshold, above_threshold, looks_dermoscopic, context, heatmap_path, created_at, quality_warnings) "
+                "VALUES (:id, 1, 'm@1', :probabilities, 'MEL', 0.4, 0.3, :above, :dermoscopic, :context, :heatmap, "
+                ":now, '')"
+            ), {"id": row, "probabilities": '{"MEL": 0.4}', "above": True, "dermoscopic": dermoscopic,
+                "context": '{"risk_rank": 1}', "heatmap": f"heatmaps/h{row}.jpg", "now": now})
+    upgrade_database(engine)
+    columns = "melanoma_risk, above_threshold, probabilities, predicted_class, heatmap_path, context, refusal"
+    with engine.connect() as connection:
+        rows = {row[0]: tuple(row[1:]) for row in connection.execute(text(f"SELECT id, {columns} FROM predictions"))}
+    engine.dispose()
+    assert rows[2] == (None,) * 6 + ("not_dermoscopic",)
+    assert rows[1][0] == pytest.approx(0.4) and rows[1][4] == "heatmaps/h1.jpg" and rows[1][6] is None

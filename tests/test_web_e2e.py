@@ -120,7 +120,7 @@ def test_desktop_upload_patient_view_and_education(
     page.set_input_files("input[name=files]", [{"name": "page.png", "mimeType": "image/png", "buffer": document_png}])
     submit_upload(page)
     ood = page.inner_text("#results .card.ood")
-    assert "does not look like a dermoscopic image" in ood and "melanoma risk" not in ood
+    assert "ordinary photo, not a dermoscopic image" in ood and "melanoma risk" not in ood
 
     # An API error is shown on the page, and nothing is added.
     page.set_input_files("input[name=files]", [str(lesion_images[3])])

@@ -49,6 +49,7 @@ def predict_command(
     from dermsight.data.inputs import records_from_inputs
     from dermsight.inference.engines import ENGINES, EngineError, get_engine
     from dermsight.inference.prediction_files import write_predictions
+    from dermsight.inference.predictor import withhold_refused
     from dermsight.models.bundle import BundleError, load_bundle
     from dermsight.models.site_profile import SiteProfileError, operating_point, with_site
 
@@ -75,11 +76,13 @@ def predict_command(
         fail(err)
     for image_id, message in unreadable.items():
         console.print(f"[yellow]unreadable[/] {image_id}: {message}", highlight=False)
+    table = withhold_refused(table)  # a refused image's row keeps its reason, and no risk
     write_predictions(table, output)
     flagged = int(table["above_threshold"].sum())
     console.print(
         f"{len(table):,} images scored with {bundle.name} -> {output}; "
         f"{flagged:,} at or above the melanoma threshold {bundle.melanoma_threshold:.4f}; "
+        f"{int((table['refusal'] != '').sum()):,} refused as not dermoscopic (no risk given); "
         f"{len(unreadable) + len(problems):,} skipped"
     )
     console.print(f"operating point: {operating_point(bundle)}", highlight=False, soft_wrap=True)

@@ -28,6 +28,7 @@ EXAMPLES = 5
 # Why a prediction row was left out, in the order the checks run.
 REASONS: dict[str, str] = {
     "missing_image_id": "prediction row without an image id",
+    "refused": "the image was refused as not dermoscopic, so it has no risk (`dermsight predict`'s refusal column)",
     "invalid_probability": "a class probability or melanoma_risk is missing, not a number, or outside [0, 1]",
     "duplicate_prediction": "image scored more than once with identical probabilities; one copy kept",
     "conflicting_predictions": "image scored more than once with different probabilities; every copy left out",
@@ -180,6 +181,10 @@ def _valid_predictions(frame: pd.DataFrame, classes: list[str], account: _Accoun
     """Rows with an id and probabilities in [0, 1] (rounded as the CSV stores them), one per image."""
     account.add("missing_image_id", [f"data row {i + 1}" for i in np.flatnonzero(frame["image"].isna())])
     frame = frame[frame["image"].notna()]
+    if "refusal" in predictions.columns:
+        refused = predictions.loc[frame.index, "refusal"].fillna("").astype(str).str.strip() != ""
+        account.add("refused", frame.loc[refused, "image"])
+        frame = frame[~refused]
     values = frame[[*classes, "melanoma_risk"]].to_numpy(dtype=float)
     valid = np.isfinite(values).all(axis=1) & (values >= 0).all(axis=1) & (values <= 1).all(axis=1)
     bad = frame[~valid]

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -65,3 +65,38 @@ def rendered_images() -> Iterator[tuple[str, str, bytes]]:
 
 def non_dermoscopic_images() -> list[tuple[str, str, bytes]]:
     return [*package_photos(), *rendered_images()]
+
+
+VARIANTS = ("crop", "rescale", "squash", "jpeg", "phone")
+
+
+def acquisition_variant(data: bytes, how: str, rng: np.random.Generator) -> bytes:
+    """An honest re-take of an encoded image (JPEG out): `crop` a random 50-85% window,
+    `rescale` to a 128 px shorter side, `squash` to 180x180 (aspect lost), `jpeg` re-encoded
+    at quality 15-45, `phone` a phone camera's look (more saturated, another white balance and
+    tone curve, sharpened)."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    quality = int(rng.integers(70, 95))
+    if how == "crop":
+        side = rng.uniform(0.5, 0.85)
+        w, h = max(1, int(width * side)), max(1, int(height * side))
+        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        image = image.crop((x, y, x + w, y + h))
+    elif how == "rescale":
+        scale = 128 / min(width, height)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+    elif how == "squash":
+        image = image.resize((180, 180), Image.BICUBIC)
+    elif how == "jpeg":
+        quality = int(rng.integers(15, 45))
+    elif how == "phone":
+        image = ImageEnhance.Color(image).enhance(rng.uniform(1.15, 1.6))
+        pixels = np.asarray(image, np.float32) * rng.uniform([0.9, 0.9, 0.8], [1.15, 1.05, 1.1])
+        pixels = 255 * (np.clip(pixels, 0, 255) / 255) ** rng.uniform(0.75, 1.2)
+        image = ImageEnhance.Sharpness(Image.fromarray(pixels.astype(np.uint8))).enhance(rng.uniform(1.0, 2.0))
+    else:
+        raise ValueError(f"unknown variant {how!r}; expected one of {', '.join(VARIANTS)}")
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

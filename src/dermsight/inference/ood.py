@@ -13,11 +13,10 @@ fitted without their fold), so in-distribution images are rarely refused; the me
 rates are in the README (`python bench/ood.py`). Applying the gate needs numpy only.
 
 The commonest wrong input is no cat but an ordinary close-up photo of a mole, which a
-distance from dermoscopy alone lets through too often. When trained with such photos as
-negatives (`dermsight train --gate-negatives`, Derm7pt's clinical photos of its published
-train split; its valid split is kept for measuring), the gate also carries a
-:class:`PhotoDetector`, a logistic regression on the same features whose threshold refuses at
-most 1% of held-out dermoscopy.
+distance from dermoscopy alone lets through too often (and so did a logistic regression on
+these features: 46% of such photos refused). The gate therefore also carries a
+:class:`~dermsight.inference.photo_detector.PhotoDetector` that looks at the picture itself
+(fitted by ``scripts/fit_photo_detector.py``); an image is accepted only when both agree.
 """
 
 from __future__ import annotations
@@ -27,7 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dermsight.inference.photo_detector import PhotoDetector
+
 OOD_FILE = "ood_gate.npz"
+# What an image the gate refuses carries instead of a risk: the API's reason code, and its sentence.
+REFUSAL = "not_dermoscopic"
+REFUSAL_MESSAGE = "This looks like an ordinary photo, not a dermoscopic image; DermSight reads dermoscopy only."
 LAYER_QUANTILE = 0.99  # each block's distance is expressed as a multiple of this held-out quantile
 
 
@@ -46,22 +50,6 @@ class BlockGate:
 
 
 @dataclass
-class PhotoDetector:
-    """Logistic regression on standardised gate features: the probability that an image is
-    an ordinary (non-dermoscopic) photo; above `threshold` it is refused."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    weight: np.ndarray
-    bias: float
-    threshold: float
-
-    def probability(self, features: np.ndarray) -> np.ndarray:
-        z = ((np.asarray(features, np.float64) - self.mean) / self.scale) @ self.weight + self.bias
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
-
-
-@dataclass
 class OODGate:
     """Is it dermoscopy? The largest per-block distance ratio from the training images, and an optional photo detector."""
 
@@ -75,19 +63,21 @@ class OODGate:
         parts = np.split(np.asarray(features, np.float32), np.cumsum(self.block_sizes)[:-1], axis=1)
         return np.max([block.distance(part) for block, part in zip(self.blocks, parts)], axis=0)
 
-    def accepts(self, features: np.ndarray) -> np.ndarray:
+    def accepts(self, features: np.ndarray, photo_features: np.ndarray | None = None) -> np.ndarray:
+        """(N,) True for images both parts accept: `features` the gate features, `photo_features`
+        the images' :func:`~dermsight.inference.photo_detector.photo_features` (needed when the
+        gate has a photo detector)."""
         accepted = self.score(features) <= self.threshold
         if self.photo is not None:
-            accepted &= self.photo.probability(features) <= self.photo.threshold
+            if photo_features is None:
+                raise ValueError("this gate has a photo detector: pass the images' photo features")
+            accepted &= self.photo.probability(photo_features) <= self.photo.threshold
         return accepted
 
     def save(self, folder: Path) -> None:
         arrays = {"block_sizes": np.asarray(self.block_sizes), "threshold": np.float32(self.threshold)}
         if self.photo is not None:
-            arrays |= {
-                "photo_mean": self.photo.mean, "photo_scale": self.photo.scale, "photo_weight": self.photo.weight,
-                "photo_bias": np.float64(self.photo.bias), "photo_threshold": np.float64(self.photo.threshold),
-            }
+            arrays |= self.photo.arrays()
         for i, block in enumerate(self.blocks):
             arrays |= {
                 f"mean_{i}": block.mean.astype(np.float32),
@@ -98,7 +88,9 @@ class OODGate:
         np.savez_compressed(folder / OOD_FILE, **arrays)
 
     @classmethod
-    def load(cls, folder: Path) -> OODGate | None:
+    def load(cls, folder: Path, photo_detector: bool = True) -> OODGate | None:
+        """The bundle's gate, or None; with `photo_detector` False, without its photo detector
+        (the way to replace one of an older format)."""
         path = folder / OOD_FILE
         if not path.exists():
             return None
@@ -110,10 +102,12 @@ class OODGate:
             BlockGate(data[f"mean_{i}"], data[f"components_{i}"], data[f"precision_{i}"], float(data[f"scale_{i}"]))
             for i in range(len(sizes))
         ]
-        photo = None
+        if not photo_detector:
+            return cls(sizes, blocks, float(data["threshold"]))
         if "photo_weight" in data:
-            photo = PhotoDetector(data["photo_mean"], data["photo_scale"], data["photo_weight"], float(data["photo_bias"]),
-                                  float(data["photo_threshold"]))
+            raise ValueError(f"{path} holds an older photo detector (on the network's features): refit it with "
+                             "scripts/fit_photo_detector.py")
+        photo = PhotoDetector.from_arrays(data) if "photo_feature" in data else None
         return cls(sizes, blocks, float(data["threshold"]), photo)
 
 
@@ -158,32 +152,3 @@ def fit_ood_gate(
         block.scale = float(scale)
     scores = (held_out / scales[:, None]).max(axis=0)
     return OODGate(tuple(int(s) for s in block_sizes), blocks, threshold=float(np.quantile(scores, quantile)))
-
-
-def fit_photo_detector(
-    dermoscopy: np.ndarray, folds: np.ndarray, photos: np.ndarray, max_false_rejection: float = 0.01, seed: int = 0
-) -> PhotoDetector:
-    """Dermoscopy (N, G) against ordinary photos (M, G). The threshold is the (1 -
-    max_false_rejection) quantile of held-out dermoscopy probabilities (each fold scored by a
-    detector fitted without it, the photos split alike), so at most that share of dermoscopy
-    like the training images is refused."""
-    from sklearn.linear_model import LogisticRegression
-
-    rng = np.random.default_rng(seed)
-    photo_folds = rng.permutation(np.arange(len(photos)) % max(1, len(np.unique(folds))))
-    fold_ids = np.unique(folds)
-
-    def fit(x_pos: np.ndarray, x_neg: np.ndarray) -> PhotoDetector:
-        x = np.concatenate([x_pos, x_neg]).astype(np.float64)
-        y = np.concatenate([np.zeros(len(x_pos)), np.ones(len(x_neg))])
-        mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-        model = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit((x - mean) / scale, y)
-        return PhotoDetector(mean, scale, model.coef_[0], float(model.intercept_[0]), 0.5)
-
-    held_out = np.zeros(len(dermoscopy))
-    for k, fold in enumerate(fold_ids):
-        rows = folds == fold
-        held_out[rows] = fit(dermoscopy[~rows], photos[photo_folds != k]).probability(dermoscopy[rows])
-    detector = fit(dermoscopy, photos)
-    detector.threshold = float(np.quantile(held_out, 1.0 - max_false_rejection))
-    return detector

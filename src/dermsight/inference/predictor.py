@@ -22,7 +22,8 @@ from dermsight.imaging.batches import iter_batches, load_square
 from dermsight.imaging.preprocess import view, views
 from dermsight.imaging.quality import QUALITY_MEASURES, quality_warnings
 from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
-from dermsight.inference.ood import OODGate
+from dermsight.inference.ood import REFUSAL, OODGate
+from dermsight.inference.photo_detector import photo_features
 from dermsight.inference.onnx_session import ParallelSession
 from dermsight.inference.score_cache import ScoreCache
 from dermsight.models.bundle import Bundle, load_bundle
@@ -41,6 +42,9 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "looks_dermoscopic",
     "quality_warnings",
 )
+
+# With the class probabilities, the model's answers that mean nothing for an image the gate refused.
+WITHHELD_COLUMNS = ("melanoma_risk", "risk_spread", "unsure", "predicted_class", "differential", "above_threshold")
 
 
 @dataclass
@@ -119,6 +123,23 @@ def prediction_table(scores: Scores, image_ids: Sequence[str], patient_ids: pd.S
     return pd.DataFrame(columns)  # built at once: a column at a time cost ~3 ms per served upload
 
 
+def withhold_refused(table: pd.DataFrame) -> pd.DataFrame:
+    """The prediction table as it leaves DermSight (`dermsight predict`'s file; the service
+    stores the same, serving.scoring):
+    a `refusal` column (the reason code, empty for an accepted image) beside
+    `looks_dermoscopic`, and for each refused image no model output at all: its class
+    probabilities, risk, spread, class, differential, decision and patient context are blank."""
+    out = table.copy()
+    refused = ~out["looks_dermoscopic"].astype(bool).to_numpy()
+    out.insert(out.columns.get_loc("looks_dermoscopic") + 1, "refusal", np.where(refused, REFUSAL, ""))
+    if refused.any():
+        for column in [c for c in (*DIAGNOSES, *WITHHELD_COLUMNS, *CONTEXT_COLUMNS) if c in out.columns]:
+            kind = out[column].dtype.kind
+            out[column] = out[column].astype("boolean" if kind == "b" else "float64" if kind in "fiu" else "object")
+            out.loc[refused, column] = pd.NA if kind == "b" else np.nan if kind in "fiu" else None
+    return out
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """scipy.special.softmax, the same operations (max-shifted exp over its sum) without
     importing scipy: a quarter of a second off every start of `predict` and `serve`."""
@@ -170,7 +191,7 @@ class Predictor:
         cams = outputs[2]
         mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])
         cam = np.mean([view(mel_cams[v], name) for v, name in enumerate(names)], axis=0)  # flips are self-inverse
-        accepted = self.ood_gate.accepts(gate_features) if self.ood_gate else np.ones(n, bool)
+        accepted = self.accepts(gate_features, stacked[0])  # the photo statistics do not change with flips
         temperature = self.bundle.temperature
         if len(outputs) > 4:  # an ensemble: each member's logits, averaged over the views
             members = outputs[4].reshape(len(names), n, *outputs[4].shape[1:]).mean(axis=0)
@@ -180,6 +201,14 @@ class Predictor:
             softmax(logits / temperature, axis=1), embeddings, cam, accepted, softmax(members / temperature, axis=2),
             no_quality(n) if quality is None else np.asarray(quality, np.float32),
         )
+
+    def accepts(self, gate_features: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """The out-of-distribution gate's verdict on images (N, 3, S, S) with their gate features;
+        all True for a bundle without a gate."""
+        if self.ood_gate is None:
+            return np.ones(len(images), bool)
+        photo = photo_features(images, self.bundle.preprocessing) if self.ood_gate.photo is not None else None
+        return self.ood_gate.accepts(gate_features, photo)
 
     def gate_features(self, refs: Sequence, batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, list[int]]:
         """The out-of-distribution gate's input for each readable image (means over the

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from dermsight.data.schema import CLASS_NAMES, MALIGNANT
 from dermsight.imaging.quality import WARNINGS, warning_message
+from dermsight.inference.ood import REFUSAL, REFUSAL_MESSAGE
 from dermsight.serving.reference import RiskReference
 from dermsight.serving.storage.models import Image, Patient, Prediction, RankedLesion
 
@@ -64,16 +65,29 @@ class RiskMeaning(BaseModel):
     measured_on: str = Field(description="Which images: collections, and how each was held out.")
 
 
+class Refusal(BaseModel):
+    code: Literal["not_dermoscopic"] = Field(
+        description=f"Why no risk is given. `{REFUSAL}`: the out-of-distribution gate (dermsight.inference.ood) found "
+        "the image is not dermoscopy: an ordinary close-up photo, or no skin image at all."
+    )
+    message: str = Field(description="The reason in plain words, for the person who uploaded the image.")
+
+
 class PredictionOut(BaseModel):
+    """One image's prediction. A refused image (`looks_dermoscopic` false, `refusal` set) carries
+    no model output: probabilities, classes, risk, decision flags, differential, context and
+    heat map are null."""
+
     id: int
     image_id: int
     lesion_id: int
     patient_id: int | None
     model_version: str
-    probabilities: dict[str, float] = Field(description="Calibrated probability of each class.")
-    predicted_class: str
-    predicted_class_name: str
-    melanoma_risk: float = Field(description="Calibrated probability of melanoma, 0-1.")
+    refusal: Refusal | None = Field(description="Set when DermSight refuses the image and gives no risk; else null.")
+    probabilities: dict[str, float] | None = Field(description="Calibrated probability of each class.")
+    predicted_class: str | None
+    predicted_class_name: str | None
+    melanoma_risk: float | None = Field(description="Calibrated probability of melanoma, 0-1.")
     risk_spread: float | None = Field(
         None, description="Standard deviation of the melanoma risks of the ensemble's member networks (how much they "
         "disagree); None for a single-network model."
@@ -87,7 +101,7 @@ class PredictionOut(BaseModel):
         description="Image-quality problems measured before scoring (warnings, not refusals); empty when none."
     )
     threshold: float = Field(description="The model's referral threshold on melanoma_risk.")
-    above_threshold: bool
+    above_threshold: bool | None
     referral: Referral | None = Field(
         description=f"What DermSight suggests to the clinician: urgent (melanoma_risk >= {URGENT_RISK}), routine "
         "(at or above the threshold), not_prompted (below it; melanoma not ruled out); None when not dermoscopic."
@@ -96,17 +110,17 @@ class PredictionOut(BaseModel):
         None, description="Among held-out validation images with about this risk, how many were melanoma; None when "
         "the scoring model's validation table is not loaded (another model version, or none shipped)."
     )
-    looks_dermoscopic: bool = Field(description="False: not a dermoscopic image; the risk is meaningless.")
+    looks_dermoscopic: bool = Field(description="False: not a dermoscopic image, refused (see `refusal`): no risk.")
     decision: str = Field(description="The outcome in plain words.")
-    differential: list[Diagnosis] = Field(description="The three most probable classes, most probable first.")
-    non_melanoma_cancer_likely: bool = Field(
+    differential: list[Diagnosis] | None = Field(description="The three most probable classes, most probable first.")
+    non_melanoma_cancer_likely: bool | None = Field(
         description=f"P(BCC) + P(SCC) >= {NON_MELANOMA_CANCER_LEVEL}: a basal or squamous cell carcinoma is likely; "
         "refer."
     )
     context: dict[str, float | None] | None = Field(description="Patient context (ugly duckling); None for one-offs.")
     created_at: datetime
     image_url: str
-    heatmap_url: str
+    heatmap_url: str | None
     disclaimer: str = DISCLAIMER
 
 
@@ -200,7 +214,7 @@ DECISIONS: dict[Referral | None, str] = {
     "routine": "Above the referral threshold: refer for a dermatologist's examination.",
     "not_prompted": "Below the referral threshold: DermSight does not prompt a referral. This does not rule out "
     "melanoma; your clinical and dermoscopic examination decides.",
-    None: "This does not look like a dermoscopic image, so DermSight gives no risk for it.",
+    None: REFUSAL_MESSAGE,
 }
 
 
@@ -244,9 +258,25 @@ def risk_meaning(prediction: Prediction, reference: RiskReference | None) -> Ris
     )
 
 
+def quality_warnings(prediction: Prediction) -> list[QualityWarning]:
+    image = prediction.image
+    codes = prediction.quality_warnings.split(";")
+    return [QualityWarning(code=code, message=warning_message(code, image.width, image.height)) for code in codes if code]
+
+
 def prediction_out(prediction: Prediction, reference: RiskReference | None = None) -> PredictionOut:
     """The API's prediction; `reference` (the loaded bundle's validation risks) fills risk_meaning."""
     image = prediction.image
+    if not prediction.looks_dermoscopic:
+        return PredictionOut(
+            id=prediction.id, image_id=image.id, lesion_id=image.lesion_id, patient_id=image.lesion.patient_id,
+            model_version=prediction.model_version, refusal=Refusal(code=REFUSAL, message=REFUSAL_MESSAGE),
+            probabilities=None, predicted_class=None, predicted_class_name=None, melanoma_risk=None,
+            quality_warnings=quality_warnings(prediction), threshold=prediction.threshold, above_threshold=None,
+            looks_dermoscopic=False, referral=None, risk_meaning=None, decision=decision(prediction),
+            differential=None, non_melanoma_cancer_likely=None,
+            context=None, created_at=prediction.created_at, image_url=f"/api/images/{image.id}/file", heatmap_url=None,
+        )
     probabilities = prediction.probabilities
     return PredictionOut(
         id=prediction.id,
@@ -261,19 +291,16 @@ def prediction_out(prediction: Prediction, reference: RiskReference | None = Non
         risk_spread=prediction.risk_spread,
         unsure=prediction.unsure,
         uncertainty=uncertainty(prediction),
-        quality_warnings=[
-            QualityWarning(code=code, message=warning_message(code, image.width, image.height))
-            for code in prediction.quality_warnings.split(";") if code
-        ],
+        quality_warnings=quality_warnings(prediction),
         threshold=prediction.threshold,
         above_threshold=prediction.above_threshold,
         referral=referral(prediction),
         risk_meaning=risk_meaning(prediction, reference),
-        looks_dermoscopic=prediction.looks_dermoscopic,
+        refusal=None,
+        looks_dermoscopic=True,
         decision=decision(prediction),
         differential=differential(probabilities),
-        non_melanoma_cancer_likely=prediction.looks_dermoscopic
-        and probabilities.get("BCC", 0.0) + probabilities.get("SCC", 0.0) >= NON_MELANOMA_CANCER_LEVEL,
+        non_melanoma_cancer_likely=probabilities.get("BCC", 0.0) + probabilities.get("SCC", 0.0) >= NON_MELANOMA_CANCER_LEVEL,
         context=prediction.context,
         created_at=prediction.created_at,
         image_url=f"/api/images/{image.id}/file",

@@ -29,6 +29,7 @@ from dermsight.imaging.errors import ImageError
 from dermsight.imaging.sanitize import Sanitized, sanitize_image
 from dermsight.inference.context import CONTEXT_COLUMNS
 from dermsight.inference.heatmap import heatmap_jpeg
+from dermsight.inference.ood import REFUSAL
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.storage.models import NotFound, Prediction
 from dermsight.serving.storage.repository import NewImage, NewPrediction, Storage
@@ -171,9 +172,18 @@ class Scorer:
 
     def _store(self, patient_id: int | None, items: list, table: pd.DataFrame, cams, squares) -> list[Prediction]:
         predictions = [
-            self._prediction(row, heatmap_jpeg(cams[i], squares[i])) for i, row in enumerate(table.to_dict("records"))
+            self._prediction(row, heatmap_jpeg(cams[i], squares[i])) if row["looks_dermoscopic"] else self._refused(row)
+            for i, row in enumerate(table.to_dict("records"))
         ]
         return self.storage.save_scoring(patient_id, list(zip(items, predictions)))
+
+    def _refused(self, row: dict) -> NewPrediction:
+        """A refused image's prediction: its reason, and no risk, class, context or heat map."""
+        return NewPrediction(
+            model_version=self.predictor.bundle.version, probabilities=None, predicted_class=None, melanoma_risk=None,
+            threshold=self.predictor.bundle.melanoma_threshold, above_threshold=None, looks_dermoscopic=False,
+            context=None, heatmap_jpeg=None, quality_warnings=str(row["quality_warnings"]), refusal=REFUSAL,
+        )
 
     def _prediction(self, row: dict, heatmap: bytes) -> NewPrediction:
         bundle = self.predictor.bundle
@@ -188,7 +198,7 @@ class Scorer:
             quality_warnings=str(row["quality_warnings"]),
             threshold=bundle.melanoma_threshold,
             above_threshold=bool(row["above_threshold"]),
-            looks_dermoscopic=bool(row["looks_dermoscopic"]),
+            looks_dermoscopic=True,
             context=context,
             heatmap_jpeg=heatmap,
         )

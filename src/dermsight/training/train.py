@@ -25,13 +25,13 @@ from dermsight.evaluation.calibration import (
 )
 from dermsight.evaluation.held_out import per_source
 from dermsight.evaluation.metrics import binary_summary, multiclass_summary
-from dermsight.data.readers import derm7pt_clinical_photos
-from dermsight.inference.ood import fit_ood_gate, fit_photo_detector
+from dermsight.inference.ood import fit_ood_gate
 from dermsight.models.bundle import Bundle
 from dermsight.models.model_card import write_model_card
 from dermsight.models.network import DermSightNet, export_onnx
 from dermsight.training import embed_mode
 from dermsight.training.config import TrainConfig
+from dermsight.training.photo_gate import fit_photo_gate
 from dermsight.training.resumable import RunLog, TrainingInterrupted, default_run_dir
 
 console = Console(stderr=True)
@@ -174,12 +174,13 @@ def fit_gate(bundle: Bundle, records: pd.DataFrame, block_sizes: tuple[int, ...]
     predictor = Predictor(bundle)
     features, rows = predictor.gate_features(sample["image_ref"].tolist(), progress=config.progress)
     folds = sample["fold"].to_numpy()[rows]
-    gate = fit_ood_gate(features, block_sizes, folds)
+    fit_ood_gate(features, block_sizes, folds).save(bundle.path)
     if config.gate_negatives:  # ordinary photos of moles: the published train split only, valid is for measuring
-        photos = pd.concat([derm7pt_clinical_photos(Path(folder), split="train") for folder in config.gate_negatives])
-        photo_features, _ = predictor.gate_features(photos["clinical_ref"].tolist(), progress=config.progress)
-        gate.photo = fit_photo_detector(features, folds, photo_features)
-    gate.save(bundle.path)
+        dermoscopy = sample.assign(
+            group=sample["lesion_id"].fillna(sample["patient_id"]).fillna(sample["image_id"]).astype(str),
+            family=sample["source"],
+        )
+        fit_photo_gate(bundle, dermoscopy.groupby("source").head(300), [Path(f) for f in config.gate_negatives], seed=config.seed)
 
 
 def cross_validation_metrics(records, labels, probabilities, classes, threshold, n_folds: int) -> dict:

@@ -105,14 +105,12 @@ function renderCard(prediction, title, context = null) {
   if (context) card.append(el("p", { class: "context" }, context));
   const quality = qualityNotes(prediction);
   if (ood) {
+    // A refused image: the refusal and its reason only (no risk, heat map, differential or photo advice).
     card.append(
-      el("div", { class: "pictures single" }, figure(el("img", { src: prediction.image_url, alt: "the uploaded image" }),
-        "Uploaded image")),
-      el("p", { class: "decision" }, "This does not look like a dermoscopic image."),
-      el("p", {}, "DermSight only judges dermoscopic close-ups of a single skin lesion, so it gives no risk here. " +
-        "Upload a dermoscopic image, or ask a clinician."),
-      quality || "",
+      el("p", { class: "decision refusal", "data-refusal": prediction.refusal.code }, "Refused: no risk given."),
+      el("p", { class: "reason" }, prediction.refusal.message),
     );
+    return card;
   } else {
     const ranked = el("ol", { class: "differential" }, ...prediction.differential.map((d) =>
       el("li", {}, `${d.name} ${percent(d.probability)}`, d.malignant ? el("span", { class: "malignant" }, " malignant") : "")));

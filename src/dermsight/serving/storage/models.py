@@ -95,17 +95,20 @@ class Prediction(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     model_version: Mapped[str] = mapped_column(String(200))
-    probabilities: Mapped[dict] = mapped_column(JSON)  # class code -> calibrated probability
-    predicted_class: Mapped[str] = mapped_column(String(10))
-    melanoma_risk: Mapped[float] = mapped_column(Float)
+    # A refused image (looks_dermoscopic False) has no model output: probabilities, class, risk,
+    # above_threshold, context and heat map are NULL, and `refusal` holds the reason code.
+    probabilities: Mapped[dict | None] = mapped_column(JSON)  # class code -> calibrated probability
+    predicted_class: Mapped[str | None] = mapped_column(String(10))
+    melanoma_risk: Mapped[float | None] = mapped_column(Float)
     risk_spread: Mapped[float | None] = mapped_column(Float)  # sd of an ensemble's member risks; None for one network
     unsure: Mapped[bool | None] = mapped_column(Boolean)  # spread above the bundle's fitted level; None: no level
     quality_warnings: Mapped[str] = mapped_column(String(200), default="", server_default="")  # codes, ";"-joined
     threshold: Mapped[float] = mapped_column(Float)
-    above_threshold: Mapped[bool] = mapped_column(Boolean)
+    above_threshold: Mapped[bool | None] = mapped_column(Boolean)
     looks_dermoscopic: Mapped[bool] = mapped_column(Boolean)
+    refusal: Mapped[str | None] = mapped_column(String(40))  # dermsight.inference.ood.REFUSAL when refused
     context: Mapped[dict | None] = mapped_column(JSON)  # patient context (ugly duckling), None for one-offs
-    heatmap_path: Mapped[str] = mapped_column(String(200))
+    heatmap_path: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=now)
     image: Mapped[Image] = relationship(back_populates="predictions")
 
@@ -187,7 +190,7 @@ def ranked_lesions(patient: Patient, by: str = "risk") -> list[RankedLesion]:
         return (
             not item.prediction.looks_dermoscopic,
             -duckling if duckling is not None else math.inf,
-            -item.prediction.melanoma_risk,
+            -(item.prediction.melanoma_risk or 0.0),  # a refused image has none (and is last already)
             item.lesion.id,
         )
 

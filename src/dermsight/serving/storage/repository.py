@@ -65,20 +65,22 @@ class NewImage:
 
 @dataclass
 class NewPrediction:
-    """A prediction as the Scorer made it, with its heat map, before it is stored."""
+    """A prediction as the Scorer made it, with its heat map, before it is stored. A refused
+    image (looks_dermoscopic False) has its `refusal` code and no model output (None)."""
 
     model_version: str
-    probabilities: dict[str, float]
-    predicted_class: str
-    melanoma_risk: float
+    probabilities: dict[str, float] | None
+    predicted_class: str | None
+    melanoma_risk: float | None
     threshold: float
-    above_threshold: bool
+    above_threshold: bool | None
     looks_dermoscopic: bool
     context: dict[str, float | None] | None
-    heatmap_jpeg: bytes
+    heatmap_jpeg: bytes | None
     risk_spread: float | None = None
     unsure: bool | None = None
     quality_warnings: str = ""  # dermsight.imaging.quality codes, ";"-joined
+    refusal: str | None = None
 
 
 # Loaded with every image, so detached rows answer prediction.image.lesion.patient_id.
@@ -193,7 +195,8 @@ class Storage:
                 stored = [
                     (
                         self.files.put(item.data, "images", "", created) if isinstance(item, NewImage) else None,
-                        self.files.put(prediction.heatmap_jpeg, "heatmaps", ".jpg", created),
+                        self.files.put(prediction.heatmap_jpeg, "heatmaps", ".jpg", created)
+                        if prediction.heatmap_jpeg is not None else None,
                     )
                     for item, prediction in scored
                 ]
@@ -223,7 +226,7 @@ class Storage:
         with self.files.locked():
             with self.sessions() as session:
                 referenced = set(session.scalars(select(Image.path))) | set(
-                    session.scalars(select(Prediction.heatmap_path))
+                    session.scalars(select(Prediction.heatmap_path).where(Prediction.heatmap_path.is_not(None)))
                 )
             on_disk, temporary = self.files.scan()
             orphans = [relative for relative in on_disk if relative not in referenced]
@@ -314,7 +317,7 @@ class Storage:
     @staticmethod
     def _add(
         session, patient_id: int | None, item: int | NewImage, prediction: NewPrediction,
-        image_file: tuple[str, str] | None, heatmap_file: tuple[str, str],
+        image_file: tuple[str, str] | None, heatmap_file: tuple[str, str] | None,
     ) -> Prediction:
         if isinstance(item, NewImage):
             lesion = Lesion(patient_id=patient_id, site=item.site)
@@ -339,8 +342,9 @@ class Storage:
             threshold=prediction.threshold,
             above_threshold=prediction.above_threshold,
             looks_dermoscopic=prediction.looks_dermoscopic,
+            refusal=prediction.refusal,
             context=prediction.context,
-            heatmap_path=heatmap_file[0],
+            heatmap_path=heatmap_file[0] if heatmap_file else None,
         )
         session.add(row)
         return row
@@ -351,7 +355,7 @@ class Storage:
         images = session.execute(select(Image.id, Image.path).join(Lesion).where(where)).all()
         image_ids = [image_id for image_id, _ in images]
         heatmaps = session.scalars(select(Prediction.heatmap_path).where(Prediction.image_id.in_(image_ids)))
-        return {path for _, path in images} | set(heatmaps)
+        return {path for _, path in images} | {path for path in heatmaps if path is not None}  # refused: no heat map
 
     def _remove_unreferenced(self, paths: set[str]) -> None:
         with self.sessions() as session:
