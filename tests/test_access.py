@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from dermsight.cli import app as cli
 from dermsight.serving.app import create_app
-from dermsight.serving.security import KEY_PATTERN, create_api_key, redact_secrets
+from dermsight.serving.logs import redact_secrets
+from dermsight.serving.security import KEY_PATTERN, create_api_key
 from dermsight.serving.storage.repository import Storage
 
 # Personal values sent with the requests below: none may reach the audit trail.

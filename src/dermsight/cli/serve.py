@@ -51,7 +51,7 @@ def serve_command(
     from dermsight.models.site_profile import SiteProfileError
     from dermsight.serving.app import create_app
     from dermsight.serving.limits import Settings
-    from dermsight.serving.security import configure_logging, log_config
+    from dermsight.serving.logs import configure_logging, log_config
 
     if dev and host not in LOOPBACK:
         fail(f"--dev serves without API keys: only on {', '.join(LOOPBACK)}, not {host}", 2)

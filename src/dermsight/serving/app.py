@@ -28,7 +28,8 @@ from dermsight.serving.reference import RiskReference
 from dermsight.serving.routes import images, pages, patients, service, session
 from dermsight.serving.schemas import DISCLAIMER
 from dermsight.serving.scoring import Scorer
-from dermsight.serving.security import Authenticator, FailureLimiter, TokenBucket, quiet_libraries, required_role
+from dermsight.serving.logs import quiet_libraries
+from dermsight.serving.security import Authenticator, FailureLimiter, TokenBucket, required_role
 from dermsight.serving.storage.repository import Storage
 
 HERE = Path(__file__).parent
