@@ -330,3 +330,19 @@ def test_cli_bad_input_exits_1_with_a_message(bundle, scored, held_out, tmp_path
         assert outcome.exit_code == 1, (args, outcome.output)
         assert message in " ".join(outcome.output.split()), (message, outcome.output)
         assert "Traceback" not in outcome.output and isinstance(outcome.exception, SystemExit)
+
+
+def test_refused_rows_are_counted_as_refused_and_left_out(scored, held_out, bundle):
+    """`dermsight predict` keeps a row for an image the gate refused, with its reason and every
+    model output blank: evaluate counts it under "refused" and scores the rest exactly as without it."""
+    from dermsight.inference.predictor import withhold_refused
+
+    table = scored.assign(looks_dermoscopic=True)
+    table.loc[[0, 1], "looks_dermoscopic"] = False
+    withheld = withhold_refused(table)
+    assert withheld.loc[[0, 1], "refusal"].tolist() == ["not_dermoscopic"] * 2 and withheld.loc[[0, 1], "MEL"].isna().all()
+    out = evaluate_predictions(withheld, held_out, bundle, n_boot=0)
+    refused = next(r for r in out["ignored"]["reasons"] if r["reason"] == "refused")
+    assert refused["rows"] == 2 and set(refused["examples"]) == set(scored["image"][:2])
+    clean = evaluate_predictions(scored.iloc[2:], held_out, bundle, n_boot=0)
+    assert out["data"]["images"] == len(scored) - 2 and out["melanoma"]["auc"] == clean["melanoma"]["auc"]

@@ -174,6 +174,8 @@ def _prediction_frame(predictions: pd.DataFrame, classes: list[str], account: _A
     for column in ("above_threshold", "looks_dermoscopic"):  # the Predictor's flags, checked below
         if column in predictions.columns:
             frame[column] = _as_bool(predictions[column])
+    if "refusal" in predictions.columns:
+        frame["refusal"] = predictions["refusal"].fillna("").astype(str).str.strip()
     return frame, risk_column
 
 
@@ -181,10 +183,10 @@ def _valid_predictions(frame: pd.DataFrame, classes: list[str], account: _Accoun
     """Rows with an id and probabilities in [0, 1] (rounded as the CSV stores them), one per image."""
     account.add("missing_image_id", [f"data row {i + 1}" for i in np.flatnonzero(frame["image"].isna())])
     frame = frame[frame["image"].notna()]
-    if "refusal" in predictions.columns:
-        refused = predictions.loc[frame.index, "refusal"].fillna("").astype(str).str.strip() != ""
+    if "refusal" in frame.columns:  # rows the gate refused: kept by `predict`, with no risk
+        refused = frame["refusal"] != ""
         account.add("refused", frame.loc[refused, "image"])
-        frame = frame[~refused]
+        frame = frame[~refused].drop(columns="refusal")
     values = frame[[*classes, "melanoma_risk"]].to_numpy(dtype=float)
     valid = np.isfinite(values).all(axis=1) & (values >= 0).all(axis=1) & (values <= 1).all(axis=1)
     bad = frame[~valid]
