@@ -67,7 +67,9 @@ def photos(shared) -> dict[str, bytes]:
     predictor = Predictor(DEFAULT_BUNDLE)
 
     def scored(*images: bytes):
-        table, _, _ = predictor.predict_images(list(images), pd.DataFrame({"age": [58.0] * len(images)}))
+        n = len(images)  # the metadata the page's form sends below
+        metadata = pd.DataFrame({"age": [58.0] * n, "sex": ["male"] * n, "site": ["torso"] * n})
+        table, _, _ = predictor.predict_images(list(images), metadata)
         return table
 
     def first(diagnosis: str, keep) -> bytes:

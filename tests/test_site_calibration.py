@@ -64,9 +64,13 @@ def test_calibrate_then_predict_round_trip(calibrated):
     states; predict --site shows the recalibrated risk, refers by the profile and says so."""
     profile, plain, site, labels = calibrated["profile"], calibrated["plain"], calibrated["site"], calibrated["labels"]
     data = profile.data
-    assert (data["n_cases"], data["n_melanomas"]) == (MELANOMAS + BENIGN, MELANOMAS)
-    assert data["bundle"]["version"] == load_bundle(DEFAULT_BUNDLE).version
+    # an image the gate refuses gets no risk in use, so calibrate leaves it out and says so
+    refused = site["refusal"].fillna("").astype(str) != ""
+    assert (calibrated["output"].count("left out of the calibration") == refused.sum())
+    plain, site = plain[~refused.to_numpy()], site[~refused]
     truth = site["image"].map(labels.set_index("image_name")["melanoma"]).to_numpy()
+    assert (data["n_cases"], data["n_melanomas"]) == (len(site), truth.sum()) and len(site) >= MELANOMAS + BENIGN - 3
+    assert data["bundle"]["version"] == load_bundle(DEFAULT_BUNDLE).version
     assert site["above_threshold"][truth == 1].mean() == pytest.approx(data["sensitivity"]["value"])
     assert 1 - site["above_threshold"][truth == 0].mean() == pytest.approx(data["specificity"]["value"])
     assert data["sensitivity"]["value"] >= 0.90
@@ -80,9 +84,10 @@ def test_calibrate_then_predict_round_trip(calibrated):
     assert not (site["above_threshold"] == plain["above_threshold"]).all()  # the site's threshold, not the bundle's
     probabilities = site[["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]].sum(axis=1)
     np.testing.assert_allclose(probabilities, 1.0, atol=1e-5)
-    statement = f"calibrated on 40 cases (12 melanomas) at Test clinic: sensitivity {data['sensitivity']['value']:.2f}"
+    statement = (f"calibrated on {len(site)} cases ({truth.sum()} melanomas) at Test clinic: "
+                 f"sensitivity {data['sensitivity']['value']:.2f}")
     assert statement in calibrated["output"].replace("\n", " ") and statement in calibrated["predict_output"].replace("\n", " ")
-    assert "only 12 melanomas" in calibrated["output"]  # too few for a usable interval, said plainly
+    assert f"only {truth.sum()} melanomas" in calibrated["output"]  # too few for a usable interval, said plainly
 
 
 def test_the_api_applies_the_profile_as_predict_does(calibrated, site_cases, tmp_path):
@@ -105,8 +110,9 @@ def test_the_api_applies_the_profile_as_predict_does(calibrated, site_cases, tmp
         assert prediction["above_threshold"] == bool(row["above_threshold"])
         assert prediction["unsure"] == bool(row["unsure"])
     assert model["melanoma_threshold"] == pytest.approx(profile.threshold)
-    assert model["site"]["n_melanomas"] == MELANOMAS and model["operating_point"] == profile.statement()
-    assert "calibrated on 40 cases (12 melanomas) at Test clinic" in page
+    cases, melanomas = profile.data["n_cases"], profile.data["n_melanomas"]
+    assert model["site"]["n_melanomas"] == melanomas and model["operating_point"] == profile.statement()
+    assert f"calibrated on {cases} cases ({melanomas} melanomas) at Test clinic" in page
 
 
 def test_without_a_profile_the_app_says_the_threshold_comes_from_other_clinics(tmp_path):

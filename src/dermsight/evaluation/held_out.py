@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from dermsight.data.schema import CLASSES, DIAGNOSES
-from dermsight.evaluation.metrics import binary_summary, expected_calibration_error, multiclass_summary
 from dermsight.models.bundle import Bundle
 
 KINDS: dict[str, str] = {
@@ -98,6 +97,10 @@ def per_source(frame: pd.DataFrame, classes: list[str], threshold: float, n_boot
     with a `held_out` column): held-out kinds first. AUC with a cluster-bootstrap interval,
     sensitivity and specificity at the bundle's threshold, the share flagged (above it), the
     mean risk, ECE, and balanced accuracy over the classes the source labels."""
+    # Imported here: serving reads the out-of-fold table (serving.reference) in an image without the
+    # scoring libraries (isic-challenge-scoring, scikit-learn: see the Dockerfile).
+    from dermsight.evaluation.metrics import binary_summary, expected_calibration_error, multiclass_summary
+
     rows = []
     for (source, kind), part in frame.groupby([frame["source"].fillna("unknown"), "held_out"], sort=False):
         y = part["melanoma"].to_numpy()

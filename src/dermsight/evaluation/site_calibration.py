@@ -345,6 +345,12 @@ def calibrate_site(
     plain = dataclasses.replace(bundle, site=None)
     table, unreadable = Predictor(plain).predict_records(records, batch_size=batch_size, progress=progress, cache=cache)
     skipped = [str(p) for p in problems] + [f"{image}: {message}" for image, message in unreadable.items()]
+    # An image the gate refuses gets no risk in use (predict, the API), so it cannot set the operating point.
+    refused = ~table["looks_dermoscopic"].astype(bool)
+    skipped += [f"{image}: refused as not dermoscopic (no risk): left out of the calibration" for image in table.loc[refused, "image"]]
+    if labels is not None:
+        labels = labels.drop(table.loc[refused, "image"].astype(str).map(_strip_suffix), errors="ignore")
+    table = table[~refused]
     profile = fit_profile(plain, table["image"], table["melanoma_risk"].to_numpy(), labels=labels,
                           labels_path=labels_path, target=target, confidence=confidence, site=site)
     return profile, skipped
