@@ -53,7 +53,7 @@ RUN echo /app/src > /opt/venv/lib/python3.11/site-packages/dermsight.pth \
  && chmod 755 /opt/venv/bin/dermsight \
  && /opt/venv/bin/python -m compileall -q /app/src
 # Configuration at run time (-e): DERMSIGHT_DATABASE_URL (PostgreSQL instead of SQLite in /data) and
-# DERMSIGHT_SITE (a site profile, once site profiles exist); both are read by dermsight itself.
+# DERMSIGHT_SITE (a site profile from `dermsight calibrate`); both are read by dermsight itself.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DERMSIGHT_DATA_DIR=/data
