@@ -25,7 +25,8 @@ from dermsight.evaluation.site_calibration import (
     read_labels,
 )
 from dermsight.models.bundle import DEFAULT_BUNDLE, load_bundle
-from dermsight.models.site_profile import SiteProfileError, read_profile, with_site
+from dermsight.models.bundle import with_site
+from dermsight.models.site_profile import SiteProfileError, read_profile
 from dermsight.serving.app import create_app
 
 MELANOMAS, BENIGN = 12, 28

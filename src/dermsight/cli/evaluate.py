@@ -42,8 +42,8 @@ def evaluate_command(
     from dermsight.evaluation.report import write_report
     from dermsight.evaluation.robustness import held_out_sweep
     from dermsight.inference.prediction_files import PredictionFileError, read_predictions
-    from dermsight.models.bundle import BundleError, load_bundle
-    from dermsight.models.site_profile import SiteProfileError, with_site
+    from dermsight.models.bundle import BundleError, load_bundle, with_site
+    from dermsight.models.site_profile import SiteProfileError
 
     data = data or []
     options = dict(n_boot=bootstrap, min_count=min_count, min_positives=min_positives)

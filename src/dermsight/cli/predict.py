@@ -50,8 +50,8 @@ def predict_command(
     from dermsight.inference.engines import ENGINES, EngineError, get_engine
     from dermsight.inference.prediction_files import write_predictions
     from dermsight.inference.predictor import withhold_refused
-    from dermsight.models.bundle import BundleError, load_bundle
-    from dermsight.models.site_profile import SiteProfileError, operating_point, with_site
+    from dermsight.models.bundle import BundleError, load_bundle, operating_point, with_site
+    from dermsight.models.site_profile import SiteProfileError
 
     given = {"address": address, "workers": workers, "num_cpus": num_cpus, "master": master,
              "executor_memory": executor_memory, "partitions": partitions, "spark_conf": spark_conf}

@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from dermsight.models.bundle import Bundle
-from dermsight.models.site_profile import operating_point
+from dermsight.models.bundle import Bundle, operating_point
 
 FORMAT_VERSION = 1
 

@@ -26,9 +26,9 @@ from dermsight.inference.ood import REFUSAL, OODGate
 from dermsight.inference.photo_detector import photo_features
 from dermsight.inference.onnx_session import ParallelSession
 from dermsight.inference.score_cache import ScoreCache
-from dermsight.models.bundle import Bundle, load_bundle
+from dermsight.models.bundle import Bundle, load_bundle, with_site
 from dermsight.models.metadata import encode_metadata
-from dermsight.models.site_profile import SiteProfile, with_site
+from dermsight.models.site_profile import SiteProfile
 
 # One probability column per ISIC 2019 code, UNK ("benign, other") included, whatever
 # subset a bundle predicts (absent classes are 0): the layout never changes.

@@ -13,6 +13,7 @@ Reading a bundle needs neither torch nor timm.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dermsight.imaging.preprocess import Preprocessing
-from dermsight.models.site_profile import SiteProfile
+from dermsight.models.site_profile import SiteProfile, SiteProfileError, read_profile
 
 FORMAT_VERSION = 1
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[3] / "bundles" / "default"
@@ -49,7 +50,7 @@ class Bundle:
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     uncertainty: dict = field(default_factory=dict)  # {"risk_spread_level": s, ...}: bench/uncertainty.py
-    site: SiteProfile | None = None  # a clinic's operating point (site_profile.with_site); never saved here
+    site: SiteProfile | None = None  # a clinic's operating point (with_site); never saved here
 
     @property
     def unsure_level(self) -> float | None:
@@ -129,3 +130,45 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
     if not bundle.onnx_path.exists():
         raise BundleError(f"{path}: model.onnx is missing")
     return bundle
+
+
+def check_bundle(profile: SiteProfile, bundle: Bundle) -> None:
+    """A profile fits only the bundle it was calibrated with (same name and version)."""
+    made_for = profile.data["bundle"]
+    if made_for.get("version") != bundle.version:
+        where = profile.path or "site profile"
+        raise SiteProfileError(
+            f"{where} was made for bundle {made_for.get('version')}, not {bundle.version} "
+            f"({bundle.path}): calibrate again with this bundle"
+        )
+
+
+def with_site(bundle: Bundle, site: SiteProfile | Path | str | None) -> Bundle:
+    """`bundle` carrying the site profile (a path is read and checked against it); None: the
+    bundle as it is."""
+    if site is None:
+        return bundle
+    profile = site if isinstance(site, SiteProfile) else read_profile(site)
+    check_bundle(profile, bundle)
+    return dataclasses.replace(bundle, site=profile)
+
+
+def operating_point(bundle: Bundle) -> str:
+    """The active operating point in one line: the attached profile's, or the bundle's own."""
+    return bundle.site.statement() if bundle.site else default_statement(bundle)
+
+
+def default_statement(bundle: Bundle) -> str:
+    """Without a profile: where the bundle's threshold comes from and how it held on the sources
+    the networks never saw (from bundle.json's threshold section)."""
+    threshold = bundle.threshold
+    held = threshold.get("held_out_sources") or {}
+    text = f"no site profile: referral threshold {bundle.melanoma_threshold:.3f} from other clinics"
+    if held:
+        sens = [s["sensitivity"]["value"] for s in held.values()]
+        spec = [s["specificity"]["value"] for s in held.values()]
+        text += (
+            f"; on {len(held)} sources the networks never saw it reached sensitivity {min(sens):.2f}-{max(sens):.2f} "
+            f"and specificity {min(spec):.2f}-{max(spec):.2f}: calibrate on your own cases (`dermsight calibrate`)"
+        )
+    return text

@@ -9,7 +9,7 @@
 
 Reading, writing (atomically) and checking live here, below inference, so that the Predictor,
 the batch engines, `evaluate` and the app all apply a profile the same way: a bundle carries it
-(`with_site`), and the prediction table is made from `Bundle.site_probabilities` and
+(`bundle.with_site`), and the prediction table is made from `Bundle.site_probabilities` and
 `Bundle.model_threshold`. The recalibration is monotone and affine in logit space, so the
 ranking, the referrals and the patient context (ranks and logit z-scores) are unchanged by it.
 """
@@ -23,12 +23,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from dermsight.models.bundle import Bundle
 
 KIND = "dermsight-site-profile"
 FORMAT_VERSION = 1
@@ -153,8 +149,8 @@ def from_dict(data: dict, where: str = "site profile") -> SiteProfile:
     return SiteProfile(data)
 
 
-def read_profile(path: Path | str, bundle: Bundle | None = None) -> SiteProfile:
-    """Read and check a profile file; with `bundle`, also that it was made for that bundle."""
+def read_profile(path: Path | str) -> SiteProfile:
+    """Read and check a profile file (`bundle.with_site` also checks that it fits the bundle)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -166,21 +162,7 @@ def read_profile(path: Path | str, bundle: Bundle | None = None) -> SiteProfile:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise SiteProfileError(f"{path}: damaged site profile, not JSON ({err})") from None
-    profile = dataclasses.replace(from_dict(data, str(path)), path=path)
-    if bundle is not None:
-        check_bundle(profile, bundle)
-    return profile
-
-
-def check_bundle(profile: SiteProfile, bundle: Bundle) -> None:
-    """A profile fits only the bundle it was calibrated with (same name and version)."""
-    made_for = profile.data["bundle"]
-    if made_for.get("version") != bundle.version:
-        where = profile.path or "site profile"
-        raise SiteProfileError(
-            f"{where} was made for bundle {made_for.get('version')}, not {bundle.version} "
-            f"({bundle.path}): calibrate again with this bundle"
-        )
+    return dataclasses.replace(from_dict(data, str(path)), path=path)
 
 
 def write_profile(profile: SiteProfile | dict, path: Path | str) -> Path:
@@ -200,34 +182,3 @@ def write_profile(profile: SiteProfile | dict, path: Path | str) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
-
-
-def with_site(bundle: Bundle, site: SiteProfile | Path | str | None) -> Bundle:
-    """`bundle` carrying the site profile (a path is read and checked against it); None: the
-    bundle as it is."""
-    if site is None:
-        return bundle
-    profile = site if isinstance(site, SiteProfile) else read_profile(site, bundle)
-    check_bundle(profile, bundle)
-    return dataclasses.replace(bundle, site=profile)
-
-
-def operating_point(bundle: Bundle) -> str:
-    """The active operating point in one line: the attached profile's, or the bundle's own."""
-    return bundle.site.statement() if bundle.site else default_statement(bundle)
-
-
-def default_statement(bundle: Bundle) -> str:
-    """Without a profile: where the bundle's threshold comes from and how it held on the sources
-    the networks never saw (from bundle.json's threshold section)."""
-    threshold = bundle.threshold
-    held = threshold.get("held_out_sources") or {}
-    text = f"no site profile: referral threshold {bundle.melanoma_threshold:.3f} from other clinics"
-    if held:
-        sens = [s["sensitivity"]["value"] for s in held.values()]
-        spec = [s["specificity"]["value"] for s in held.values()]
-        text += (
-            f"; on {len(held)} sources the networks never saw it reached sensitivity {min(sens):.2f}-{max(sens):.2f} "
-            f"and specificity {min(spec):.2f}-{max(spec):.2f}: calibrate on your own cases (`dermsight calibrate`)"
-        )
-    return text

@@ -19,8 +19,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from dermsight.inference.predictor import Predictor
+from dermsight.models.bundle import operating_point
 from dermsight.models.site_profile import ENVIRONMENT as SITE_ENVIRONMENT
-from dermsight.models.site_profile import operating_point
 from dermsight.serving.errors import EXCEPTION_HANDLERS
 from dermsight.serving.limits import Admission, Settings
 from dermsight.serving.middleware import add_middleware

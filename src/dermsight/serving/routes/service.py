@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from dermsight.data.schema import CLASS_NAMES
-from dermsight.models.site_profile import operating_point
+from dermsight.models.bundle import operating_point
 from dermsight.serving.dependencies import PredictorDep, StorageDep
 from dermsight.serving.schemas import HealthOut, ModelOut
 
