@@ -4,8 +4,10 @@ blocked, every page fits a 390 px phone and a 1,366 px laptop without sideways s
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +18,7 @@ from dermsight.models.bundle import DEFAULT_BUNDLE
 from dermsight.serving.app import create_app
 import system_deps
 from live_server import in_thread
+from test_security import database_bytes
 from test_web_e2e import browser, open_page, submit_upload, wait_until  # noqa: F401
 
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
@@ -199,8 +202,9 @@ def test_patient_view_names_each_lesion_and_explains_its_score(browser, server, 
     page = open_page(browser, 1366, 900)
     page.goto(f"{server}{patient_url}")
     page.wait_for_selector("#lesions .card >> nth=2")
-    # No file name: a file name can carry a patient's name, and DermSight never stores one (tests/test_security.py).
+    # Stored through the API: no browser tab here uploaded them, so no file name (the next test).
     assert all(re.fullmatch(r"Lesion \d+", h.inner_text()) for h in page.query_selector_all("#lesions .card h3"))
+    assert all("File name not known here" in p.inner_text() for p in page.query_selector_all("#lesions .file-name"))
     lines = [p.inner_text() for p in page.query_selector_all("#lesions .card .context")]
     assert all(re.search(r"uploaded \d{4}-\d\d-\d\d \d\d:\d\d", line) for line in lines), lines
     scored = [(float(m.group(1)), line) for line in lines if (m := re.search(r"ugly-duckling score (-?[\d.]+)", line))]
@@ -216,3 +220,94 @@ def test_patient_view_names_each_lesion_and_explains_its_score(browser, server, 
         natural = card.eval_on_selector(".pictures img", "i => i.naturalWidth / i.naturalHeight")
         assert abs(natural - 4 / 3) < 0.01
         assert abs(photo["width"] / photo["height"] - natural) < 0.02 and abs(heat["width"] / heat["height"] - natural) < 0.02
+
+
+class Capture(logging.Handler):
+    """Every log record of the loggers it is added to, formatted."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+# Uploaded with names that carry a patient's name, record number and birth date.
+PHI_NAMES = ("Jane_Doe_MRN7Q4X_back.jpg", "Doe-J 1961-02-03 left arm.jpg")
+
+
+def test_patient_view_shows_file_names_the_server_never_keeps(browser, server, app, lesion_images):  # noqa: F811
+    """Real images uploaded to a patient from the page: the patient view of that browser tab shows each lesion's
+    file name (kept in the tab's sessionStorage) and the server's upload time; another browser shows the time and
+    no name; the database, stored files and logs hold no file name; an image id reused after a delete (SQLite)
+    never shows the deleted file's name."""
+    capture = Capture()
+    loggers = [logging.getLogger(name) for name in ("", "dermsight", "uvicorn", "uvicorn.error", "uvicorn.access",
+                                                     "fastapi", "python_multipart", "PIL")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(capture)
+        logger.setLevel(logging.DEBUG)
+    try:
+        client = httpx.Client(base_url=server, timeout=120)
+        patient = client.post("/api/patients", json={"reference": "P-FILES-0007"}).json()
+        page = open_page(browser, 1366, 900)
+        page.goto(f"{server}/?patient={patient['id']}")
+        page.set_input_files("input[name=files]", [
+            {"name": name, "mimeType": "image/jpeg", "buffer": path.read_bytes()}
+            for name, path in zip(PHI_NAMES, lesion_images[3:5])
+        ])
+        before = datetime.now(UTC)
+        with page.expect_response(lambda r: r.url.endswith("/api/images") and r.request.method == "POST") as answer:
+            page.click("button[type=submit]")
+        assert answer.value.status == 201
+        named = {p["id"]: name for p, name in zip(answer.value.json()["predictions"], PHI_NAMES)}
+        page.click("#patient-link a")
+        page.wait_for_selector("#lesions .card >> nth=1")
+        lesions = client.get(f"/api/patients/{patient['id']}").json()["lesions"]
+        assert {lesion["prediction"]["id"] for lesion in lesions} == set(named)
+        local = timezone(timedelta(minutes=-page.evaluate("new Date().getTimezoneOffset()")))
+        for lesion in lesions:
+            card = page.query_selector(f"#lesions .card[data-prediction-id='{lesion['prediction']['id']}']")
+            assert card.query_selector(".file-name").inner_text() == f"File {named[lesion['prediction']['id']]}"
+            uploaded = datetime.fromisoformat(lesion["uploaded_at"])  # the server's clock
+            assert timedelta(0) <= uploaded - before < timedelta(minutes=2)
+            assert f"uploaded {uploaded.astimezone(local):%Y-%m-%d %H:%M}" in card.query_selector(".context").inner_text()
+
+        # Another browser (another clinician, or this one after the tab closed): the times, never the names.
+        other = browser.new_context(viewport={"width": 1366, "height": 900})
+        elsewhere = other.new_page()
+        elsewhere.goto(f"{server}/patients/{patient['id']}")
+        elsewhere.wait_for_selector("#lesions .card >> nth=1")
+        text = elsewhere.inner_text("main")
+        assert text.count("File name not known here") == 2 and len(re.findall(r"uploaded \d{4}-\d\d-\d\d", text)) == 2
+        assert not any(name in text for name in PHI_NAMES)
+        other.close()
+
+        # SQLite hands a deleted last row's id to the next image: the tab's entry for it must not name the new one.
+        reused = max(named)
+        image_id = client.get(f"/api/predictions/{reused}").json()["image_id"]
+        assert client.delete(f"/api/images/{image_id}").status_code == 204
+        again = client.post("/api/images", data={"patient_id": str(patient["id"])},
+                            files=[("files", ("x.jpg", lesion_images[5].read_bytes(), "image/jpeg"))])
+        assert again.status_code == 201 and again.json()["predictions"][0]["image_id"] == image_id
+        page.reload()
+        page.wait_for_selector("#lesions .card >> nth=1")
+        lines = sorted(p.inner_text() for p in page.query_selector_all("#lesions .file-name"))
+        assert lines[0] == f"File {named[min(named)]}" and lines[1].startswith("File name not known here")
+        assert page.script_errors == []
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(capture)
+            logger.setLevel(level)
+    assert any("upload scored" in line for line in capture.lines)  # the capture saw the app's own logs
+    storage = app.state.storage
+    database = database_bytes(storage.engine.url.render_as_string(hide_password=False))
+    stored = b"".join(p.read_bytes() for p in storage.files_dir.rglob("*") if p.is_file())
+    logs = "\n".join(capture.lines)
+    for name in PHI_NAMES:
+        for part in (name, name.split(".")[0], "MRN7Q4X", "1961-02-03"):
+            assert part.encode() not in database, f"{part!r} in the database"
+            assert part.encode() not in stored, f"{part!r} in the stored files"
+            assert part not in logs, f"{part!r} in the logs"

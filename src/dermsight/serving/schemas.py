@@ -119,6 +119,11 @@ class PredictionOut(BaseModel):
     )
     context: dict[str, float | None] | None = Field(description="Patient context (ugly duckling); None for one-offs.")
     created_at: datetime
+    image_uploaded_at: datetime = Field(
+        description="When the scored image was uploaded (the server's clock, UTC). DermSight never stores the file's "
+        "name (it can carry a patient's name): the page keeps it in the uploading browser tab, keyed by `image_id` "
+        "and this time."
+    )
     image_url: str
     heatmap_url: str | None
     disclaimer: str = DISCLAIMER
@@ -156,7 +161,7 @@ class PatientDetail(PatientOut):
 
 class RejectedFile(BaseModel):
     number: int = Field(description="The file's place in the upload, 1 = first.")
-    filename: str
+    filename: str = Field(description="The name it was uploaded with, echoed back (never stored or logged).")
     reason: str = Field(description="Why it was left out, in one sentence.")
 
 
@@ -275,7 +280,8 @@ def prediction_out(prediction: Prediction, reference: RiskReference | None = Non
             quality_warnings=quality_warnings(prediction), threshold=prediction.threshold, above_threshold=None,
             looks_dermoscopic=False, referral=None, risk_meaning=None, decision=decision(prediction),
             differential=None, non_melanoma_cancer_likely=None,
-            context=None, created_at=prediction.created_at, image_url=f"/api/images/{image.id}/file", heatmap_url=None,
+            context=None, created_at=prediction.created_at, image_uploaded_at=image.uploaded_at,
+            image_url=f"/api/images/{image.id}/file", heatmap_url=None,
         )
     probabilities = prediction.probabilities
     return PredictionOut(
@@ -303,6 +309,7 @@ def prediction_out(prediction: Prediction, reference: RiskReference | None = Non
         non_melanoma_cancer_likely=probabilities.get("BCC", 0.0) + probabilities.get("SCC", 0.0) >= NON_MELANOMA_CANCER_LEVEL,
         context=prediction.context,
         created_at=prediction.created_at,
+        image_uploaded_at=image.uploaded_at,
         image_url=f"/api/images/{image.id}/file",
         heatmap_url=f"/api/predictions/{prediction.id}/heatmap",
     )

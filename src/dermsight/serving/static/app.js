@@ -143,6 +143,29 @@ function rejectedCard(rejected) {
     el("p", {}, rejected.reason));
 }
 
+// -- file names: kept in this browser tab only -----------------------------------------
+// The server never stores a file's name (it can carry a patient's name). The page that uploads a patient's images
+// remembers each stored image's name in sessionStorage (this tab only; gone when the tab closes or on sign-out),
+// keyed by the image's id and its upload time from the server, so that a reused id never shows another file's name.
+
+const FILE_NAMES = "dermsight.file-names";
+
+function fileNames() {
+  try { return JSON.parse(sessionStorage.getItem(FILE_NAMES)) || {}; } catch { return {}; }
+}
+
+function rememberFileNames(predictions, names) {
+  const known = fileNames();
+  predictions.forEach((p, i) => { known[p.image_id] = { name: names[i], uploaded_at: p.image_uploaded_at }; });
+  sessionStorage.setItem(FILE_NAMES, JSON.stringify(known));
+}
+
+/** The name this tab uploaded the prediction's image with, or null. */
+function fileName(prediction) {
+  const entry = fileNames()[prediction.image_id];
+  return entry && entry.uploaded_at === prediction.image_uploaded_at ? entry.name : null;
+}
+
 // -- upload page ----------------------------------------------------------------------
 
 function setUpUpload(form) {
@@ -185,6 +208,9 @@ function setUpUpload(form) {
       // One card per file, in upload order: the stored ones with their result, the others with their reason.
       const left = new Map(result.rejected.map((r) => [r.number, r]));
       const stored = [...result.predictions];
+      if (result.patient_id !== null) {
+        rememberFileNames(stored, files.filter((_, i) => !left.has(i + 1)).map((file) => file.name));
+      }
       results.replaceChildren(...files.map((file, i) => left.has(i + 1)
         ? rejectedCard(left.get(i + 1)) : renderCard(stored.shift(), file.name)));
       link.hidden = !result.patient_url;
@@ -214,10 +240,18 @@ function setUpPatients(form) {
 
 // -- patient view ---------------------------------------------------------------------
 
+/** "IMG_0042.jpg", as this tab uploaded it, or why the page cannot name the file. */
+function fileLine(prediction) {
+  const name = fileName(prediction);
+  return name
+    ? el("p", { class: "file-name" }, "File ", el("span", { class: "token", title: name }, name))
+    : el("p", { class: "file-name muted" }, "File name not known here: only the browser tab that uploaded it shows it.");
+}
+
 /** "Rank 1 · torso · uploaded 2026-12-07 09:41 · ugly-duckling score 1.28 (stands out)" (no score for a lone
  * or non-dermoscopic image). The score is in standard deviations around this patient's average lesion (0). */
 function contextLine(lesion) {
-  const stamp = lesion.uploaded_at;  // UTC; SQLite's come back without the offset
+  const stamp = lesion.uploaded_at;  // UTC, from the server; SQLite's come back without the offset
   const uploaded = new Date(/(Z|[+-]\d\d:\d\d)$/.test(stamp) ? stamp : `${stamp}Z`);
   const when = `${uploaded.toLocaleDateString("en-CA")} ${uploaded.toTimeString().slice(0, 5)}`;
   const parts = [`Rank ${lesion.rank}`, lesion.site || "site unknown", `uploaded ${when}`];
@@ -237,7 +271,11 @@ function setUpPatient(root) {
   async function load() {
     try {
       const patient = await api(`/api/patients/${id}?order=${order}`);
-      const cards = patient.lesions.map((l) => renderCard(l.prediction, `Lesion ${l.lesion_id}`, contextLine(l)));
+      const cards = patient.lesions.map((l) => {
+        const card = renderCard(l.prediction, `Lesion ${l.lesion_id}`, contextLine(l));
+        card.querySelector("h3").after(fileLine(l.prediction));
+        return card;
+      });
       document.getElementById("lesions").replaceChildren(...cards);
       status.hidden = false;
       status.textContent = patient.lesions.length
@@ -274,6 +312,7 @@ function setUpPatient(root) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  document.querySelector("form.signout")?.addEventListener("submit", () => sessionStorage.removeItem(FILE_NAMES));
   const upload = document.getElementById("upload-form");
   if (upload) setUpUpload(upload);
   const patients = document.getElementById("patient-form");
