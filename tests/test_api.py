@@ -19,7 +19,7 @@ from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.ood import REFUSAL_MESSAGE
 from dermsight.inference.predictor import Predictor
 from dermsight.serving.app import create_app
-from dermsight.serving.schemas import DECISIONS
+from dermsight.serving.schemas import DECISIONS, decision, uncertainty
 from dermsight.serving.scoring import Scorer, Upload, parse_metadata
 from dermsight.serving.storage.models import Prediction
 from dermsight.serving.storage.repository import Storage
@@ -550,3 +550,31 @@ def test_the_ensemble_says_when_it_is_unsure(isic2020, tmp_path):
         assert p["unsure"] == (p["risk_spread"] > level)
         assert p["uncertainty"].startswith("The model is unsure" if p["unsure"] else "The model's networks agree")
         assert "too_small" in [w["code"] for w in p["quality_warnings"]]  # test_128: 128 px < the network's 160
+
+
+@pytest.mark.parametrize(
+    ("risk", "spread", "unsure", "grade", "says"),
+    [
+        (0.41, 0.22, True, "urgent", "differ by about 22 percentage points, more than on 9 in 10 of the images it was "
+         "tested on. On such images its risks were much less reliable, so give your own examination more weight than "
+         "this risk."),
+        (0.02, 0.12, True, "not_prompted", "differ by about 12 percentage points, more than on 9 in 10"),
+        (0.20, 0.05, False, "routine", "agree: their melanoma risks differ by about 5 percentage points, less than "
+         "this risk's distance from the referral threshold: the decision does not hinge on it."),
+        (0.01, 0.004, False, "not_prompted", "differ by less than 1 percentage point, less than this risk's distance"),
+        (0.06, 0.03, False, "routine", "differ by about 3 percentage points, as much as this risk's distance from the "
+         "referral threshold: the decision is a close call."),
+        (0.03, 0.01, False, "not_prompted", "differ by about 1 percentage point, as much as this risk's distance"),
+        (0.03, 0.01, None, "not_prompted", "The model's networks' melanoma risks differ by about 1 percentage point"),
+    ],
+)
+def test_the_card_says_how_sure_in_points_above_and_below_the_threshold(risk, spread, unsure, grade, says):
+    """The wording of every case, unsure and sure, above and below the threshold (0.039), a close call or not, for
+    the clinician: percentage points with their number, never a "±"."""
+    threshold = 0.039
+    prediction = Prediction(melanoma_risk=risk, risk_spread=spread, unsure=unsure, threshold=threshold,
+                            above_threshold=risk >= threshold, looks_dermoscopic=True)
+    text = uncertainty(prediction)
+    assert says in text and "±" not in text
+    assert text.startswith("The model is unsure about this lesion" if unsure else "The model's networks")
+    assert decision(prediction) == DECISIONS[grade]
