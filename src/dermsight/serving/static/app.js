@@ -163,7 +163,8 @@ function rememberFileNames(predictions, names) {
 /** The name this tab uploaded the prediction's image with, or null. */
 function fileName(prediction) {
   const entry = fileNames()[prediction.image_id];
-  return entry && entry.uploaded_at === prediction.image_uploaded_at ? entry.name : null;
+  // The same instant, whatever offset the database hands the time back in.
+  return entry && Date.parse(entry.uploaded_at) === Date.parse(prediction.image_uploaded_at) ? entry.name : null;
 }
 
 // -- upload page ----------------------------------------------------------------------
