@@ -147,6 +147,15 @@ def test_card_shows_differential_uncertainty_and_photo_quality(browser, server, 
     assert "percentage point" in sure and "±" not in sure
     assert (card.query_selector("p.uncertainty.unsure") is not None) == (name == "unsure")
     assert sure.startswith("The model is unsure") == (name == "unsure")
+    # Sure, above or below the threshold: whether the decision hinges on the spread, as the API's numbers say.
+    prediction = page.request.get(f"{server}/api/predictions/{card.get_attribute('data-prediction-id')}").json()
+    assert prediction["decision"] == DECISIONS[grade] and prediction["uncertainty"] == sure
+    if name == "unsure":
+        assert sure.endswith("give your own examination more weight than this risk.")
+    else:
+        assert sure.startswith("The model's networks agree: their melanoma risks differ by ")
+        hinges = prediction["risk_spread"] >= abs(prediction["melanoma_risk"] - prediction["threshold"])
+        assert sure.endswith("the decision is a close call." if hinges else "the decision does not hinge on it.")
     weight = "el => getComputedStyle(el).fontWeight"
     assert int(card.eval_on_selector("p.uncertainty", weight)) < int(card.eval_on_selector(".verdict .decision", weight))
     warnings = [li.get_attribute("data-warning") for li in card.query_selector_all(".quality li")]
@@ -166,21 +175,28 @@ def test_card_shows_differential_uncertainty_and_photo_quality(browser, server, 
     assert page.script_errors == []
 
 
-def test_refused_card_shows_the_refusal_and_its_reason_only(browser, server, clinical_photos, shots):  # noqa: F811
-    """A real ordinary photo of a mole (Derm7pt clinical photo, a case no detector saw): the card
-    says it was refused and why, and nothing else: no risk, heat map, differential or photo advice."""
+@pytest.mark.parametrize("kind", ["photo", "document"])
+def test_refused_card_shows_the_refusal_and_its_reason_only(browser, server, clinical_photos, document_png, shots, kind):  # noqa: F811
+    """A real ordinary photo of a mole (Derm7pt clinical photo, a case no detector saw), and a rendered page of
+    text whose brightness the quality check flags: the card says it was refused and why, and nothing else: no risk,
+    heat map, differential or photo advice (the API still reports the page's quality warning)."""
     page = open_page(browser, 1100, 1000)
     page.goto(f"{server}/")
-    photo = clinical_photos[0]
-    page.set_input_files("input[name=files]", [{"name": photo.name, "mimeType": "image/jpeg", "buffer": photo.read_bytes()}])
+    name, data, mime = ((clinical_photos[0].name, clinical_photos[0].read_bytes(), "image/jpeg") if kind == "photo"
+                        else ("chart.png", document_png, "image/png"))
+    page.set_input_files("input[name=files]", [{"name": name, "mimeType": mime, "buffer": data}])
     submit_upload(page)
     card = page.query_selector("#results .card.ood")
     assert card is not None
+    prediction = page.request.get(f"{server}/api/predictions/{card.get_attribute('data-prediction-id')}").json()
+    warnings = [w["message"] for w in prediction["quality_warnings"]]
+    assert bool(warnings) == (kind == "document")
     text = card.inner_text()
     assert REFUSAL_MESSAGE in text and "Refused: no risk given." in text
     assert card.query_selector("[data-refusal]").get_attribute("data-refusal") == "not_dermoscopic"
     for absent in ("img", ".risk", "ol.differential", ".quality", ".disclaimer", "p.unsure", "p.muted"):
         assert card.query_selector(absent) is None, absent
+    assert not any(message in text for message in warnings) and "About the photo" not in text
     assert "risk " not in text.lower().replace("no risk given", "") and "%" not in text
-    card.screenshot(path=shots / "card-refused.png")
+    card.screenshot(path=shots / f"card-refused-{kind}.png")
     assert page.script_errors == []

@@ -681,15 +681,20 @@ def test_sign_in_page_in_a_browser(live, lesion_images):
             assert "Sign out" in page.inner_text("header")
             assert page.evaluate("document.cookie") == ""  # HttpOnly: no script can read the session
             assert page.evaluate("JSON.stringify(sessionStorage) + JSON.stringify(localStorage)") == "{}{}"
-            page.goto(f"{url}/")
+            patient = httpx.post(f"{url}/api/patients", json={}, headers={"Authorization": f"Bearer {key}"}).json()
+            page.goto(f"{url}/?patient={patient['id']}")
             page.set_input_files("input[name=files]", [str(lesion_images[1])])
             with page.expect_response(lambda r: r.url.endswith("/api/images")) as answer:
                 page.click("#upload-form button[type=submit]")
             assert answer.value.status == 201
             page.wait_for_selector("#results .card")
             wait_until(page, "[...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)")
+            # The patient's file names live in this tab only (README: file names stay in the browser), until sign-out.
+            kept = "JSON.stringify(sessionStorage) + JSON.stringify(localStorage)"
+            assert lesion_images[1].name in page.evaluate(kept)
             page.click("header button:has-text('Sign out')")
             page.wait_for_url(re.compile(r".*/login$"))
+            assert page.evaluate(kept) == "{}{}"
             page.goto(f"{url}/")
             assert "/login" in page.url
             ignorable = [p for p in problems if "401" not in p and "Failed to load resource" not in p]

@@ -140,6 +140,9 @@ def test_desktop_upload_patient_view_and_education(
     assert len(lesions) == 5
     assert [re.search(r"Rank (\d+)", card.inner_text()).group(1) for card in lesions] == ["1", "2", "3", "4", "5"]
     assert "ood" in lesions[-1].get_attribute("class")  # no meaningful risk: ranked last
+    # This tab uploaded them all: each card names its file (kept in the tab, never on the server).
+    names = sorted(card.query_selector(".file-name").inner_text() for card in lesions)
+    assert names == sorted(f"File {name}" for name in [p.name for p in lesion_images[:4]] + ["page.png"])
     assert all("ugly-duckling score " in card.inner_text() for card in lesions[:-1])
     risks = [float(re.search(r"([\d.]+)%\s+melanoma risk", card.inner_text()).group(1)) for card in lesions[:-1]]
     assert risks == sorted(risks, reverse=True)
