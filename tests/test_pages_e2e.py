@@ -273,7 +273,8 @@ def test_patient_view_shows_file_names_the_server_never_keeps(browser, server, a
             assert card.query_selector(".file-name").inner_text() == f"File {named[lesion['prediction']['id']]}"
             uploaded = datetime.fromisoformat(lesion["uploaded_at"])  # the server's clock
             assert timedelta(0) <= uploaded - before < timedelta(minutes=2)
-            assert f"uploaded {uploaded.astimezone(local):%Y-%m-%d %H:%M}" in card.query_selector(".context").inner_text()
+            shown = card.query_selector(".context").inner_text()
+            assert f"uploaded {uploaded.astimezone(local):%Y-%m-%d %H:%M}" in shown
 
         # Another browser (another clinician, or this one after the tab closed): the times, never the names.
         other = browser.new_context(viewport={"width": 1366, "height": 900})

@@ -176,7 +176,9 @@ def test_card_shows_differential_uncertainty_and_photo_quality(browser, server, 
 
 
 @pytest.mark.parametrize("kind", ["photo", "document"])
-def test_refused_card_shows_the_refusal_and_its_reason_only(browser, server, clinical_photos, document_png, shots, kind):  # noqa: F811
+def test_refused_card_shows_the_refusal_and_its_reason_only(
+    browser, server, clinical_photos, document_png, shots, kind  # noqa: F811
+):
     """A real ordinary photo of a mole (Derm7pt clinical photo, a case no detector saw), and a rendered page of
     text whose brightness the quality check flags: the card says it was refused and why, and nothing else: no risk,
     heat map, differential or photo advice (the API still reports the page's quality warning)."""
