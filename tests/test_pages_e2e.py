@@ -109,6 +109,10 @@ def test_every_page_fits_the_screen(browser, server, patient_url, width):  # noq
         wide = page.evaluate(OVERFLOWING)
         width_seen = page.evaluate("document.documentElement.scrollWidth")
         assert width_seen <= width and wide == [], f"{path} at {width} px: {width_seen} px wide; {wide}"
+        if path == patient_url:  # an upload time is one unbroken token ("2026-/12-07" split it on a phone)
+            lines_per_time = page.eval_on_selector_all(
+                "#lesions .context .nowrap", "spans => spans.map(s => new Set([...s.getClientRects()].map(r => r.top)).size)")
+            assert len(lines_per_time) >= 3 and set(lines_per_time) == {1}, lines_per_time
         shot = SCREENSHOTS.get((path if path != patient_url else "patient", width))
         if shot and os.environ.get("DERMSIGHT_SCREENSHOTS"):
             page.wait_for_timeout(500)  # the cards' images

@@ -102,7 +102,7 @@ function renderCard(prediction, title, context = null) {
   const state = ood ? "ood" : prediction.above_threshold ? "above" : "below";
   const card = el("article", { class: `card ${state}`, "data-prediction-id": prediction.id });
   card.append(el("h3", {}, title));
-  if (context) card.append(el("p", { class: "context" }, context));
+  if (context) card.append(el("p", { class: "context" }, ...[].concat(context)));
   const quality = qualityNotes(prediction);
   if (ood) {
     // A refused image: the refusal and its reason only (no risk, heat map, differential or photo advice).
@@ -249,19 +249,19 @@ function fileLine(prediction) {
     : el("p", { class: "file-name muted" }, "File name not known here: only the browser tab that uploaded it shows it.");
 }
 
-/** "Rank 1 · torso · uploaded 2026-12-07 09:41 · ugly-duckling score 1.28 (stands out)" (no score for a lone
+/** "Rank 1 · torso · uploaded 2026-12-07 09:41 · ugly-duckling score 1.28 (stands out)", as text and a span (no score for a lone
  * or non-dermoscopic image). The score is in standard deviations around this patient's average lesion (0). */
 function contextLine(lesion) {
   const stamp = lesion.uploaded_at;  // UTC, from the server; SQLite's come back without the offset
   const uploaded = new Date(/(Z|[+-]\d\d:\d\d)$/.test(stamp) ? stamp : `${stamp}Z`);
   const when = `${uploaded.toLocaleDateString("en-CA")} ${uploaded.toTimeString().slice(0, 5)}`;
-  const parts = [`Rank ${lesion.rank}`, lesion.site || "site unknown", `uploaded ${when}`];
+  const parts = [`Rank ${lesion.rank}`, lesion.site || "site unknown", el("span", { class: "nowrap" }, `uploaded ${when}`)];
   const score = lesion.ugly_duckling_score;
   if (lesion.prediction.looks_dermoscopic && score !== null) {
     const reading = score >= 1 ? "stands out" : score > 0 ? "a little unusual" : "typical for this patient";
     parts.push(`ugly-duckling score ${score.toFixed(2)} (${reading})`);
   }
-  return parts.join(" · ");
+  return parts.flatMap((part, i) => (i ? [" · ", part] : [part]));  // the date and time never break apart
 }
 
 function setUpPatient(root) {
