@@ -66,10 +66,12 @@ def joined(finetuned: pd.DataFrame, frozen: dict[str, pd.DataFrame]) -> pd.DataF
         other = oof.set_index("image_id")
         missing = ~table["image_id"].isin(other.index)
         if missing.any():
-            raise SystemExit(f"{name}: {int(missing.sum())} images of the fine-tuned bundle are not in its out-of-fold table")
+            raise SystemExit(f"{name}: {int(missing.sum())} images of the fine-tuned bundle are not in its out-of-fold "
+                             "table")
         folds = table["image_id"].map(other["fold"])
         if (folds != table["fold"]).any():
-            raise SystemExit(f"{name}: {int((folds != table['fold']).sum())} images sit in another fold than in the fine-tuned bundle")
+            moved = int((folds != table["fold"]).sum())
+            raise SystemExit(f"{name}: {moved} images sit in another fold than in the fine-tuned bundle")
         table[name] = table["image_id"].map(other["MEL"]).to_numpy()
     return table
 
@@ -114,7 +116,8 @@ def cpu_per_image(bundle: Bundle) -> float:
     predictor = Predictor(bundle)
     refs = sorted((DATA / "isic2017" / "images").glob("*.jpg"))[:CPU_IMAGES]
     images = np.stack([bundle.preprocessing.normalise(bundle.preprocessing.resize(rgb)) for rgb in decode_all(refs)])
-    metadata = encode_metadata(pd.DataFrame({"age": [None] * len(refs), "sex": None, "site": None}), bundle.metadata_features)
+    unknown = pd.DataFrame({"age": [None] * len(refs), "sex": None, "site": None})
+    metadata = encode_metadata(unknown, bundle.metadata_features)
     predictor.score(images[:32], metadata[:32])  # warm-up
     began = time.process_time()
     for start in range(0, len(images), 32):

@@ -55,7 +55,8 @@ VIEW_SETS = {
 
 def dihedral(images: np.ndarray, name: str) -> np.ndarray:
     """One of the eight symmetries of a (N, 3, S, S) batch."""
-    flipped = {"identity": images, "hflip": images[..., ::-1], "vflip": images[..., ::-1, :], "rot180": images[..., ::-1, ::-1]}
+    flipped = {"identity": images, "hflip": images[..., ::-1], "vflip": images[..., ::-1, :],
+               "rot180": images[..., ::-1, ::-1]}
     if name in flipped:
         return flipped[name]
     transposed = images.swapaxes(-1, -2)
@@ -75,7 +76,8 @@ def scored_records(predictor: Predictor, oof: pd.DataFrame) -> pd.DataFrame:
 
 def member_graph(bundle_graph: Path, member: int) -> Path:
     """Member `member`'s subgraph of an ensemble graph (its logits only), extracted once into /tmp."""
-    path = Path("/tmp/dermsight-tta-members") / f"{bundle_graph.stat().st_size}-{bundle_graph.stat().st_mtime_ns}-m{member}.onnx"
+    stat = bundle_graph.stat()
+    path = Path("/tmp/dermsight-tta-members") / f"{stat.st_size}-{stat.st_mtime_ns}-m{member}.onnx"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.utils.extract_model(str(bundle_graph), str(path), ["image", "metadata"], [f"m{member}_logits"])
@@ -99,7 +101,8 @@ def view_logits(predictor: Predictor, records: pd.DataFrame) -> tuple[np.ndarray
             images = np.stack([prep.normalise(prep.resize(rgb)) for rgb in decode_all([refs[r] for r in rows])])
             stacked = np.concatenate([np.ascontiguousarray(dihedral(images, name)) for name in DIHEDRAL])
             began = time.process_time()
-            logits = session.run([f"m{member}_logits"], {"image": stacked, "metadata": np.tile(metadata[rows], (len(DIHEDRAL), 1))})[0]
+            feeds = {"image": stacked, "metadata": np.tile(metadata[rows], (len(DIHEDRAL), 1))}
+            logits = session.run([f"m{member}_logits"], feeds)[0]
             cpu += time.process_time() - began
             out[:, rows] = logits.reshape(len(DIHEDRAL), len(rows), -1)
             print(f"member {member}: {start + len(rows)}/{len(indices)}", file=sys.stderr, flush=True)
@@ -114,9 +117,12 @@ def compare(records: pd.DataFrame, logits: np.ndarray, oof: pd.DataFrame, temper
         y = (records["diagnosis"].to_numpy()[rows] == "MEL").astype(int)
         entry = {"source": source, "held_out": "grouped_cv" if source == "ham10000" else "left_out_source",
                  "images": int(len(rows)), "melanomas": int(y.sum()),
-                 "out_of_fold_file": {"auc": float(roc_auc_score(y, oof_risk[rows])), "specificity_at_90": specificity_at(y, oof_risk[rows])}}
-        risks = {label: softmax(logits[[DIHEDRAL.index(n) for n in names]][:, rows].mean(axis=0) / temperature, axis=1)[:, mel]
-                 for label, names in VIEW_SETS.items()}
+                 "out_of_fold_file": {"auc": float(roc_auc_score(y, oof_risk[rows])),
+                                      "specificity_at_90": specificity_at(y, oof_risk[rows])}}
+        risks = {}
+        for label, names in VIEW_SETS.items():
+            mean_logits = logits[[DIHEDRAL.index(n) for n in names]][:, rows].mean(axis=0)
+            risks[label] = softmax(mean_logits / temperature, axis=1)[:, mel]
         shipped = risks[BUNDLE_VIEWS]
         for label, risk in risks.items():
             entry[label] = {"auc": float(roc_auc_score(y, risk)), "specificity_at_90": specificity_at(y, risk)}
@@ -142,7 +148,7 @@ def main(bundle: str) -> dict:
         "bundle": predictor.bundle.name,
         "load_average": open("/proc/loadavg").read().split()[:3],
         "onnx_cpu_seconds_per_image_view_one_member": cpu,
-        "note": "the shipped bundle runs its 4 members on every view: its scoring CPU grows in proportion to its view count",
+        "note": "the shipped bundle runs its 4 members on every view: its scoring CPU grows with its view count",
         "per_source": compare(records, logits, oof, predictor.bundle.temperature, predictor.classes.index("MEL")),
     }
 
