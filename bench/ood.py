@@ -16,9 +16,9 @@ stdout, a short table on stderr.
   and 128 px / squashed re-takes of 50 HAM10000 and 50 Derm7pt images.
 - The detector's ROC AUC: each dermoscopy set against the held-out clinical photos. And the
   detector held out by source (scripts/fit_photo_detector.py's sample, refitted here): each
-  dermoscopy source family scored by trees that never saw it, with a threshold set on the others.
-- CPU per image: the photo detector (statistics + trees) against the scoring pass (ONNX Runtime,
-  every view) on the same batch of 64 test_128 images (process time, all threads).
+  dermoscopy source family scored by a regression that never saw it, with a threshold set on the others.
+- CPU per image: the photo detector (its network + regression) against the scoring pass (ONNX
+  Runtime, every view) on the same batch of 64 test_128 images (process time, all threads).
 """
 
 from __future__ import annotations
@@ -75,26 +75,25 @@ def detector_auc(predictor, dermoscopy: dict[str, list[str]], photos: list[str])
     from dermsight.training.photo_gate import image_photo_features
 
     prep, detector = predictor.bundle.preprocessing, predictor.ood_gate.photo
-    photo = detector.probability(image_photo_features(photos, prep)[0])
-    scores = {name: detector.probability(image_photo_features(refs, prep)[0]) for name, refs in dermoscopy.items()}
+    photo = detector.probability_of(image_photo_features(photos, prep, detector.network)[0])
+    scores = {name: detector.probability_of(image_photo_features(refs, prep, detector.network)[0]) for name, refs in dermoscopy.items()}
     scores["all"] = np.concatenate(list(scores.values()))
     return {name: roc_auc_score(np.r_[np.zeros(len(x)), np.ones(len(photo))], np.r_[x, photo]) for name, x in scores.items()}
 
 
-def held_out_by_source(data: Path, per_source: int, prep) -> dict:
+def held_out_by_source(data: Path, per_source: int, prep, network) -> dict:
     """scripts/fit_photo_detector.py's sample and settings, each dermoscopy source family scored
-    by trees fitted without it."""
+    by a regression (on the shipped detector's network) fitted without it."""
     from dermsight.training.photo_gate import gate_images, image_photo_features, shared_dermoscopy, source_held_out
 
     items, frame = gate_images(shared_dermoscopy(data, per_source), [data / "derm7pt"])
-    features, rows = image_photo_features(items, prep)
+    features, rows = image_photo_features(items, prep, network)
     return source_held_out(features, frame.iloc[rows].reset_index(drop=True))
 
 
 def cpu_cost(predictor, data: Path) -> dict:
     """CPU seconds per image of the photo detector and of the scoring pass on 64 test_128 images."""
     from dermsight.imaging.batches import iter_batches
-    from dermsight.inference.photo_detector import photo_features
 
     refs = sorted((data / "isic2020" / "test_128").glob("*.jpg"))[:64]
     batch = next(iter(iter_batches([str(r) for r in refs], predictor.bundle.preprocessing, 64, views=predictor.bundle.views)))
@@ -106,7 +105,7 @@ def cpu_cost(predictor, data: Path) -> dict:
         predictor.score_views(batch.images, metadata)
         timings["scoring_pass"].append(time.process_time() - start)
         start = time.process_time()
-        predictor.ood_gate.photo.probability(photo_features(batch.images[0], predictor.bundle.preprocessing))
+        predictor.ood_gate.photo.probability(batch.images[0])
         timings["photo_detector"].append(time.process_time() - start)
     per_image = {k: 1000 * min(v) / len(batch.indices) for k, v in timings.items()}
     return {
@@ -192,7 +191,9 @@ def main() -> None:
             }
 
     result["detector_roc_auc"] = detector_auc(predictor, {k: v["image_ref"].tolist() for k, v in sets.items()}, valid_refs)
-    result["dermoscopy_refused_source_held_out"] = held_out_by_source(args.data, args.per_source, predictor.bundle.preprocessing)
+    result["dermoscopy_refused_source_held_out"] = held_out_by_source(
+        args.data, args.per_source, predictor.bundle.preprocessing, predictor.ood_gate.photo.network
+    )
     result["cpu"] = cpu_cost(predictor, args.data)
 
     print(json.dumps(result, indent=1))

@@ -2,9 +2,10 @@
 
     .venv/bin/python scripts/fit_photo_detector.py [--model bundles/default] [--per-source 300]
 
-Reads the shared datasets ($DERMSIGHT_DATA), fits the detector (dermsight.training.photo_gate),
-rewrites the bundle's ood_gate.npz (the distance part is kept) and prints the held-out
-validation as JSON. No network runs: a few minutes of CPU for ~3,700 images. With
+Reads the shared datasets ($DERMSIGHT_DATA), exports the detector's network (ImageNet
+EfficientNet-Lite0, first five stages, into the gate file), fits its logistic regression
+(dermsight.training.photo_gate), rewrites the bundle's ood_gate.npz (the distance part is kept)
+and prints the held-out validation as JSON: ~5 minutes of CPU for ~3,900 images. With
 --distance-gate the distance part is refitted first, on the network's gate features of the
 same dermoscopy sample (each source family a fold).
 """

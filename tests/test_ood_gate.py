@@ -13,8 +13,9 @@ from dermsight.imaging.decode import decode_image
 from dermsight.imaging.errors import ImageError
 from dermsight.data.inputs import records_from_inputs
 from dermsight.inference.ood import OOD_FILE, OODGate, fit_ood_gate
-from dermsight.inference.photo_detector import fit_photo_detector
+from dermsight.inference.photo_detector import PhotoNetwork
 from dermsight.inference.predictor import Predictor, no_quality
+from dermsight.training.photo_gate import fit_photo_detector
 
 
 def test_held_out_threshold_refuses_about_the_chosen_share(tmp_path):
@@ -57,20 +58,20 @@ def test_scales_and_threshold_come_from_held_out_distances():
 
 
 def test_photo_threshold_comes_from_held_out_dermoscopy():
-    """Boosted trees fit their own dermoscopy images too well: their probabilities run lower
-    than a fresh image's. The threshold set on held-out folds refuses about the chosen 5% of
-    fresh dermoscopy; one set on the fitted images refuses far more."""
+    """A regression on many features fits its own dermoscopy images too well: their
+    probabilities run lower than a fresh image's. The threshold set on held-out folds refuses
+    about the chosen 5% of fresh dermoscopy; one set on the fitted images refuses far more."""
     rng = np.random.default_rng(0)
-    shift = np.zeros(40)
-    shift[:5] = 0.8
-    dermoscopy, photos = rng.standard_normal((600, 40)), rng.standard_normal((300, 40)) + shift
-    features, is_photo = np.concatenate([dermoscopy, photos]), np.r_[np.zeros(600, bool), np.ones(300, bool)]
-    detector, held_out = fit_photo_detector(features, is_photo, np.arange(900) % 5, max_false_rejection=0.05)
-    fresh = detector.probability(rng.standard_normal((4000, 40)))
+    shift = np.zeros(300)
+    shift[:10] = 0.8
+    dermoscopy, photos = rng.standard_normal((400, 300)), rng.standard_normal((200, 300)) + shift
+    features, is_photo = np.concatenate([dermoscopy, photos]), np.r_[np.zeros(400, bool), np.ones(200, bool)]
+    detector, held_out = fit_photo_detector(PhotoNetwork(b""), features, is_photo, np.arange(600) % 5, max_false_rejection=0.05)
+    fresh = detector.probability_of(rng.standard_normal((4000, 300)))
     assert 0.02 < np.mean(fresh > detector.threshold) < 0.10
-    in_sample = np.quantile(detector.probability(dermoscopy), 0.95)
+    in_sample = np.quantile(detector.probability_of(dermoscopy), 0.95)
     assert np.mean(fresh > in_sample) > 0.15  # what a threshold on the fitted images would refuse
-    assert np.mean(detector.probability(rng.standard_normal((4000, 40)) + shift) > detector.threshold) > 0.3  # photos
+    assert np.mean(detector.probability_of(rng.standard_normal((4000, 300)) + shift) > detector.threshold) > 0.3  # photos
 
 
 def test_a_gate_of_the_old_format_is_refused_with_a_reason(tmp_path):

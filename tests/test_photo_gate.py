@@ -5,36 +5,51 @@ every source."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from dermsight.data.readers import derm7pt_clinical_photos
 from dermsight.data.schema import DIAGNOSES
+from dermsight.imaging.batches import load_square
 from dermsight.evaluation.calibration import choose_threshold, choose_threshold_every_source
 from dermsight.inference.ood import REFUSAL, BlockGate, OODGate
-from dermsight.inference.photo_detector import _boosted_trees, _from_sklearn, fit_photo_detector
-from dermsight.inference.predictor import WITHHELD_COLUMNS, Predictor, withhold_refused
+from dermsight.inference.predictor import WITHHELD_COLUMNS, Predictor, no_quality, withhold_refused
 from dermsight.models.bundle import load_bundle
-from dermsight.training.photo_gate import gate_images, image_photo_features, shared_dermoscopy
+from dermsight.training.photo_gate import (
+    _logistic_regression,
+    fit_photo_detector,
+    gate_images,
+    image_photo_features,
+    photo_network,
+    shared_dermoscopy,
+)
+
+# Of the valid split's photos, the share a detector fitted with 200 train-split photos refuses: 92% measured
+# (the old picture statistics + trees: 65%; the shipped detector, fitted on all ~410: README, Results).
+PHOTOS_REFUSED = 0.85
 
 
 @pytest.fixture(scope="module")
 def photo_sets(shared):
-    """Photo features under the default bundle's preprocessing: the detector's training images
-    without one whole dermoscopy source (isic2017) and with 200 Derm7pt train-split photos; and
-    held out: that source, 128 px SIIM-ISIC 2020 test images, and the valid split's photos."""
+    """The photo network's features under the default bundle's preprocessing: the detector's
+    training images without one whole dermoscopy source (isic2017) and with 200 Derm7pt
+    train-split photos; and held out: that source, 128 px SIIM-ISIC 2020 test images, and the
+    valid split's photos."""
     prep = load_bundle(None).preprocessing
+    network = photo_network(prep)
     dermoscopy = shared_dermoscopy(shared, per_source=100)
     items, frame = gate_images(dermoscopy[dermoscopy["family"] != "isic2017"], [shared / "derm7pt"], max_photos=200)
-    features, rows = image_photo_features(items, prep)
+    features, rows = image_photo_features(items, prep, network)
     frame = frame.iloc[rows].reset_index(drop=True)
     unseen_source = dermoscopy.loc[dermoscopy["family"] == "isic2017", "image_ref"].tolist()
     test_128 = sorted(str(p) for p in (shared / "isic2020" / "test_128").glob("*.jpg"))[:100]
     valid = derm7pt_clinical_photos(shared / "derm7pt", split="valid")["clinical_ref"].tolist()
-    held_out = {name: image_photo_features(refs, prep)[0] for name, refs in
+    held_out = {name: image_photo_features(refs, prep, network)[0] for name, refs in
                 (("isic2017", unseen_source), ("test_128", test_128), ("valid photos", valid))}
-    return features, frame, held_out
+    return network, features, frame, held_out
 
 
 def test_derm7pt_splits_are_disjoint_cases(shared):
@@ -45,28 +60,32 @@ def test_derm7pt_splits_are_disjoint_cases(shared):
 
 
 def test_photo_detector_refuses_held_out_clinical_photos_and_keeps_unseen_dermoscopy(photo_sets, tmp_path):
-    features, frame, held_out = photo_sets
+    network, features, frame, held_out = photo_sets
     assert frame.groupby(["kind", "group"])["fold"].nunique().max() == 1  # a case and its re-takes share a fold
-    detector, _ = fit_photo_detector(features, (frame["kind"] != "dermoscopy").to_numpy(), frame["fold"].to_numpy())
+    detector, _ = fit_photo_detector(network, features, (frame["kind"] != "dermoscopy").to_numpy(), frame["fold"].to_numpy())
     gate = OODGate((1,), [BlockGate(np.zeros(1), np.eye(1), np.eye(1))], threshold=np.inf, photo=detector)
     gate.save(tmp_path)
     loaded = OODGate.load(tmp_path).photo
-    np.testing.assert_array_equal(loaded.probability(held_out["valid photos"]), detector.probability(held_out["valid photos"]))
-    refused = {name: np.mean(loaded.probability(x) > loaded.threshold) for name, x in held_out.items()}
-    # Photos of cases it never saw: 65% here (the previous detector on the network's features: 46%); the
-    # 95% target is not met (README, Results).
-    assert refused["valid photos"] >= 0.55, refused
+    np.testing.assert_array_equal(loaded.probability_of(held_out["valid photos"]), detector.probability_of(held_out["valid photos"]))
+    refused = {name: np.mean(loaded.probability_of(x) > loaded.threshold) for name, x in held_out.items()}
+    # Photos of cases it never saw (with 200 training photos; the shipped detector, all ~400: README, Results).
+    assert refused["valid photos"] >= PHOTOS_REFUSED, refused
     assert refused["isic2017"] <= 0.05 and refused["test_128"] <= 0.05, refused  # a source and a size it never saw
 
 
-def test_numpy_trees_equal_the_fitted_model(photo_sets):
-    """The detector applies sklearn's fitted trees with numpy alone, to the same probabilities."""
-    features, frame, held_out = photo_sets
+def test_detector_applies_the_fitted_regression_to_the_network_of_the_images(photo_sets, shared):
+    """numpy applies the fitted scaler and regression to the same probabilities as scikit-learn,
+    and the detector's own network run on decoded images gives the features it was fitted on."""
+    network, features, frame, held_out = photo_sets
     is_photo = (frame["kind"] != "dermoscopy").to_numpy()
-    model = _boosted_trees(0).fit(features, is_photo)
-    detector = _from_sklearn(model)
+    detector, _ = fit_photo_detector(network, features, is_photo, frame["fold"].to_numpy())
+    model = _logistic_regression().fit(features, is_photo)
     x = np.concatenate(list(held_out.values()))
-    np.testing.assert_allclose(detector.probability(x), model.predict_proba(x)[:, 1], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(detector.probability_of(x), model.predict_proba(x)[:, 1], rtol=1e-5, atol=1e-6)  # float32 input
+    prep = load_bundle(None).preprocessing
+    valid = derm7pt_clinical_photos(shared / "derm7pt", split="valid")["clinical_ref"].tolist()[:8]
+    squares = np.stack([prep.normalise(load_square(Path(ref).read_bytes(), prep, ref, no_quality(1)[0])) for ref in valid])
+    np.testing.assert_allclose(detector.probability(squares), detector.probability_of(held_out["valid photos"][:8]), atol=1e-5)
 
 
 def test_refused_rows_leave_with_their_reason_and_no_risk(trained_bundle, clinical_photos, lesion_images):

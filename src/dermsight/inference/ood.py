@@ -15,8 +15,9 @@ rates are in the README (`python bench/ood.py`). Applying the gate needs numpy o
 The commonest wrong input is no cat but an ordinary close-up photo of a mole, which a
 distance from dermoscopy alone lets through too often (and so did a logistic regression on
 these features: 46% of such photos refused). The gate therefore also carries a
-:class:`~dermsight.inference.photo_detector.PhotoDetector` that looks at the picture itself
-(fitted by ``scripts/fit_photo_detector.py``); an image is accepted only when both agree.
+:class:`~dermsight.inference.photo_detector.PhotoDetector`, a small ImageNet network's view of
+the picture itself (fitted by ``scripts/fit_photo_detector.py``); an image is accepted only
+when both agree.
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ class OODGate:
         parts = np.split(np.asarray(features, np.float32), np.cumsum(self.block_sizes)[:-1], axis=1)
         return np.max([block.distance(part) for block, part in zip(self.blocks, parts)], axis=0)
 
-    def accepts(self, features: np.ndarray, photo_features: np.ndarray | None = None) -> np.ndarray:
-        """(N,) True for images both parts accept: `features` the gate features, `photo_features`
-        the images' :func:`~dermsight.inference.photo_detector.photo_features` (needed when the
-        gate has a photo detector)."""
+    def accepts(self, features: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        """(N,) True for images both parts accept: `features` the gate features, `images` the
+        normalised model inputs (N, 3, S, S) the photo detector looks at (needed when the gate
+        has one)."""
         accepted = self.score(features) <= self.threshold
         if self.photo is not None:
-            if photo_features is None:
-                raise ValueError("this gate has a photo detector: pass the images' photo features")
-            accepted &= self.photo.probability(photo_features) <= self.photo.threshold
+            if images is None:
+                raise ValueError("this gate has a photo detector: pass the images")
+            accepted &= self.photo.probability(images) <= self.photo.threshold
         return accepted
 
     def save(self, folder: Path) -> None:
@@ -104,10 +105,10 @@ class OODGate:
         ]
         if not photo_detector:
             return cls(sizes, blocks, float(data["threshold"]))
-        if "photo_weight" in data:
-            raise ValueError(f"{path} holds an older photo detector (on the network's features): refit it with "
+        if any(key.startswith("photo_") for key in data.files) and "photo_network" not in data.files:
+            raise ValueError(f"{path} holds an older photo detector (without its network): refit it with "
                              "scripts/fit_photo_detector.py")
-        photo = PhotoDetector.from_arrays(data) if "photo_feature" in data else None
+        photo = PhotoDetector.from_arrays(data) if "photo_network" in data.files else None
         return cls(sizes, blocks, float(data["threshold"]), photo)
 
 

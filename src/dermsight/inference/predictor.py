@@ -23,7 +23,6 @@ from dermsight.imaging.preprocess import view, views
 from dermsight.imaging.quality import QUALITY_MEASURES, quality_warnings
 from dermsight.inference.context import CONTEXT_COLUMNS, patient_context
 from dermsight.inference.ood import REFUSAL, OODGate
-from dermsight.inference.photo_detector import photo_features
 from dermsight.inference.onnx_session import ParallelSession
 from dermsight.inference.score_cache import ScoreCache
 from dermsight.models.bundle import Bundle, load_bundle, with_site
@@ -191,7 +190,7 @@ class Predictor:
         cams = outputs[2]
         mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])
         cam = np.mean([view(mel_cams[v], name) for v, name in enumerate(names)], axis=0)  # flips are self-inverse
-        accepted = self.accepts(gate_features, stacked[0])  # the photo statistics do not change with flips
+        accepted = self.accepts(gate_features, stacked[0])  # the photo detector sees the image as taken
         temperature = self.bundle.temperature
         if len(outputs) > 4:  # an ensemble: each member's logits, averaged over the views
             members = outputs[4].reshape(len(names), n, *outputs[4].shape[1:]).mean(axis=0)
@@ -207,8 +206,7 @@ class Predictor:
         all True for a bundle without a gate."""
         if self.ood_gate is None:
             return np.ones(len(images), bool)
-        photo = photo_features(images, self.bundle.preprocessing) if self.ood_gate.photo is not None else None
-        return self.ood_gate.accepts(gate_features, photo)
+        return self.ood_gate.accepts(gate_features, images)
 
     def gate_features(self, refs: Sequence, batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, list[int]]:
         """The out-of-distribution gate's input for each readable image (means over the

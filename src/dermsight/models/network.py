@@ -126,3 +126,46 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
             dynamo=False,
         )
     tmp.replace(path)
+
+
+class PhotoFeatureNet(nn.Module):
+    """What the gate's photo detector sees: an ImageNet EfficientNet-Lite0 up to blocks[4] on the
+    central `crop` of the model's input square resized to `size` px, and the mean and standard
+    deviation over the image of blocks 1-4's outputs (2 x (24 + 40 + 80 + 112) = 512 values:
+    edges, texture, parts; how magnified skin looks against a photo of a body). The border is left
+    out: there a scanned atlas's black frame or a dermatoscope's dark rim says more about the
+    camera than about the kind of image (with it, a detector fitted without Derm7pt's dermoscopy
+    refused 89% of it; without it 33%). `mean`/`std`: the bundle's normalisation, undone before
+    Lite0's own ((x - 127) / 128); `input_size`: the side of the model's input square."""
+
+    TAPS = (1, 2, 3, 4)
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], input_size: int, size: int = 128, crop: float = 0.7):
+        super().__init__()
+        lite0 = create_backbone("efficientnet_lite0", pretrained=True)
+        self.stem = nn.Sequential(lite0.conv_stem, lite0.bn1)
+        self.blocks = lite0.blocks[: max(self.TAPS) + 1]
+        margin = int(input_size * (1 - crop) / 2)
+        self.size, self.centre = size, slice(margin, -margin or None)
+        scale = torch.as_tensor(std, dtype=torch.float32) * 255 / 128
+        self.register_buffer("scale", scale.view(1, 3, 1, 1))
+        self.register_buffer("shift", ((torch.as_tensor(mean, dtype=torch.float32) * 255 - 127) / 128).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        centre = image[:, :, self.centre, self.centre]
+        x = nn.functional.interpolate(centre * self.scale + self.shift, size=(self.size, self.size), mode="bilinear",
+                                      align_corners=False)
+        x = self.stem(x)
+        pooled = []
+        for k, block in enumerate(self.blocks):
+            x = block(x)
+            if k in self.TAPS:
+                mean = x.mean(dim=(2, 3))
+                pooled += [mean, ((x * x).mean(dim=(2, 3)) - mean * mean).clamp_min(0).sqrt()]
+        return torch.cat(pooled, dim=1)
+
+
+def export_photo_network(path: Path, mean: tuple[float, ...], std: tuple[float, ...], input_size: int) -> None:
+    """:class:`PhotoFeatureNet` as an ONNX graph image (N,3,input_size,input_size) -> photo_features (N,512)."""
+    net = PhotoFeatureNet(mean, std, input_size).eval()
+    _export(net, (torch.zeros(1, 3, input_size, input_size),), path, ["image"], ["photo_features"])

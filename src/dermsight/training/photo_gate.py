@@ -14,6 +14,7 @@ fold). :func:`source_held_out` measures what the detector does on a whole source
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from dermsight.evaluation.ood_images import acquisition_variant, non_dermoscopic
 from dermsight.imaging.batches import iter_batches
 from dermsight.imaging.preprocess import Preprocessing
 from dermsight.inference.ood import OODGate
-from dermsight.inference.photo_detector import fit_photo_detector, held_out_probabilities, photo_features
+from dermsight.inference.photo_detector import PhotoDetector, PhotoNetwork
 from dermsight.models.bundle import Bundle
+from dermsight.models.graph_rewrite import static_padding_model
+from dermsight.models.network import export_photo_network
 
 # Dermoscopy sources (folder under the datasets folder) -> (name, family: the fold held out together).
 DERMOSCOPY = {
@@ -40,6 +43,7 @@ DERMOSCOPY = {
 }
 DERMOSCOPY_VARIANTS = ("rescale", "squash", "jpeg", "crop")
 FOLDS = 5
+REGULARISATION = 0.1  # the logistic regression's C (inverse strength) on standardised features
 PHOTO_VARIANTS = ("crop", "rescale", "jpeg", "phone")
 
 
@@ -99,15 +103,61 @@ def gate_images(
     return items, frame
 
 
-def image_photo_features(items: Sequence, prep: Preprocessing, batch_size: int = 64) -> tuple[np.ndarray, list[int]]:
-    """:func:`photo_features` of each readable item (image_refs or encoded bytes) under the
+def photo_network(prep: Preprocessing) -> PhotoNetwork:
+    """The detector's network (:class:`~dermsight.models.network.PhotoFeatureNet`) for inputs
+    made by `prep`, as an ONNX graph with its "same" padding folded into constants."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "photo.onnx"
+        export_photo_network(path, tuple(prep.mean), tuple(prep.std), prep.size)
+        graph = path.read_bytes()
+    return PhotoNetwork(static_padding_model(graph) or graph)
+
+
+def image_photo_features(
+    items: Sequence, prep: Preprocessing, network: PhotoNetwork, batch_size: int = 64
+) -> tuple[np.ndarray, list[int]]:
+    """The `network`'s features of each readable item (image_refs or encoded bytes) under the
     bundle's preprocessing, and the positions of those items."""
     parts, rows = [], []
     for batch in iter_batches(list(items), prep, batch_size):
         if batch.indices:
-            parts.append(photo_features(batch.images, prep))
+            parts.append(network.features(batch.images))
             rows.extend(batch.indices)
     return (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)), rows
+
+
+def _logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=REGULARISATION, class_weight="balanced", max_iter=5000))
+
+
+def held_out_probabilities(features: np.ndarray, is_photo: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Each image's photo probability from a regression fitted without its fold."""
+    out = np.zeros(len(features))
+    for fold in np.unique(folds):
+        rows = folds == fold
+        out[rows] = _logistic_regression().fit(features[~rows], is_photo[~rows]).predict_proba(features[rows])[:, 1]
+    return out
+
+
+def fit_photo_detector(
+    network: PhotoNetwork, features: np.ndarray, is_photo: np.ndarray, folds: np.ndarray, max_false_rejection: float = 0.01
+) -> tuple[PhotoDetector, np.ndarray]:
+    """A logistic regression on all (N, F) `features` of `network` (`is_photo` true for ordinary
+    photos). The threshold is the (1 - max_false_rejection) quantile of the dermoscopy
+    probabilities held out by `folds` (a model fits its own images better than fresh ones).
+    Returns the detector and the held-out probabilities."""
+    is_photo = np.asarray(is_photo, bool)
+    held_out = held_out_probabilities(features, is_photo, folds)
+    threshold = float(np.quantile(held_out[~is_photo], 1.0 - max_false_rejection))
+    model = _logistic_regression().fit(features, is_photo)
+    scaler, regression = model.named_steps["standardscaler"], model.named_steps["logisticregression"]
+    detector = PhotoDetector(network, scaler.mean_, scaler.scale_, regression.coef_[0].astype(np.float64),
+                             float(regression.intercept_[0]), threshold)
+    return detector, held_out
 
 
 def fit_photo_gate(
@@ -120,10 +170,11 @@ def fit_photo_gate(
     if gate is None:
         raise ValueError(f"{bundle.path} has no out-of-distribution gate to add a photo detector to")
     items, frame = gate_images(dermoscopy, derm7pt, seed, max_photos)
-    features, rows = image_photo_features(items, bundle.preprocessing)
+    network = photo_network(bundle.preprocessing)
+    features, rows = image_photo_features(items, bundle.preprocessing, network)
     frame = frame.iloc[rows].reset_index(drop=True)
     is_photo = (frame["kind"] != "dermoscopy").to_numpy()
-    gate.photo, held_out = fit_photo_detector(features, is_photo, frame["fold"].to_numpy(), max_false_rejection, seed)
+    gate.photo, held_out = fit_photo_detector(network, features, is_photo, frame["fold"].to_numpy(), max_false_rejection)
     gate.save(bundle.path)
     return validation(frame, held_out, gate.photo.threshold)
 
@@ -142,14 +193,14 @@ def validation(frame: pd.DataFrame, held_out: np.ndarray, threshold: float) -> d
     return out
 
 
-def source_held_out(features: np.ndarray, frame: pd.DataFrame, max_false_rejection: float = 0.01, seed: int = 0) -> dict:
-    """Each dermoscopy source family scored by trees fitted without it (the photos and everyday
+def source_held_out(features: np.ndarray, frame: pd.DataFrame, max_false_rejection: float = 0.01) -> dict:
+    """Each dermoscopy source family scored by a regression fitted without it (the photos and everyday
     images split by their folds alike), refused at the (1 - max_false_rejection) quantile of the
     other families' held-out probabilities: what the detector does on a dermatoscope it never saw."""
     is_photo = (frame["kind"] != "dermoscopy").to_numpy()
     families = sorted(set(frame.loc[~is_photo, "family"]))
     folds = np.where(is_photo, frame["fold"] % len(families), frame["family"].map({f: i for i, f in enumerate(families)}))
-    held_out = held_out_probabilities(features, is_photo, np.asarray(folds, int), seed)
+    held_out = held_out_probabilities(features, is_photo, np.asarray(folds, int))
     dermoscopy = frame.assign(probability=held_out)[~is_photo]
     out = {}
     for source, part in dermoscopy.groupby("source", sort=False):
