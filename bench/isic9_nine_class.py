@@ -19,9 +19,9 @@ output (runs/<name>.checkpoints), with fold0.int8.onnx ... fold4.int8.onnx in it
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -71,8 +71,11 @@ def summary(labels: np.ndarray, predicted: np.ndarray, classes: list[str], secon
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoints", type=Path, nargs="?", default=None,
+                        help="the default recipe's training checkpoints (default: runs/<bundle name>.checkpoints)")
     bundle = load_bundle(REPO / "bundles" / "default")
-    checkpoints = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "runs" / f"{bundle.name}.checkpoints"
+    checkpoints = parser.parse_args().checkpoints or REPO / "runs" / f"{bundle.name}.checkpoints"
     records, classes, labels, folds = teaching_set_with_folds(bundle)
     config = TrainConfig(sources=[], views=VIEWS, progress=False)
     result = {"images": int(len(records)), "classes": classes, "folds": int(len(set(folds)))}

@@ -23,6 +23,7 @@ all their images): how they spread and how often the context would change a pati
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -162,4 +163,6 @@ def main(path: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bundles/default")), indent=1))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", type=Path, nargs="?", default=Path("bundles/default"), help="default: bundles/default")
+    print(json.dumps(main(parser.parse_args().bundle), indent=1))
