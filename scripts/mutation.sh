@@ -2,7 +2,7 @@
 # Mutation testing (mutmut, pinned in the dev extra) of the modules where a silent bug makes
 # every reported accuracy optimistic or a clinic's data wrong, each against its own fast tests:
 #
-#   dataset      src/dermsight/data/dataset.py           tests/test_leakage.py, test_dataset.py
+#   dataset      src/dermsight/data/dataset.py           tests/test_leakage.py, test_dataset.py, test_bad_input.py
 #   calibration  src/dermsight/evaluation/calibration.py tests/test_calibration.py
 #   sanitize     src/dermsight/imaging/sanitize.py       tests/test_sanitize.py, test_fuzz.py
 #   context      src/dermsight/inference/context.py      tests/test_context.py
@@ -34,7 +34,8 @@ declare -A TESTS=(
     tests/test_dataset.py::test_deduplicate_ham10000_and_isic9 tests/test_dataset.py::test_isic9_scc_refines_ham_akiec
     tests/test_dataset.py::test_groups_join_patients_and_lesions_transitively
     tests/test_dataset.py::test_too_few_groups_for_the_folds_is_a_clear_error
-    tests/test_dataset.py::test_manifest_round_trip tests/test_dataset.py::test_load_manifest_refuses_other_csvs"
+    tests/test_dataset.py::test_manifest_round_trip tests/test_dataset.py::test_load_manifest_refuses_other_csvs
+    tests/test_dataset.py::test_manifest_ids_stay_text tests/test_bad_input.py"
   [calibration]="tests/test_calibration.py"
   [sanitize]="tests/test_sanitize.py $fuzz::test_magic_bytes_then_garbage $fuzz::test_random_bytes
     $fuzz::test_mutated_real_images $fuzz::test_dicom_findings_are_image_errors

@@ -8,9 +8,18 @@ import pandas as pd
 import pytest
 
 from conftest import combine
-from dermsight.data.dataset import assign_folds, build_dataset, deduplicate, group_ids, load_manifest, save_manifest
+from dermsight.data.dataset import (
+    assign_folds,
+    assign_source_folds,
+    build_dataset,
+    deduplicate,
+    group_ids,
+    load_manifest,
+    load_sources,
+    save_manifest,
+)
 from dermsight.data.records import Loaded, SourceError
-from dermsight.data.schema import RECORD_COLUMNS
+from dermsight.data.schema import RECORD_COLUMNS, as_records
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +130,14 @@ def test_too_few_groups_for_the_folds_is_a_clear_error(ham):
 def test_manifest_round_trip(tmp_path, shared):
     sources = [str(shared / "isic9" / "train"), str(shared / "isic2020" / "train_sample.csv")]
     built = build_dataset(sources, n_folds=3, seed=7)
-    path = tmp_path / "runs" / "manifest.csv"
+    path = tmp_path / "runs" / "seed-7" / "manifest.csv"  # folders made as needed
     save_manifest(built, path, sources=sources, n_folds=3, seed=7)
+    # the folds of the seed given, and leave-one-source-out ones when asked
+    unfolded = deduplicate(load_sources(sources)).records
+    assert built.records["fold"].tolist() == assign_folds(unfolded, 3, 7)["fold"].tolist()
+    by_source = build_dataset(sources, n_folds=3, seed=7, by_source=True).records
+    assert by_source["fold"].tolist() == assign_source_folds(unfolded, 3, 7)["fold"].tolist()
+    assert set(by_source.loc[by_source["source"] == "isic2020", "fold"]) == {0}
 
     loaded = load_manifest(path)
     pd.testing.assert_frame_equal(loaded, built.records)
@@ -135,5 +150,15 @@ def test_manifest_round_trip(tmp_path, shared):
 
 
 def test_load_manifest_refuses_other_csvs(shared):
-    with pytest.raises(SourceError, match="not a DermSight manifest"):
+    missing = "image_id, image_ref, lesion_id, age, site, original_label, melanoma, source, patient_images"
+    with pytest.raises(SourceError, match=rf"train_sample.csv: not a DermSight manifest \(missing {missing}\)"):
         load_manifest(shared / "isic2020" / "train_sample.csv")
+
+
+def test_manifest_ids_stay_text(tmp_path):
+    """Ids that look like numbers (a clinic's "0012") come back as written, not as 12."""
+    records = as_records(pd.DataFrame({"image_id": ["0012", "0013"], "image_ref": ["/a/0012.jpg", "/a/0013.jpg"],
+                                       "patient_id": ["007", "007"], "lesion_id": ["0001", None], "source": "clinic"}))
+    save_manifest(Loaded(records, []), tmp_path / "manifest.csv", sources=["clinic"], n_folds=2, seed=0)
+    loaded = load_manifest(tmp_path / "manifest.csv")
+    assert loaded[["image_id", "patient_id", "lesion_id"]].values.tolist() == [["0012", "007", "0001"], ["0013", "007", None]]

@@ -127,3 +127,41 @@ def test_source_folds_split_the_largest_source_and_hold_out_each_other_source():
     assert not folded["fold"].equals(assign_source_folds(records, n_folds=2, seed=1)["fold"])
     with pytest.raises(SourceError, match="2 sources besides main need at least as many folds; got 1"):
         assign_source_folds(records, n_folds=1)
+
+
+def test_a_missing_id_never_joins_records():
+    """NaN (what pandas reads for an empty cell) is no id: rows missing a patient or lesion id
+    are not joined through it, whether or not the NaNs are one object."""
+    records = pd.DataFrame({"patient_id": [np.nan, np.nan, "P1", float("nan")],
+                            "lesion_id": [None, np.nan, None, float("nan")]}, dtype=object)
+    assert group_ids(records).tolist() == [0, 1, 2, 3]
+
+
+def test_exactly_as_many_groups_as_folds_make_that_many_folds():
+    records = linked_records(5, seed=0, none_share=0.0)
+    records["patient_id"], records["lesion_id"], records["diagnosis"] = [f"IP_{i}" for i in range(5)], None, "NV"
+    folded = assign_folds(records, n_folds=5, seed=0)
+    assert sorted(folded["fold"]) == [0, 1, 2, 3, 4]
+
+
+def test_a_label_only_source_claims_no_fold_and_its_rows_follow_their_groups():
+    """A source of labels without images (ISIC 2019's labels alone) is no held-out source: with
+    two smaller sources and two folds it is no third one. Its rows sharing a lesion with an
+    image sit in that image's fold; rows whose group has no image spread by group number."""
+    records = linked_records(200, seed=3, sources=("main", "main", "clinic_a", "clinic_b"), none_share=0.9)
+    records["lesion_id"] = [f"IL_{i}" for i in range(len(records))]
+    labels_only = as_records(pd.DataFrame({
+        "image_id": [f"ISIC_9{i:06d}" for i in range(6)],
+        "lesion_id": ["IL_0", "IL_1", "IL_2", "IL_3", "IL_NONE_1", "IL_NONE_2"],
+        "diagnosis": ["NV", "MEL", "NV", "BKL", "MEL", "NV"],
+        "source": "isic2019",
+    }))
+    folded = assign_source_folds(pd.concat([records, labels_only], ignore_index=True), n_folds=2, seed=0)
+    assert folded["fold"].dtype == np.int64
+    assert_no_id_in_two_folds(folded)
+    rows = folded[folded["source"] == "isic2019"].set_index("lesion_id")
+    imaged = folded.iloc[:4].set_index("lesion_id")["fold"]
+    assert rows.loc[imaged.index, "fold"].tolist() == imaged.tolist()
+    lone = rows.loc[["IL_NONE_1", "IL_NONE_2"]]
+    assert lone["fold"].tolist() == (lone["group"] % 2).tolist()
+    assert lone["group"].nunique() == 2
