@@ -164,5 +164,6 @@ def main(path: Path) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("bundle", type=Path, nargs="?", default=Path("bundles/default"), help="default: bundles/default")
+    parser.add_argument("bundle", type=Path, nargs="?", default=Path("bundles/default"),
+                        help="default: bundles/default")
     print(json.dumps(main(parser.parse_args().bundle), indent=1))

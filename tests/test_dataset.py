@@ -161,4 +161,5 @@ def test_manifest_ids_stay_text(tmp_path):
                                        "patient_id": ["007", "007"], "lesion_id": ["0001", None], "source": "clinic"}))
     save_manifest(Loaded(records, []), tmp_path / "manifest.csv", sources=["clinic"], n_folds=2, seed=0)
     loaded = load_manifest(tmp_path / "manifest.csv")
-    assert loaded[["image_id", "patient_id", "lesion_id"]].values.tolist() == [["0012", "007", "0001"], ["0013", "007", None]]
+    ids = loaded[["image_id", "patient_id", "lesion_id"]].values.tolist()
+    assert ids == [["0012", "007", "0001"], ["0013", "007", None]]
