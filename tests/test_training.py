@@ -122,7 +122,8 @@ def test_onnx_graph_is_the_fitted_head(small_config, small_bundle):
 
 
 def test_cam_is_exact_decomposition_of_the_melanoma_logit(small_bundle, shared):
-    """mean(cam) + metadata part + bias equals the melanoma logit, for one view."""
+    """mean(cam) + metadata part + bias equals the melanoma logit, for one view, with metadata
+    that is not all zeros (age, sex, site and a patient's image count all set)."""
     import onnxruntime as ort
 
     from dermsight.imaging.decode import decode_file
@@ -130,17 +131,23 @@ def test_cam_is_exact_decomposition_of_the_melanoma_logit(small_bundle, shared):
     bundle = load_bundle(small_bundle.path)
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
     image = bundle.preprocessing(decode_file(next((shared / "ham10000" / "images").glob("*.jpg"))))[None]
-    metadata = np.zeros((1, len(METADATA_FEATURES)), np.float32)
+    patient = pd.DataFrame({"age": [55.0] * 3, "sex": ["male"] * 3, "site": ["torso"] * 3,
+                            "patient_id": ["P1"] * 3, "image_id": ["a", "b", "c"]})
+    metadata = encode_metadata(patient, bundle.metadata_features)[:1]
+    assert np.count_nonzero(metadata) == 4
     logits, cam = session.run(["logits", "cam"], {"image": image, "metadata": metadata})
     import torch
 
     state = torch.load(bundle.path / "weights.pt")
     mel = bundle.classes.index("MEL")
-    bias = state["head.bias"].float().numpy()[mel]
-    # weights.pt keeps float16: the bias is off by at most half a float16 step (2**-11 relative);
-    # the rest is float32 rounding. The gap measured was 1.3e-4; a wrong term would be far larger.
-    tolerance = abs(float(bias)) * 2**-11 + 1e-5
-    assert abs(logits[0, mel] - (cam[0, mel].mean() + bias)) <= tolerance
+    bias = float(state["head.bias"].float().numpy()[mel])
+    metadata_weights = state["head.weight"].float().numpy()[mel, -metadata.shape[1]:]
+    metadata_terms = metadata_weights * metadata[0]
+    # weights.pt keeps float16: the bias and each metadata weight are off by at most half a float16
+    # step (2**-11 relative); the rest is float32 rounding. The gap measured with zero metadata was
+    # 1.3e-4; a wrong term would be far larger.
+    tolerance = (abs(bias) + np.abs(metadata_terms).sum()) * 2**-11 + 1e-5
+    assert abs(logits[0, mel] - (cam[0, mel].mean() + metadata_terms.sum() + bias)) <= tolerance
 
 
 def test_missing_metadata_is_encoded_not_dropped(shared):
