@@ -73,6 +73,13 @@ TARGETS = {
     "api_p50_ms_8_clients_paced": ("<=", 40.0),
     "api_p99_ms_8_clients_paced": ("<=", 120.0),
     "serve_rss_mb": ("<=", 600.0),
+    # Issue 33 (cheaper per image): the server's CPU per upload, closed-loop throughput, the
+    # paced 64 uploads/s latencies and `dermsight predict`'s speed on test_128.
+    "server_cpu_ms_per_upload": ("<=", 15.0),
+    "api_uploads_per_second_8_clients": (">=", 90.0),
+    "api_p50_ms_paced_64": ("<=", 40.0),
+    "api_p99_ms_paced_64": ("<=", 120.0),
+    "predict_test_128_images_per_second": (">=", 250.0),
     "train_minutes": ("<=", 10.0),
 }
 
@@ -113,6 +120,11 @@ def summarise(results: dict) -> dict:
         "api_p50_ms_8_clients_paced": get("api", "paced", "p50_ms"),
         "api_p99_ms_8_clients_paced": get("api", "paced", "p99_ms"),
         "serve_rss_mb": serve_rss,
+        "server_cpu_ms_per_upload": get("api", "concurrent", "server_cpu_ms_per_request"),
+        "api_uploads_per_second_8_clients": get("api", "concurrent", "requests_per_second"),
+        "api_p50_ms_paced_64": get("api", "paced_by_offered_rate", "64.0", "p50_ms"),
+        "api_p99_ms_paced_64": get("api", "paced_by_offered_rate", "64.0", "p99_ms"),
+        "predict_test_128_images_per_second": get("batch", "test_128", "images_per_second"),
         "train_minutes": train_minutes,
     }
     out = {}
@@ -183,6 +195,11 @@ def print_table(report: dict) -> None:
         rows.append(("8 closed-loop clients: uploads/s; server CPU ms/upload; p50 floor (ms)",
                      f"{c['requests_per_second']}; {c['server_cpu_ms_per_request']}; "
                      f"{c['p50_floor_ms_clients_x_cpu_per_core']}", "", ""))
+        steps = r["api"].get("cpu_per_step")
+        if steps:
+            rows.append((f"upload CPU by step, in process (ms; total {steps['cpu_ms_per_upload']})",
+                         "; ".join(f"{k} {v}" for k, v in steps["steps_ms"].items()), "", ""))
+            rows.append(("heat map drawn on its first GET (CPU ms)", steps["heat_map_on_first_get_ms"], "", ""))
         for rate, level in r["api"]["paced_by_offered_rate"].items():
             rows.append((f"8 paced clients at {float(rate):g} req/s: p50 / p99 (ms)",
                          f"{level['p50_ms']} / {level['p99_ms']}", "", ""))

@@ -6,7 +6,9 @@ on every request (HAM10000 images with their age, sex and site, enlarged in memo
 disk), so every upload is stored, scored and given a heat map like a new one. Start-up time;
 p50/p99 latency idle, under 8 concurrent closed-loop clients (each sends its next request as
 soon as it has an answer: saturation; with the server's CPU per upload and the p50 floor it
-implies), and 8 paced clients at 8, 32 and 64 requests/s in all (the first is the paced
+implies), the CPU of each step of an upload (decode, quality, gate, forward, heat map, storage:
+upload_steps.py, in the bench's own process, before the server starts) and of scoring 1-8
+uploads per call (what micro-batching can save), and 8 paced clients at 8, 32 and 64 requests/s in all (the first is the paced
 target figure; open loop: each request's latency runs from the time it was due, so a request
 held back by a slow one before it counts its wait); peak RSS (VmHWM) and RSS after the requests.
 
@@ -35,6 +37,7 @@ import _server
 from .common import (
     DATA, Settings, child_env, now, percentile, process_cpu_seconds, process_tree_memory, rounded,
 )
+from .upload_steps import batched_scoring_cpu, upload_step_cpu
 
 IMAGE_SIZE = (600, 450)
 
@@ -178,6 +181,8 @@ def run(args, settings: Settings, results: dict) -> dict:
     def next_body() -> tuple[bytes, str]:  # a different image for every request (count() is atomic)
         return bodies[next(counter) % len(bodies)]
 
+    steps = upload_step_cpu(args.model, uploads[: settings.api_step_uploads])
+    batched = batched_scoring_cpu(args.model, uploads[: settings.api_step_uploads])
     workdir = Path(tempfile.mkdtemp(prefix="dermsight-bench-api-"))
     server = None
     try:
@@ -293,4 +298,6 @@ def run(args, settings: Settings, results: dict) -> dict:
         "paced_by_offered_rate": {str(rate): answers.summary() for rate, answers in paced.items()},
         "failures": sum(phase.summary()["failures"] for phase in (idle, loaded, *paced.values())),
         "serve_memory_after_requests": {k: rounded(v, 1) for k, v in memory.items()},
+        "cpu_per_step": steps,
+        "scoring_cpu_by_call_size": batched,
     }

@@ -40,6 +40,7 @@ class Settings:
         self.paired_ceiling_seconds = 1.0 if quick else 4.0
         self.naive_images = 30 if quick else 300
         self.api_idle_requests = 10 if quick else 100
+        self.api_step_uploads = 20 if quick else 200  # uploads of the in-process CPU-per-step measurement
         self.api_clients = 8
         self.api_requests_per_client = 4 if quick else 25
         # Paced clients: each sends one request every 8 / rate seconds, at these total rates.
