@@ -161,7 +161,7 @@ def assert_refused_without_risk(client, storage, prediction) -> None:
     assert {key: prediction[key] for key in WITHHELD} == dict.fromkeys(WITHHELD)
     row = storage.get_prediction(prediction["id"])
     stored = (row.melanoma_risk, row.above_threshold, row.probabilities, row.predicted_class, row.risk_spread,
-              row.context, row.heatmap_path)
+              row.context, row.melanoma_cam, row.heatmap_path)
     assert stored == (None,) * len(stored) and row.refusal == "not_dermoscopic"
     assert client.get(f"/api/predictions/{prediction['id']}/heatmap").status_code == 404
     assert client.get(f"/api/predictions/{prediction['id']}").json() == prediction
@@ -187,6 +187,9 @@ def test_ordinary_photos_of_moles_carry_no_risk(client, storage, clinical_photos
         else:
             assert_refused_without_risk(client, storage, prediction)
     heatmaps = len(predictions) - len(refused)
+    assert len(stored_files(storage) - before) == len(clinical_photos)  # heat maps are drawn when first asked for
+    for prediction in predictions:
+        client.get(f"/api/predictions/{prediction['id']}/heatmap")
     assert len(stored_files(storage) - before) == len(clinical_photos) + heatmaps  # no heat map for a refused one
     patient = new_patient(client, "P-photo")
     predictions = upload(client, [lesion_images[0], refused[0]], patient_id=patient).json()["predictions"]
@@ -425,7 +428,7 @@ def test_concurrent_one_off_uploads_each_store_their_own_image(serving_bundle, l
     for data, table, (prediction,) in zip(images, expected, results):
         assert storage.file(prediction.image.path).read_bytes() == data
         assert prediction.melanoma_risk == pytest.approx(table["melanoma_risk"][0], rel=1e-5)
-        assert Image.open(storage.file(prediction.heatmap_path)).format == "JPEG"
+        assert Image.open(scorer.heatmap(prediction.id)).format == "JPEG"
 
 
 def test_concurrent_uploads_to_one_patient_each_see_the_ones_before(serving_bundle, lesion_images, storage_on):
@@ -448,8 +451,30 @@ def test_concurrent_uploads_to_one_patient_each_see_the_ones_before(serving_bund
     assert sorted(prediction.context["patient_lesions"] for (prediction,) in results) == [1, 2, 3, 4, 5, 6]
 
 
+def test_heat_map_drawn_on_request_is_the_one_drawn_at_scoring(client, storage, serving_bundle, lesion_images):
+    """A scoring stores the activation map, no heat map; the first GET draws it over the stored
+    image's model-input square, byte for byte the JPEG drawn from the Predictor's own map and
+    square at scoring time, and keeps it: later GETs serve that file."""
+    response = upload(client, [lesion_images[2]], age="50", sex="female", site="torso")
+    (prediction,) = response.json()["predictions"]
+    row = storage.get_prediction(prediction["id"])
+    assert row.heatmap_path is None and np.asarray(row.melanoma_cam).ndim == 2
+    stored = storage.file(storage.get_image(prediction["image_id"]).path).read_bytes()
+    meta = pd.DataFrame({"age": [50.0], "sex": ["female"], "site": ["torso"]})
+    _, scores, squares = Predictor(serving_bundle).predict_images([stored], meta)
+    eager = heatmap_jpeg(scores.melanoma_cam[0], squares[0])
+    first = client.get(prediction["heatmap_url"])
+    assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
+    assert first.content == eager
+    path = storage.get_prediction(prediction["id"]).heatmap_path
+    assert path is not None and storage.file(path).read_bytes() == eager
+    assert client.get(prediction["heatmap_url"]).content == eager
+    assert storage.get_prediction(prediction["id"]).heatmap_path == path
+
+
 def test_heat_maps_stored_as_png_before_jpeg_are_still_served(client, storage, lesion_images):
     prediction = upload(client, [lesion_images[1]]).json()["predictions"][0]
+    assert client.get(prediction["heatmap_url"]).status_code == 200
     row = storage.get_prediction(prediction["id"])
     png = io.BytesIO()
     Image.open(storage.file(row.heatmap_path)).save(png, format="PNG")

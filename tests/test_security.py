@@ -510,6 +510,7 @@ def test_deleting_a_patient_removes_its_files(secure, auth, storage, lesion_imag
     body = upload(secure, files, auth, patient_id=patient).json()
     paths = []
     for prediction in body["predictions"]:
+        assert secure.get(prediction["heatmap_url"], headers=auth).status_code == 200  # drawn and stored
         image = storage.get_image(prediction["image_id"])
         paths += [storage.file(image.path), storage.file(storage.get_prediction(prediction["id"]).heatmap_path)]
     assert all(p.exists() for p in paths)

@@ -62,7 +62,7 @@ def files(store: Storage) -> set[str]:
 def test_migrations_build_the_orm_schema(storage):
     with storage.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        assert MigrationContext.configure(connection).get_current_revision() == "0006_refused_no_risk"
+        assert MigrationContext.configure(connection).get_current_revision() == "0007_melanoma_cam"
         if storage.backend == "sqlite":
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1

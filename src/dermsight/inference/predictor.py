@@ -66,6 +66,19 @@ class Scores:
         return self.member_probabilities[:, :, melanoma_index].std(axis=1)
 
 
+@dataclass
+class PreparedImages:
+    """Encoded images made ready for the model by `Predictor.prepare_images`: normalised inputs
+    (N, 3, S, S), encoded metadata (N, M), quality measures, the uint8 squares (N, S, S, 3) and
+    the metadata frame (image_id, patient_id, ...)."""
+
+    inputs: np.ndarray
+    metadata: np.ndarray
+    quality: np.ndarray
+    squares: np.ndarray
+    frame: pd.DataFrame
+
+
 def differential_text(probabilities: np.ndarray, classes: Sequence[str], top: int = 3) -> list[str]:
     """Each row's `top` most probable classes in plain names, malignant ones marked:
     "melanoma 57% (malignant); melanocytic nevus 16%; benign keratosis 12%"."""
@@ -239,6 +252,13 @@ class Predictor:
         image_id. Raises ImageError naming the first unreadable (or blank) image. Returns the
         prediction table, the raw Scores, and the model-input squares (N, S, S, 3) uint8
         on which the heat maps lie."""
+        prepared = self.prepare_images(images, metadata)
+        table, scores = self.predict_prepared(prepared)
+        return table, scores, prepared.squares
+
+    def prepare_images(self, images: Sequence[bytes], metadata: pd.DataFrame) -> PreparedImages:
+        """`predict_images`' first half: decode, measure and encode (ImageError naming the first
+        unreadable or blank image), no model run yet."""
         prep = self.bundle.preprocessing
         quality = no_quality(len(images))
         squares = np.stack([load_square(data, prep, f"image {i + 1}", quality[i]) for i, data in enumerate(images)])
@@ -247,11 +267,15 @@ class Predictor:
             if column not in frame.columns:
                 frame[column] = None
         frame["image_id"] = frame["image_id"] if "image_id" in frame.columns else [f"image {i + 1}" for i in range(len(frame))]
-        metadata = encode_metadata(frame, self.bundle.metadata_features)
-        scores = self.score(np.stack([prep.normalise(s) for s in squares]), metadata, quality)
+        inputs = np.stack([prep.normalise(s) for s in squares])
+        return PreparedImages(inputs, encode_metadata(frame, self.bundle.metadata_features), quality, squares, frame)
+
+    def predict_prepared(self, prepared: PreparedImages) -> tuple[pd.DataFrame, Scores]:
+        """`predict_images`' second half: the model, the gate and the prediction table."""
+        scores = self.score(prepared.inputs, prepared.metadata, prepared.quality)
+        frame = prepared.frame
         has_patients = frame["patient_id"].notna().any()
-        table = self.predict_table(scores, frame["image_id"], frame["patient_id"] if has_patients else None)
-        return table, scores, squares
+        return self.predict_table(scores, frame["image_id"], frame["patient_id"] if has_patients else None), scores
 
     def predict_records(
         self, records: pd.DataFrame, batch_size: int = 32, progress: bool = True, cache: ScoreCache | None = None

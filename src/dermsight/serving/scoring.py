@@ -1,10 +1,14 @@
-"""Uploads and patients -> the Predictor -> stored predictions with heat maps.
+"""Uploads and patients -> the Predictor -> stored predictions; heat maps on request.
 
 A patient is always scored whole: the newest image of each of their lesions goes
 through the Predictor together with any new upload, so the ugly-duckling context (and
 the patient's image count the model sees) covers all their lesions. A patient is scored
 by one request at a time; one-off uploads run side by side. Off the event loop, each
 scoring is stored in one transaction.
+
+A prediction keeps the melanoma activation map; its heat map (guided upsampling over the
+model-input square, colour, JPEG: a few ms a scoring) is drawn on its first request and
+kept (:meth:`Scorer.heatmap`), so nobody pays for maps that are never looked at.
 
 Every upload is first reduced to what may be stored (:func:`sanitize_image`: a complete
 image without metadata, a DICOM reduced to its pixels); the Predictor scores exactly
@@ -19,18 +23,22 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import ExifTags
 from PIL import Image as PILImage
 
 from dermsight.data import harmonise
+from dermsight.imaging.batches import load_square
 from dermsight.imaging.errors import ImageError
 from dermsight.imaging.sanitize import Sanitized, sanitize_image
 from dermsight.inference.context import CONTEXT_COLUMNS
 from dermsight.inference.heatmap import heatmap_jpeg
 from dermsight.inference.ood import REFUSAL
 from dermsight.inference.predictor import Predictor
+from dermsight.serving.batching import MicroBatcher
 from dermsight.serving.storage.models import NotFound, Prediction
 from dermsight.serving.storage.repository import NewImage, NewPrediction, Storage
 
@@ -95,11 +103,15 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 class Scorer:
-    """Scores uploads and patients with the Predictor and stores images, predictions and heat maps."""
+    """Scores uploads and patients with the Predictor and stores images and predictions; draws
+    a prediction's heat map when it is first asked for."""
 
-    def __init__(self, predictor: Predictor, storage: Storage):
+    def __init__(self, predictor: Predictor, storage: Storage, batcher: MicroBatcher | None = None):
+        """`batcher`: how one-off uploads of concurrent requests are scored together (default: a
+        MicroBatcher with its bounded wait)."""
         self.predictor = predictor
         self.storage = storage
+        self.batcher = batcher or MicroBatcher(predictor)
         # A patient is scored by one request at a time (its next scoring must see the rows
         # this one stores); one-off uploads depend on nothing stored and run side by side
         # (the app's admission control bounds how many).
@@ -138,6 +150,21 @@ class Scorer:
         with self._patient_lock(patient_id):
             return self._score_and_store(patient_id, [])
 
+    def heatmap(self, prediction_id: int) -> Path:
+        """The file of a prediction's heat map: on its first request drawn from the activation
+        map stored with the prediction over its image's model-input square (the same bytes as a
+        heat map drawn at scoring time) and stored. NotFound for a refused image, which has none."""
+        prediction = self.storage.get_prediction(prediction_id)
+        path = prediction.heatmap_path
+        if path is None:
+            if prediction.melanoma_cam is None:
+                raise NotFound(f"prediction {prediction_id} refused its image as not dermoscopic: it has no heat map")
+            image = prediction.image
+            square = load_square(self.storage.file(image.path).read_bytes(), self.predictor.bundle.preprocessing,
+                                 f"stored image {image.id}")
+            path = self.storage.save_heatmap(prediction_id, heatmap_jpeg(np.asarray(prediction.melanoma_cam, np.float32), square))
+        return self.storage.file(path)
+
     def _patient_lock(self, patient_id: int) -> threading.Lock:
         with self._locks_guard:
             lock = self._patient_locks.get(patient_id)
@@ -163,16 +190,19 @@ class Scorer:
             frame["patient_id"] = str(patient_id)
             frame["patient_images"] = float(len(frame))
         try:
-            table, scores, squares = self.predictor.predict_images(data, frame)
+            if patient_id is None:  # one-offs: scored with those of concurrent requests
+                table, scores = self.batcher.predict(lambda: self.predictor.prepare_images(data, frame))
+            else:
+                table, scores, _ = self.predictor.predict_images(data, frame)
         except ImageError as err:
             raise InputError(_named(str(err), names)) from None
         items: list[int | NewImage] = [image.id for image, _ in stored]
         items += [NewImage(s.data, s.format, *image_size(s.data), meta.age, meta.sex, meta.site) for _, s, meta in new]
-        return self._store(patient_id, items, table, scores.melanoma_cam, squares)
+        return self._store(patient_id, items, table, scores.melanoma_cam)
 
-    def _store(self, patient_id: int | None, items: list, table: pd.DataFrame, cams, squares) -> list[Prediction]:
+    def _store(self, patient_id: int | None, items: list, table: pd.DataFrame, cams: np.ndarray) -> list[Prediction]:
         predictions = [
-            self._prediction(row, heatmap_jpeg(cams[i], squares[i])) if row["looks_dermoscopic"] else self._refused(row)
+            self._prediction(row, cams[i].tolist()) if row["looks_dermoscopic"] else self._refused(row)
             for i, row in enumerate(table.to_dict("records"))
         ]
         return self.storage.save_scoring(patient_id, list(zip(items, predictions)))
@@ -182,10 +212,10 @@ class Scorer:
         return NewPrediction(
             model_version=self.predictor.bundle.version, probabilities=None, predicted_class=None, melanoma_risk=None,
             threshold=self.predictor.bundle.melanoma_threshold, above_threshold=None, looks_dermoscopic=False,
-            context=None, heatmap_jpeg=None, quality_warnings=str(row["quality_warnings"]), refusal=REFUSAL,
+            context=None, quality_warnings=str(row["quality_warnings"]), refusal=REFUSAL,
         )
 
-    def _prediction(self, row: dict, heatmap: bytes) -> NewPrediction:
+    def _prediction(self, row: dict, cam: list[list[float]]) -> NewPrediction:
         bundle = self.predictor.bundle
         context = {c: _number(row[c]) for c in CONTEXT_COLUMNS} if "patient_id" in row else None
         return NewPrediction(
@@ -200,7 +230,7 @@ class Scorer:
             above_threshold=bool(row["above_threshold"]),
             looks_dermoscopic=True,
             context=context,
-            heatmap_jpeg=heatmap,
+            melanoma_cam=cam,
         )
 
 

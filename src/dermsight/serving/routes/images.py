@@ -27,7 +27,6 @@ from dermsight.serving.schemas import (
     scoring_out,
 )
 from dermsight.serving.scoring import MAX_FILES, InputError, Upload, parse_metadata
-from dermsight.serving.storage.models import NotFound
 
 MAX_FILE_BYTES = 20 * MB  # per uploaded file (the whole request: Settings.max_request_bytes)
 MEDIA_TYPES = {
@@ -118,14 +117,12 @@ def get_prediction(prediction_id: RowId, storage: StorageDep, reference: Referen
 
 
 @router.get("/predictions/{prediction_id}/heatmap", tags=["predictions"], response_class=FileResponse)
-def heatmap(prediction_id: RowId, storage: StorageDep) -> FileResponse:
-    """The melanoma heat map over the model's input square (JPEG; PNG for rows stored before 2026-11-28);
-    404 for a refused (not dermoscopic) image, which has none."""
-    path = storage.get_prediction(prediction_id).heatmap_path
-    if path is None:
-        raise NotFound(f"prediction {prediction_id} refused its image as not dermoscopic: it has no heat map")
-    media_type = "image/png" if path.endswith(".png") else "image/jpeg"
-    return FileResponse(storage.file(path), media_type=media_type, headers=PRIVATE)
+def heatmap(prediction_id: RowId, scorer: ScorerDep) -> FileResponse:
+    """The melanoma heat map over the model's input square (JPEG; PNG for rows stored before 2026-11-28),
+    drawn on its first request and kept; 404 for a refused (not dermoscopic) image, which has none."""
+    path = scorer.heatmap(prediction_id)
+    media_type = "image/png" if path.suffix == ".png" else "image/jpeg"
+    return FileResponse(path, media_type=media_type, headers=PRIVATE)
 
 
 def display_name(filename: str | None, number: int) -> str:

@@ -96,7 +96,7 @@ class Prediction(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     model_version: Mapped[str] = mapped_column(String(200))
     # A refused image (looks_dermoscopic False) has no model output: probabilities, class, risk,
-    # above_threshold, context and heat map are NULL, and `refusal` holds the reason code.
+    # above_threshold, context, activation map and heat map are NULL, and `refusal` holds the reason code.
     probabilities: Mapped[dict | None] = mapped_column(JSON)  # class code -> calibrated probability
     predicted_class: Mapped[str | None] = mapped_column(String(10))
     melanoma_risk: Mapped[float | None] = mapped_column(Float)
@@ -108,6 +108,9 @@ class Prediction(Base):
     looks_dermoscopic: Mapped[bool] = mapped_column(Boolean)
     refusal: Mapped[str | None] = mapped_column(String(40))  # dermsight.inference.ood.REFUSAL when refused
     context: Mapped[dict | None] = mapped_column(JSON)  # patient context (ugly duckling), None for one-offs
+    # The melanoma class activation map (rows of floats) the heat map is drawn from; the heat
+    # map file itself (heatmap_path) is made on its first request (Scorer.heatmap).
+    melanoma_cam: Mapped[list | None] = mapped_column(JSON)
     heatmap_path: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=now)
     image: Mapped[Image] = relationship(back_populates="predictions")

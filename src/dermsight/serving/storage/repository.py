@@ -65,8 +65,9 @@ class NewImage:
 
 @dataclass
 class NewPrediction:
-    """A prediction as the Scorer made it, with its heat map, before it is stored. A refused
-    image (looks_dermoscopic False) has its `refusal` code and no model output (None)."""
+    """A prediction as the Scorer made it, before it is stored: with its melanoma activation
+    map (the heat map is drawn from it on its first request) or an already drawn heat map. A
+    refused image (looks_dermoscopic False) has its `refusal` code and no model output (None)."""
 
     model_version: str
     probabilities: dict[str, float] | None
@@ -76,7 +77,8 @@ class NewPrediction:
     above_threshold: bool | None
     looks_dermoscopic: bool
     context: dict[str, float | None] | None
-    heatmap_jpeg: bytes | None
+    heatmap_jpeg: bytes | None = None
+    melanoma_cam: list[list[float]] | None = None
     risk_spread: float | None = None
     unsure: bool | None = None
     quality_warnings: str = ""  # dermsight.imaging.quality codes, ";"-joined
@@ -182,6 +184,25 @@ class Storage:
         if prediction is None:
             raise NotFound(f"prediction {prediction_id} does not exist")
         return prediction
+
+    def save_heatmap(self, prediction_id: int, jpeg: bytes) -> str:
+        """Store the heat map drawn on a prediction's first request; the relative path of its
+        file (that of the one stored first, when another request drew it meanwhile). NotFound
+        when the prediction was deleted."""
+        with self.files.locked():
+            created: list[Path] = []
+            try:
+                with self.sessions.begin() as session:
+                    row = session.get(Prediction, prediction_id)
+                    if row is None:
+                        raise NotFound(f"prediction {prediction_id} does not exist")
+                    if row.heatmap_path is None:
+                        row.heatmap_path = self.files.put(jpeg, "heatmaps", ".jpg", created)[0]
+                    return row.heatmap_path
+            except BaseException:
+                for path in created:
+                    path.unlink(missing_ok=True)
+                raise
 
     def save_scoring(
         self, patient_id: int | None, scored: list[tuple[int | NewImage, NewPrediction]]
@@ -344,6 +365,7 @@ class Storage:
             looks_dermoscopic=prediction.looks_dermoscopic,
             refusal=prediction.refusal,
             context=prediction.context,
+            melanoma_cam=prediction.melanoma_cam,
             heatmap_path=heatmap_file[0] if heatmap_file else None,
         )
         session.add(row)
