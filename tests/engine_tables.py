@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from dermsight.inference.context import CONTEXT_COLUMNS
+from dermsight.inference.predictor import Predictor, withhold_refused
 
 PROBABILITIES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "melanoma_risk"]
 
@@ -24,6 +25,12 @@ def scattered_patients(records: pd.DataFrame, n_images: int, seed: int = 0) -> p
     splits its input into, so counting within a piece gives other counts."""
     scattered = complete_patients(records, n_images, seed).sample(frac=1.0, random_state=seed).reset_index(drop=True)
     return scattered.assign(patient_images=np.nan)
+
+
+def local_engine_table(bundle, records: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The local engine's (table, {image_id: error}): the Predictor's table as it leaves DermSight."""
+    table, errors = Predictor(bundle).predict_records(records, progress=False)
+    return withhold_refused(table), errors
 
 
 def assert_same_table(engine_table: pd.DataFrame, local_table: pd.DataFrame, context_atol: float = 1e-5) -> None:

@@ -105,6 +105,29 @@ def test_refused_rows_leave_with_their_reason_and_no_risk(trained_bundle, clinic
     pd.testing.assert_frame_equal(out.loc[[0], table.columns], table.loc[[0]], check_dtype=False)
 
 
+def test_every_engine_withholds_refused_outputs(trained_bundle, clinical_photos, lesion_images):
+    """Library users of the batch engines get the table as it leaves DermSight: the local engine and
+    the steps Ray and Spark share (decode_rows -> RowScorer -> table_rows -> finish_table) both give
+    the refused photo its reason and no model output, in the same table."""
+    from engine_tables import assert_same_table
+
+    from dermsight.inference.engine_steps import RowScorer, decode_rows, engine_rows, finish_table, table_rows
+    from dermsight.inference.engines import get_engine
+
+    records = pd.DataFrame({"image_id": ["lesion", "photo"], "image_ref": [str(lesion_images[0]), str(clinical_photos[0])],
+                            "patient_id": None, "age": None, "sex": None, "site": None, "patient_images": None})
+    local, errors, bundle = get_engine("local").predict(records, trained_bundle, batch_size=32, cache=False, warn=print)
+    predictor = Predictor(bundle)
+    decoded = decode_rows(engine_rows(records), bundle.preprocessing, tuple(bundle.metadata_features))
+    shared, shared_errors = finish_table(table_rows(RowScorer(predictor)(decoded), bundle, False), False)
+    withheld = [c for c in (*DIAGNOSES, *WITHHELD_COLUMNS) if c in local.columns]
+    for table in (local, shared):
+        assert table["refusal"].tolist() == ["", REFUSAL]
+        assert table.loc[1, withheld].isna().all() and table.loc[0, withheld].notna().all()
+    assert not errors and not shared_errors
+    assert_same_table(shared, local)
+
+
 def test_threshold_every_source_holds_the_target_on_each_source():
     rng = np.random.default_rng(0)
     sources = np.repeat(["a", "b", "c"], [600, 400, 50])

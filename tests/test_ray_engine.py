@@ -17,7 +17,7 @@ system_deps.python_module("ray.data", "scale")  # missing: these tests skip, or 
 from dermsight.cli import app  # noqa: E402
 from dermsight.inference.predictor import Predictor  # noqa: E402
 from dermsight.inference.ray_engine import predict_ray  # noqa: E402
-from engine_tables import PROBABILITIES, assert_same_table, complete_patients, scattered_patients  # noqa: E402
+from engine_tables import PROBABILITIES, assert_same_table, complete_patients, local_engine_table, scattered_patients  # noqa: E402
 
 def test_ray_engine_equals_the_single_process_predictor(test_128, trained_bundle, tmp_path):
     """~300 images of complete real patients, a few without a patient id, one truncated and
@@ -31,7 +31,7 @@ def test_ray_engine_equals_the_single_process_predictor(test_128, trained_bundle
     broken = records.iloc[:2].assign(image_id=["truncated", "missing"], image_ref=[str(truncated), str(tmp_path / "no.jpg")])
     records = pd.concat([records.iloc[:100], broken, records.iloc[100:]], ignore_index=True)
 
-    local_table, local_errors = Predictor(trained_bundle).predict_records(records, progress=False)
+    local_table, local_errors = local_engine_table(trained_bundle, records)
     ray_table, ray_errors = predict_ray(records, trained_bundle, workers=2, num_cpus=2)
 
     assert ray_errors == local_errors and set(ray_errors) == {"truncated", "missing"}
@@ -46,7 +46,7 @@ def test_ray_engine_gives_a_model_each_patients_count_over_the_whole_input(test_
     """With a bundle that reads the patient's image count (the default one does not), patients
     whose images fall into different pieces score as in one process."""
     records = scattered_patients(test_128, 120)
-    local_table, _ = Predictor(patient_count_bundle).predict_records(records, progress=False)
+    local_table, _ = local_engine_table(patient_count_bundle, records)
     ray_table, _ = predict_ray(records, patient_count_bundle, workers=2, num_cpus=2)
     assert_same_table(ray_table, local_table, context_atol=1e-4)
 
@@ -80,7 +80,7 @@ def test_ray_options_need_the_ray_engine(tmp_path):
 @pytest.mark.slow
 def test_ray_engine_on_all_of_test_128(test_128, trained_bundle):
     """All 5,545 images of 344 real patients, 2 scoring actors on a local 2-CPU Ray."""
-    local_table, local_errors = Predictor(trained_bundle).predict_records(test_128, progress=False)
+    local_table, local_errors = local_engine_table(trained_bundle, test_128)
     ray_table, ray_errors = predict_ray(test_128, trained_bundle, workers=2, num_cpus=2)
     assert ray_errors == local_errors == {}
     assert len(ray_table) == 5545 and ray_table["patient_id"].nunique() == 344

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from dermsight.cli import app
 from dermsight.inference.predictor import Predictor
-from engine_tables import PROBABILITIES, assert_same_table, complete_patients, scattered_patients
+from engine_tables import PROBABILITIES, assert_same_table, complete_patients, local_engine_table, scattered_patients
 from dermsight.inference.spark_engine import (
     SparkEngineError,
     check_master,
@@ -62,7 +62,7 @@ def test_spark_engine_equals_the_single_process_predictor(spark, test_128, train
                                      image_ref=[str(files["truncated"]), str(files["missing"])])
     records = pd.concat([records.iloc[:100], broken, records.iloc[100:]], ignore_index=True)
 
-    local_table, local_errors = Predictor(trained_bundle).predict_records(records, progress=False)
+    local_table, local_errors = local_engine_table(trained_bundle, records)
     spark_table, spark_errors = predict_spark(records, trained_bundle, spark=spark, partitions=5)
 
     assert spark_errors == local_errors and set(spark_errors) == {"truncated", "missing"}
@@ -79,7 +79,7 @@ def test_spark_engine_gives_a_model_each_patients_count_over_the_whole_input(spa
     """With a bundle that reads the patient's image count (the default one does not), patients
     whose images fall into different partitions score as in one process."""
     records = scattered_patients(test_128, 120)
-    local_table, _ = Predictor(patient_count_bundle).predict_records(records, progress=False)
+    local_table, _ = local_engine_table(patient_count_bundle, records)
     spark_table, _ = predict_spark(records, patient_count_bundle, spark=spark, partitions=4)
     assert_same_table(spark_table, local_table)
 
@@ -95,7 +95,7 @@ def test_unreadable_images_are_rows_not_a_failed_job(spark, test_128, trained_bu
         bad[column] = good[column].iloc[0]
     records = pd.concat([bad, good, bad.assign(image_id=bad["image_id"] + "-again")], ignore_index=True)
 
-    local_table, local_errors = Predictor(trained_bundle).predict_records(records, progress=False)
+    local_table, local_errors = local_engine_table(trained_bundle, records)
     spark_table, spark_errors = predict_spark(records, trained_bundle, spark=spark, partitions=4)
     assert spark_errors == local_errors and len(spark_errors) == 8
     assert "cannot read file" in spark_errors["missing"]
@@ -177,7 +177,7 @@ def test_plain_imports_need_no_pyspark():
 @pytest.mark.slow
 def test_spark_engine_on_all_of_test_128(spark, test_128, trained_bundle):
     """All 5,545 images of 344 real patients on local[2]."""
-    local_table, local_errors = Predictor(trained_bundle).predict_records(test_128, progress=False)
+    local_table, local_errors = local_engine_table(trained_bundle, test_128)
     spark_table, spark_errors = predict_spark(test_128, trained_bundle, spark=spark)
     assert spark_errors == local_errors == {}
     assert len(spark_table) == 5545 and spark_table["patient_id"].nunique() == 344

@@ -49,7 +49,6 @@ def predict_command(
     from dermsight.data.inputs import records_from_inputs
     from dermsight.inference.engines import ENGINES, EngineError, get_engine
     from dermsight.inference.prediction_files import write_predictions
-    from dermsight.inference.predictor import withhold_refused
     from dermsight.models.bundle import BundleError, load_bundle, operating_point, with_site
     from dermsight.models.site_profile import SiteProfileError
 
@@ -76,7 +75,6 @@ def predict_command(
         fail(err)
     for image_id, message in unreadable.items():
         console.print(f"[yellow]unreadable[/] {image_id}: {message}", highlight=False)
-    table = withhold_refused(table)  # a refused image's row keeps its reason, and no risk
     write_predictions(table, output)
     flagged = int(table["above_threshold"].sum())
     console.print(

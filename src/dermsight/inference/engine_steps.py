@@ -2,7 +2,8 @@
 engine registered in `dermsight.inference.engines`): the rows the tasks read (`engine_rows`), their
 decoding (`decode_rows`), the scorer a worker holds (`RowScorer`), the prediction-table rows of one
 patient (`table_rows`) and the assembly of the whole table (`finish_table`), so every engine
-gives the single-process `Predictor.predict_records` table row for row."""
+gives the single-process `Predictor.predict_records` table row for row, as it leaves DermSight
+(`withhold_refused`: a refused image's row keeps its reason and no model output)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from dermsight.imaging.decode import ImageError, read_image_bytes
 from dermsight.imaging.preprocess import Preprocessing
 from dermsight.inference.context import CONTEXT_COLUMNS
 from dermsight.inference.ood import OOD_FILE
-from dermsight.inference.predictor import PREDICTION_COLUMNS, Predictor, Scores, no_quality, prediction_table
+from dermsight.inference.predictor import (
+    PREDICTION_COLUMNS,
+    Predictor,
+    Scores,
+    no_quality,
+    prediction_table,
+    withhold_refused,
+)
 from dermsight.models.bundle import Bundle
 from dermsight.models.metadata import encode_metadata, patient_image_counts
 
@@ -81,20 +89,21 @@ def decode_rows(batch: pd.DataFrame, prep: Preprocessing, features: tuple[str, .
 
 def finish_table(table: pd.DataFrame, with_patients: bool) -> tuple[pd.DataFrame, dict[str, str]]:
     """The rows `table_rows` made, gathered from every piece in any order -> the local
-    engine's (table, {image_id: error}): input order, unreadable rows split off, its columns."""
+    engine's (table, {image_id: error}): input order, unreadable rows split off, its columns,
+    refused images' model outputs withheld."""
     table = table.sort_values("position", kind="stable").reset_index(drop=True)
     failed = table["error"] != ""
     errors = dict(zip(table.loc[failed, "image"], table.loc[failed, "error"]))
     table = table[~failed].drop(columns=["position", "error"]).reset_index(drop=True)
     if table.empty:
-        return pd.DataFrame(columns=list(PREDICTION_COLUMNS)), errors
+        return withhold_refused(pd.DataFrame(columns=list(PREDICTION_COLUMNS))), errors
     columns = list(PREDICTION_COLUMNS)
     for extra in ("unsure", "risk_spread"):  # an ensemble bundle: where the local table has them
         if extra in table.columns:
             columns.insert(columns.index("melanoma_risk") + 1, extra)
     if with_patients and table["patient_id"].notna().any():
         columns = [columns[0], "patient_id", *columns[1:], *CONTEXT_COLUMNS]
-    return table[columns], errors
+    return withhold_refused(table[columns]), errors
 
 
 class RowScorer:

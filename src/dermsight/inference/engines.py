@@ -1,6 +1,7 @@
 """Batch engines by name, as `dermsight.data.sources.READERS` is for formats: `dermsight predict
 --engine NAME` looks its engine up in ENGINES. Each engine scores a record table into the
-single-process `Predictor.predict_records` table; a new engine is one more class with `options`,
+single-process `Predictor.predict_records` table as it leaves DermSight (`withhold_refused`: a
+refused image keeps its reason and no model output); a new engine is one more class with `options`,
 `prepare` and `predict`, registered below (what engines share lives in `engine_steps`)."""
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class BatchEngine(Protocol):
 
     def predict(self, records: pd.DataFrame, model: Bundle | Path | None, *, batch_size: int, cache: bool, warn: Warn,
                 **options: Any) -> tuple[pd.DataFrame, dict[str, str], Bundle]:
-        """(prediction table, {image_id: error}, the bundle used) for `records`; `model` is a bundle
+        """(prediction table, refused images' outputs withheld; {image_id: error}; the bundle used)
+        for `records`; `model` is a bundle
         directory or a Bundle (which may carry a site profile: every engine applies it)."""
 
 
@@ -40,13 +42,13 @@ class LocalEngine:
         return dict(options)
 
     def predict(self, records, model, *, batch_size, cache, warn, **options):
-        from dermsight.inference.predictor import Predictor
+        from dermsight.inference.predictor import Predictor, withhold_refused
         from dermsight.inference.score_cache import open_score_cache
 
         predictor = Predictor(model)
         score_cache = open_score_cache(predictor.bundle, warn) if cache else None
         table, unreadable = predictor.predict_records(records, batch_size=batch_size, cache=score_cache)
-        return table, unreadable, predictor.bundle
+        return withhold_refused(table), unreadable, predictor.bundle
 
 
 class RayEngine:
