@@ -37,9 +37,11 @@ def test_ray_engine_equals_the_single_process_predictor(test_128, trained_bundle
     assert ray_errors == local_errors and set(ray_errors) == {"truncated", "missing"}
     assert len(ray_table) == len(records) - 2 and ray_table["patient_id"].isna().sum() == 4
     assert_same_table(ray_table, local_table, context_atol=1e-4)
-    known = ray_table["patient_id"].notna()
-    counts = ray_table.loc[known, "patient_id"].map(ray_table["patient_id"].value_counts())
-    assert (ray_table.loc[known, "patient_lesions"] == counts).all() and (ray_table.loc[~known, "patient_lesions"] == 1).all()
+    counts = ray_table["patient_id"].map(ray_table["patient_id"].value_counts())
+    accepted = ray_table["refusal"] == ""  # a refused image has no patient context
+    known, lone = ray_table["patient_id"].notna() & accepted, ray_table["patient_id"].isna() & accepted
+    counts = counts[known]
+    assert (ray_table.loc[known, "patient_lesions"] == counts).all() and (ray_table.loc[lone, "patient_lesions"] == 1).all()
 
 
 def test_ray_engine_gives_a_model_each_patients_count_over_the_whole_input(test_128, patient_count_bundle):
