@@ -18,7 +18,7 @@ from dermsight.models.bundle import DEFAULT_BUNDLE
 from dermsight.serving.app import create_app
 import system_deps
 from live_server import in_thread
-from test_security import database_bytes
+from test_security import Capture, database_bytes
 from test_web_e2e import browser, open_page, submit_upload, wait_until  # noqa: F401
 
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
@@ -224,17 +224,6 @@ def test_patient_view_names_each_lesion_and_explains_its_score(browser, server, 
         natural = card.eval_on_selector(".pictures img", "i => i.naturalWidth / i.naturalHeight")
         assert abs(natural - 4 / 3) < 0.01
         assert abs(photo["width"] / photo["height"] - natural) < 0.02 and abs(heat["width"] / heat["height"] - natural) < 0.02
-
-
-class Capture(logging.Handler):
-    """Every log record of the loggers it is added to, formatted."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
 
 
 # Uploaded with names that carry a patient's name, record number and birth date.

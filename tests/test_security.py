@@ -544,6 +544,8 @@ def phi_dicom(jpeg: bytes, **extra) -> bytes:
 
 
 class Capture(logging.Handler):
+    """Every log record of the loggers it is added to, formatted."""
+
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
