@@ -214,8 +214,7 @@ def refit_distance_gate(bundle: Bundle, dermoscopy: pd.DataFrame, quantile: floa
     """Refit the gate's distance part on the network's gate features of `dermoscopy` (image_ref,
     family), each source family its own fold, so the threshold (the `quantile` of held-out
     scores) is set on dermatoscopes the distances never saw; the photo detector is kept. Needed
-    when the gate no longer fits the graph's features (the committed one refused 34-76% of
-    every dermoscopy source on 2026-12-07). Returns the held-out share refused per family."""
+    when the gate no longer fits the graph's features. Returns the threshold and image count."""
     from dermsight.inference.ood import fit_ood_gate
     from dermsight.inference.predictor import Predictor
 
