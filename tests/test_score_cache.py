@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from dermsight.cli import app
 from dermsight.data.sources import read_source
 from dermsight.inference.predictor import Predictor
+from dermsight.inference import score_cache
 from dermsight.inference.score_cache import ScoreCache, bundle_digest
 from dermsight.models.bundle import load_bundle
 
@@ -82,6 +83,9 @@ def test_new_metadata_new_image_or_bundle_are_scored_again(trained_bundle, recor
     (copy / "bundle.json").write_text(json.dumps(data))
     assert bundle_digest(load_bundle(copy)) != bundle_digest(predictor.bundle)
     assert ScoreCache(load_bundle(copy), root=tmp_path).path != cache.path
+    before = bundle_digest(predictor.bundle)
+    monkeypatch.setattr(score_cache, "SCORING_VERSION", score_cache.SCORING_VERSION + 1)  # same files, new arithmetic
+    assert bundle_digest(predictor.bundle) != before
 
 
 def test_unreadable_files_are_reported_every_run(trained_bundle, records, tmp_path):

@@ -27,9 +27,12 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS scores_v3 (
 )"""
 
 
+SCORING_VERSION = 2  # bump when the same bundle files score differently (2: exact int8 kernel without VNNI)
+
+
 def bundle_digest(bundle: Bundle) -> str:
-    """A digest of the bundle files that decide its scores: the cache's file name."""
-    digest = hashlib.sha256()
+    """A digest of the bundle files that decide its scores (and of SCORING_VERSION): the cache's file name."""
+    digest = hashlib.sha256(f"scoring v{SCORING_VERSION}".encode())
     for name in ("bundle.json", "model.onnx", "ood_gate.npz"):
         path = bundle.path / name
         digest.update(name.encode() + (path.read_bytes() if path.exists() else b"-"))
