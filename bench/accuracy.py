@@ -15,9 +15,9 @@ bundle trained on are scored by their out-of-fold predictions; the others by the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,5 +110,7 @@ def bundle_accuracy(path: Path) -> dict:
 
 
 if __name__ == "__main__":
-    paths = [Path(p) for p in sys.argv[1:]] or [Path("bundles/default")]
-    print(json.dumps([bundle_accuracy(p) for p in paths], indent=1))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bundles", type=Path, nargs="*", default=[Path("bundles/default")],
+                        help="Bundle directories (default: bundles/default).")
+    print(json.dumps([bundle_accuracy(p) for p in parser.parse_args().bundles], indent=1))

@@ -25,9 +25,9 @@ machine, with the load average recorded).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -140,6 +140,8 @@ def main(finetuned_path: str, frozen_paths: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        raise SystemExit(__doc__)
-    print(json.dumps(main(sys.argv[1], sys.argv[2:]), indent=1))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", help="The fine-tuned ensemble bundle (bundles/default).")
+    parser.add_argument("frozen", nargs="+", help="Embed-mode bundles on the same folds (see above).")
+    args = parser.parse_args()
+    print(json.dumps(main(args.bundle, args.frozen), indent=1))

@@ -20,6 +20,7 @@ fold graphs gave), for reference. The per-view logits are cached (TTA_CACHE, def
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -154,4 +155,6 @@ def main(bundle: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1] if len(sys.argv) > 1 else "bundles/default"), indent=1))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", nargs="?", default="bundles/default", help="Bundle directory (default: bundles/default).")
+    print(json.dumps(main(parser.parse_args().bundle), indent=1))

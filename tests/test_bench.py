@@ -24,6 +24,18 @@ def _bench_run():
     return module
 
 
+BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS)
+def test_every_bench_script_answers_help_without_running(script):
+    """`--help` prints usage and exits 0; before argparse some benches took it for a bundle path."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"usage: {script}"), result.stdout[:200]
+
+
 def test_bench_quick_ceiling_prints_the_report_json():
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--only", "ceiling", "--no-table"],
