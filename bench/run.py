@@ -222,6 +222,18 @@ def print_table(report: dict) -> None:
     Console(stderr=True).print(table)
 
 
+def cpu_model() -> dict:
+    """The CPU's name and whether it has VNNI: int8 graphs run a slower exact kernel without it
+    (session.x64quantprecision), so int8 timings compare only between machines alike in that."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu_model": platform.processor() or None, "cpu_vnni": None}
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return {"cpu_model": name, "cpu_vnni": any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="DermSight benchmark suite (prints JSON).")
     parser.add_argument("--quick", action="store_true", help="Small settings: checks the code; numbers are rough.")
@@ -270,6 +282,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__,
+            **cpu_model(),
             # 1/5/15-minute load averages of the whole machine (others' work included).
             "load_average_at_start": [rounded(x, 2) for x in os.getloadavg()],
         },
