@@ -25,7 +25,10 @@ previous default from git:
     .venv/bin/python bench/quantize.py --model /tmp/previous/bundles/default --formats qdq --methods minmax
 
 Quantization is `dermsight.models.quantize.quantize_graph`, what `dermsight train --int8`
-runs (backbone only; the head stays float). Every format x calibration method given is tried.
+runs (backbone only; the head stays float). Every format x calibration method given is tried,
+each twice: with the exact U8U8 kernel DermSight runs (`session.x64quantprecision`) and with ONNX
+Runtime's default U8S8 kernel, whose 16-bit sums saturate on x86 CPUs without VNNI ("machine" says
+which CPU this was); only the exact one can be kept.
 
 Speed, measured fairly: every graph (fp32 and each int8 variant) is first warmed up (a predict
 pass over a few images and --warmup-seconds of forward runs each), then the end-to-end passes
@@ -51,6 +54,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DERMSIGHT_DATA", REPO.parent / "shared" / "datasets"))
 MAX_AUC_DROP = 0.005
+EXACT_KERNEL = "exact U8U8"  # session.x64quantprecision: what DermSight runs
+SATURATING_KERNEL = "default U8S8"  # ONNX Runtime's default: 16-bit saturating sums on x86 CPUs without VNNI
 
 
 def held_out_split(bundle, fold: int, n_eval: int | None, n_calibration: int, seed: int = 0):
@@ -171,6 +176,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
 
+    from run import cpu_model
+
     from dermsight.evaluation.metrics import auc as roc_auc
     from dermsight.inference.onnx_session import ParallelSession
     from dermsight.inference.predictor import Predictor
@@ -201,6 +208,7 @@ def main() -> None:
     sessions = {"fp32": ParallelSession(fp32_path)}
     report = {
         "bundle": bundle.name,
+        "machine": cpu_model(),
         "bundle_graph": "int8" if is_quantized(bundle.onnx_path) else "float",
         "quick": args.quick,
         "evaluation": {
@@ -232,9 +240,12 @@ def main() -> None:
         started = time.perf_counter()
         quantize_graph(fp32_path, path, *calibration_inputs, method=method, quant_format=fmt,
                        keep_float=tuple(p for p in args.keep_float.split(",") if p))
-        report["int8"][name] = {"format": fmt, "calibration_method": method,
+        report["int8"][name] = {"format": fmt, "calibration_method": method, "kernel": EXACT_KERNEL,
                                 "quantize_seconds": round(time.perf_counter() - started, 1)}
         sessions[name], paths[name] = ParallelSession(path), path
+        saturating = f"{name} ({SATURATING_KERNEL})"  # the same graph, ONNX Runtime's default kernel
+        report["int8"][saturating] = {"format": fmt, "calibration_method": method, "kernel": SATURATING_KERNEL}
+        sessions[saturating], paths[saturating] = ParallelSession(path, exact_int8=False), path
 
     # Warm every graph up, then alternate the end-to-end passes (fp32 no longer runs cold first).
     for session in sessions.values():
@@ -294,7 +305,8 @@ def main() -> None:
     report["load_average_at_start"] = [round(x, 2) for x in load_at_start]  # 1, 5, 15 min; the whole machine
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     kept = sorted(
-        (name for name, r in report["int8"].items() if r["kept"] and r["forward_speedup"] > 1.05),
+        (name for name, r in report["int8"].items()
+         if r["kept"] and r["forward_speedup"] > 1.05 and r["kernel"] == EXACT_KERNEL),
         key=lambda name: -report["int8"][name]["forward_speedup"],
     )
     report["verdict"] = (
