@@ -16,12 +16,17 @@ from live_server import _server
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bench_run():
-    """bench/run.py as a module (it puts bench/ on sys.path for its sections package)."""
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+def _bench_module(name: str):
+    """bench/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_run():
+    """bench/run.py as a module (it puts bench/ on sys.path for its sections package)."""
+    return _bench_module("run")
 
 
 BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_"))
@@ -77,13 +82,9 @@ def test_bench_rejects_an_unknown_section():
 def test_ham_accuracy_counts_akiec_as_ak_or_scc():
     """HAM10000's akiec holds AK and intraepithelial SCC: its truth is either code, its
     probability P(AK) + P(SCC), so an SCC image called SCC is right on the 7 HAM classes."""
-    import importlib.util
-
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
-    accuracy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(accuracy)
+    accuracy = _bench_module("accuracy")
     codes = accuracy.HAM_CLASSES + ["SCC"]
     rows = pd.DataFrame(
         [  # truth, then probabilities in `codes` order
@@ -195,3 +196,48 @@ def test_api_client_reports_a_timeout_and_a_refused_connection_as_failed_answers
     assert (summary["requests"], summary["failures"], answers.ok) == (4, 2, 2)
     assert summary["failures_by_status"] == {"503": 1, "timeout": 1}
     assert summary["p99_ms"] > 290.0  # the timeout is in the percentiles, not dropped
+
+
+def test_isic9_images_are_embedded_by_the_member_that_never_trained_on_them():
+    """Member k trained without fold k: a HAM copy goes to its HAM fold's member; the teaching
+    set's own images, and copies training dropped (absent from the table), to the member that
+    left their source out, wherever that fold is."""
+    import pandas as pd
+
+    isic9 = _bench_module("isic9_nine_class")
+    table = pd.DataFrame({"image_id": ["ham_a", "ham_b", "own_c", "own_d"],
+                          "source": ["ham10000", "ham10000", "class_folders", "class_folders"], "fold": [0, 1, 2, 2]})
+    ids = pd.Series(["ham_b", "own_c", "dropped_e", "ham_a", "ham_b"])
+    assert isic9.embedding_members(ids, table).tolist() == [1, 2, 2, 0, 1]
+    with pytest.raises(SystemExit, match="class_folders lies in folds"):
+        isic9.embedding_members(ids, table.assign(fold=[0, 1, 2, 3]))
+
+
+def test_isic9_heads_are_cross_fitted_in_each_images_member_space_without_its_group():
+    """Each image is scored by a head fitted in its own member's embedding space on other
+    groups only: a head that saw the image (or its copy) would memorise a random label, a
+    head in another member's space reads noise."""
+    import numpy as np
+
+    from dermsight.training.config import TrainConfig
+
+    isic9 = _bench_module("isic9_nine_class")
+    rng = np.random.default_rng(0)
+    n, groups = 240, np.repeat(np.arange(120), 2)  # every image has a copy (same group, same label)
+    labels, members = rng.integers(0, 3, 120)[groups], groups % 2
+    folds = isic9.head_folds(labels, groups)
+    assert all(len(set(folds[groups == g])) == 1 for g in range(120))  # a group never straddles folds
+    config = TrainConfig(sources=[], views=("identity",), progress=False)
+
+    # Member space: the label is readable only in the image's own member's space.
+    signal = np.eye(3)[labels] * 4
+    features = rng.normal(size=(1, 2, n, 3))
+    for member in (0, 1):
+        features[0, member, members == member] += signal[members == member]
+    predicted = isic9.cross_fitted(features, members, labels, folds, 3, config)
+    assert (predicted == labels).mean() > 0.9
+
+    # Held-out: one random direction per group, labels random: only memorising can be right.
+    memorable = rng.normal(size=(120, 400))[groups][None, None]
+    predicted = isic9.cross_fitted(memorable, np.zeros(n, int), labels, folds, 3, config)
+    assert (predicted == labels).mean() < 0.6
