@@ -14,9 +14,9 @@ Guards:
    bundle's out_of_fold.csv.gz), under the scheme: its melanoma AUC may drop by at most 0.005 on
    any source, against the same network rescored today's way and against the OOF file itself.
    (A cascade has no honest leave-one-source-out score: its other members saw the source.)
-   HAM10000 is split over all four members by lesion; its rows of the OOF file were not made by
-   the shipped members (their risks differ by up to 0.44), so read its change against the
-   member rescored today's way, not against the file.
+   HAM10000 is split over all four members by lesion. With the exact int8 kernel the members
+   rescored today's way reproduce the file (the 0.44 risk differences seen before were the
+   saturating kernel of CPUs without VNNI).
 2. The uncertainty still ranks errors: AUC of `risk_spread` for wrong referrals (the
    ensemble's decision against the label, all members, leave-one-source-out images) no lower.
 3. The referral (and the photo gate's verdict) agree with today's on >= 98% of isic2020/test_128,
