@@ -241,3 +241,37 @@ def test_isic9_heads_are_cross_fitted_in_each_images_member_space_without_its_gr
     memorable = rng.normal(size=(120, 400))[groups][None, None]
     predicted = isic9.cross_fitted(memorable, np.zeros(n, int), labels, folds, 3, config)
     assert (predicted == labels).mean() < 0.6
+
+
+def test_recipes_compares_a_proxy_run_on_the_images_it_validated_and_refuses_other_folds(tmp_path, monkeypatch):
+    """bench/recipes.py on the default bundle against a copy that validated fold 0 only (a
+    `--validation-folds 1` proxy) with its own risks: only fold 0's sources are compared, on their
+    images, with the gain the copy's risks give; a copy whose folds differ is refused."""
+    import shutil
+
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    recipes = _bench_module("recipes")
+    monkeypatch.setattr(sys.modules["frozen_heads"], "N_BOOT", 20)  # the interval's resamples: not checked here
+    default = REPO / "bundles" / "default"
+    oof = pd.read_csv(default / "out_of_fold.csv.gz")
+    proxy = tmp_path / "proxy"
+    shutil.copytree(default, proxy)
+    perfect = oof.assign(MEL=(oof["diagnosis"] == "MEL").astype(float))
+    perfect.loc[perfect["fold"] != 0, "MEL"] = float("nan")
+    perfect.to_csv(proxy / "out_of_fold.csv.gz", index=False)
+    result = recipes.main(str(default), [str(proxy)])
+    rows = {row["source"]: row for row in result["candidates"][0]["per_source"]}
+    fold0 = oof[oof["fold"] == 0]
+    assert set(rows) == {recipes.SOURCE_NAMES.get(s, s) for s in fold0["source"].unique()}
+    ham = rows["HAM10000"]
+    assert ham["images"] == int((fold0["source"] == "ham10000").sum()) and ham["folds"] == [0]
+    assert ham["candidate"]["auc"] == 1.0 and ham["candidate"]["specificity_at_90"] == 1.0
+    assert ham["auc_gain"] == pytest.approx(1.0 - ham["baseline"]["auc"])
+    assert result["candidates"][0]["recipe_difference"] == {}  # the same recipe, copied
+    moved = perfect.assign(fold=perfect["fold"].where(perfect["fold"] != 0, 1))
+    moved.loc[moved.index[:1], "fold"] = 0
+    moved.to_csv(proxy / "out_of_fold.csv.gz", index=False)
+    with pytest.raises(SystemExit, match="other folds"):
+        recipes.main(str(default), [str(proxy)])

@@ -1,0 +1,96 @@
+"""Does a training recipe rank melanomas better than another on sources left out whole?
+
+    python bench/recipes.py BASELINE_BUNDLE CANDIDATE_BUNDLE [CANDIDATE_BUNDLE ...] > bench/recipes_results.json
+
+Each bundle's out_of_fold.csv.gz holds, for every image its run validated, the prediction of the
+network trained without that image's fold. Bundles trained with the same sources, `--folds`,
+`--source-folds` and `--seed` have the same folds image by image (the script stops otherwise), so a
+candidate run with `--validation-folds N` (a CPU-sized proxy: only its first N fold networks are
+trained) is compared with the baseline on exactly the images it validated. Per source (how it was
+held out: left out whole, or HAM10000's grouped CV): melanoma AUC and specificity at the source's own
+90%-sensitivity threshold of both, and the candidate's AUC gain with a 95% paired bootstrap
+interval (images resampled within the source). Also each run's recipe differences and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+from frozen_heads import paired_gain, specificity_at
+from sklearn.metrics import roc_auc_score
+
+from dermsight.evaluation.held_out import SOURCE_NAMES, load_out_of_fold
+from dermsight.models.bundle import load_bundle
+
+RECIPE_KEYS_IGNORED = ("sources", "output", "run_dir", "cache_dir", "progress", "checkpoint_minutes")
+
+
+def recipe_difference(baseline: dict, candidate: dict) -> dict:
+    """{key: [baseline value, candidate value]} for every recipe setting the two runs differ in."""
+    keys = sorted((set(baseline) | set(candidate)) - set(RECIPE_KEYS_IGNORED))
+    return {key: [baseline.get(key), candidate.get(key)] for key in keys if baseline.get(key) != candidate.get(key)}
+
+
+def validated(bundle_path: str) -> pd.DataFrame:
+    """The bundle's out-of-fold rows that a network predicted (a proxy run leaves the others empty)."""
+    oof = load_out_of_fold(load_bundle(bundle_path))
+    return oof[oof["MEL"].notna()][["image_id", "source", "diagnosis", "fold", "MEL"]]
+
+
+def compare(baseline: pd.DataFrame, candidate: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
+    """Per source, on the images both runs predicted: AUC and specificity at 90% sensitivity of
+    each, and the candidate's paired AUC gain."""
+    both = candidate.merge(baseline, on="image_id", suffixes=("", "_baseline"))
+    moved = both["fold"] != both["fold_baseline"]
+    if moved.any():
+        raise SystemExit(f"{int(moved.sum())} images sit in other folds in the two runs (first: "
+                         f"{both.loc[moved, 'image_id'].iloc[0]}): train them with the same sources, --folds and --seed")
+    rows = []
+    for source, part in both.groupby("source"):
+        y = (part["diagnosis"] == "MEL").to_numpy().astype(int)
+        if not 0 < y.sum() < len(y):
+            continue
+        base, other = part["MEL_baseline"].to_numpy(), part["MEL"].to_numpy()
+        rows.append({
+            "source": SOURCE_NAMES.get(source, source),
+            "held_out": "grouped_cv" if source == "ham10000" else "left_out_source",
+            "folds": sorted(int(f) for f in part["fold"].unique()),
+            "images": int(len(part)), "melanomas": int(y.sum()),
+            "baseline": {"auc": float(roc_auc_score(y, base)), "specificity_at_90": specificity_at(y, base)},
+            "candidate": {"auc": float(roc_auc_score(y, other)), "specificity_at_90": specificity_at(y, other)},
+            "auc_gain": float(roc_auc_score(y, other) - roc_auc_score(y, base)),
+            "auc_gain_ci95": paired_gain(y, base, other, rng),
+        })
+    return rows
+
+
+def main(baseline_path: str, candidate_paths: list[str]) -> dict:
+    rng = np.random.default_rng(0)
+    baseline_bundle = load_bundle(baseline_path)
+    baseline = validated(baseline_path)
+    result = {"baseline": {"bundle": baseline_bundle.name, "path": baseline_path,
+                           "training_seconds": baseline_bundle.training.get("duration_seconds")},
+              "candidates": []}
+    for path in candidate_paths:
+        bundle = load_bundle(path)
+        print(f"{bundle.name}: comparing", file=sys.stderr)
+        result["candidates"].append({
+            "bundle": bundle.name, "path": path,
+            "recipe_difference": recipe_difference(baseline_bundle.training.get("config", {}),
+                                                   bundle.training.get("config", {})),
+            "training_seconds": bundle.training.get("duration_seconds"),
+            "per_source": compare(baseline, validated(path), rng),
+        })
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("baseline", help="The bundle to compare against (e.g. bundles/default).")
+    parser.add_argument("candidates", nargs="+", help="Bundles trained on the same folds (see above).")
+    args = parser.parse_args()
+    print(json.dumps(main(args.baseline, args.candidates), indent=1))
