@@ -91,7 +91,13 @@ def main() -> None:
     single_seconds = time.perf_counter() - started
 
     def gap(table) -> float:
-        return float(np.abs(table["melanoma_risk"].to_numpy() - local_table["melanoma_risk"].to_numpy()).max())
+        """Largest |risk difference| from the single-process table over the images both scored; a refused
+        image has no risk (NaN), so refused in one table only counts as an infinite difference."""
+        mine, single = table["melanoma_risk"].to_numpy(float), local_table["melanoma_risk"].to_numpy(float)
+        if not np.array_equal(np.isnan(mine), np.isnan(single)):
+            return float("inf")
+        scored = ~np.isnan(single)
+        return float(np.abs(mine[scored] - single[scored]).max()) if scored.any() else 0.0
 
     result = {
         "images": n,
