@@ -35,7 +35,7 @@ from dermsight.data.dataset import deduplicate, load_sources
 from dermsight.evaluation.held_out import load_out_of_fold
 from dermsight.evaluation.robustness import members_of
 from dermsight.imaging.batches import iter_batches
-from dermsight.inference.predictor import Predictor, softmax
+from dermsight.inference.predictor import Predictor
 from dermsight.models.bundle import load_bundle
 from dermsight.models.metadata import encode_metadata
 from dermsight.models.model_card import write_model_card
@@ -46,22 +46,16 @@ LEVEL_QUANTILE = 0.90
 
 
 def member_risks(predictor: Predictor, records: pd.DataFrame) -> tuple[np.ndarray, list[int]]:
-    """(N, members) calibrated melanoma risks of each fold network (views averaged), and the
-    rows that could be read."""
+    """(N, members) calibrated melanoma risks of each fold network (views averaged, as the
+    Predictor scores), and the rows that could be read."""
     bundle = predictor.bundle
     metadata = encode_metadata(records, bundle.metadata_features)
-    mel = predictor.melanoma_index
     risks, rows = [], []
     for batch in iter_batches(records["image_ref"].tolist(), bundle.preprocessing, 32, views=bundle.views):
-        if not batch.indices:
-            continue
-        n_views, n = batch.images.shape[:2]
-        flat = batch.images.reshape(-1, *batch.images.shape[2:])
-        meta = np.tile(metadata[batch.indices].astype(np.float32), (n_views, 1))
-        logits = predictor.session.run(["member_logits"], {"image": flat, "metadata": meta})[0]
-        logits = logits.reshape(n_views, n, *logits.shape[1:]).mean(axis=0)
-        risks.append(softmax(logits / bundle.temperature, axis=2)[:, :, mel])
-        rows.extend(batch.indices)
+        if batch.indices:
+            scores = predictor.score_views(batch.images, metadata[batch.indices])
+            risks.append(scores.member_probabilities[:, :, predictor.melanoma_index])
+            rows.extend(batch.indices)
     return np.concatenate(risks), rows
 
 
