@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -46,10 +47,10 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-def train(tiny_set, checkpoint, settings: TrainConfig, step: int = 0, action=None):
+def train(tiny_set, checkpoint, settings: TrainConfig, step: int = 0, action=None, **options):
     """`train_one_model` with a loss that draws noise from torch's global generator (as dropout
     would: the network has none), and runs `action` inside the `step`-th optimizer step
-    (1-based, over all epochs)."""
+    (1-based, over all epochs); `options` go to `train_one_model`."""
     real, calls = finetune.make_loss, itertools.count(1)
 
     def make_loss(*args):
@@ -64,7 +65,7 @@ def train(tiny_set, checkpoint, settings: TrainConfig, step: int = 0, action=Non
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(finetune, "make_loss", make_loss)
-        net, _ = finetune.train_one_model(*tiny_set, CLASSES, settings, checkpoint)
+        net, _ = finetune.train_one_model(*tiny_set, CLASSES, settings, checkpoint, **options)
     return net.state_dict()
 
 
@@ -107,6 +108,39 @@ def test_a_crash_resumes_from_the_last_timed_checkpoint(tiny_set, tmp_path, unin
     assert_same_weights(train(tiny_set, checkpoint, config(checkpoint_minutes=1e-9)), uninterrupted)
 
 
+SOURCES = np.array(["small" if i % 4 == 0 else "large" for i in range(24)], dtype=object)  # 6 and 18 images
+
+
+def test_ema_and_source_sampling_resume_to_the_same_weights_and_change_them(tiny_set, tmp_path, uninterrupted):
+    """The EMA weights and the source-weighted draws are part of the checkpoint: a SIGTERM in
+    epoch 2 resumes to the uninterrupted run's weights, and those are not the plain run's."""
+    levers = config(ema_decay=0.999, source_sampling=1.0)
+    whole = train(tiny_set, tmp_path / "whole.pt", levers, sources=SOURCES)
+    checkpoint = tmp_path / "net.pt"
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_set, checkpoint, levers, STEPS_PER_EPOCH + 2, lambda: os.kill(os.getpid(), signal.SIGTERM), sources=SOURCES)
+    assert torch.load(checkpoint, weights_only=False)["ema"] is not None
+    assert_same_weights(train(tiny_set, checkpoint, levers, sources=SOURCES), whole)
+    last = train(tiny_set, tmp_path / "last.pt", config(source_sampling=1.0), sources=SOURCES)
+    assert not torch.equal(whole["head.weight"], last["head.weight"])  # the average is shipped, not the last step
+    assert not torch.equal(last["head.weight"], uninterrupted["head.weight"])  # the draws changed
+
+
+def test_source_sampling_draws_sources_by_the_power_of_their_size():
+    sources = np.array(["large"] * 3000 + ["small"] * 300, dtype=object)
+    for power, small_share in ((0.0, 300 / 3300), (0.5, 300**0.5 / (300**0.5 + 3000**0.5)), (1.0, 0.5)):
+        draw = finetune.source_sampling_weights(sources, power)
+        assert draw[sources == "small"].sum() == pytest.approx(small_share)
+        order = finetune.epoch_order(None, len(sources), seed=0, epoch=0, draw=draw).numpy()
+        assert len(order) == len(sources) and np.mean(sources[order] == "small") == pytest.approx(small_share, abs=0.03)
+    assert np.array_equal(order, finetune.epoch_order(None, len(sources), seed=0, epoch=0, draw=draw).numpy())
+    with pytest.raises(ValueError, match="torchrun"):
+        finetune.train_one_model(
+            np.zeros((24, 32, 32, 3), np.uint8), np.zeros((24, 12), np.float32), np.arange(24) % 2, CLASSES,
+            config(source_sampling=1.0), Path("unused.pt"), sources=SOURCES, global_order=True,
+        )
+
+
 def test_run_log_counts_resumes_and_refuses_another_recipe(tmp_path):
     recipe = config().to_dict()
     RunLog(tmp_path, recipe, "dermsight train x").save(ended="stopped by SIGTERM")
@@ -119,6 +153,11 @@ def test_run_log_counts_resumes_and_refuses_another_recipe(tmp_path):
     with pytest.raises(RecipeMismatch, match=r"epochs: 2 -> 3"):
         RunLog(tmp_path, {**recipe, "epochs": 3}, None)
     assert TrainConfig.from_dict(RunLog.load_recipe(tmp_path)) == TrainConfig.from_dict(extended)
+    older = {k: v for k, v in recipe.items() if k != "ema_decay"}  # written before the option existed
+    RunLog(tmp_path / "older", older, None).save()
+    RunLog(tmp_path / "older", recipe, None, defaults=config().to_dict())  # read as the default: resumes
+    with pytest.raises(RecipeMismatch, match=r"ema_decay: 0.0 -> 0.99"):
+        RunLog(tmp_path / "older", {**recipe, "ema_decay": 0.99}, None, defaults=config().to_dict())
 
 
 RUN = [  # a real `dermsight train` of about a minute: 300 HAM10000 images, 64 px, 2 epochs of 9 steps

@@ -29,6 +29,8 @@ def train_command(
     target_sensitivity: float = typer.Option(0.90, min=0.5, max=0.999, help="Melanoma sensitivity the threshold aims for."),
     epochs: int = typer.Option(3, min=1, help="Finetune mode: epochs of the first cosine cycle."),
     restart_epochs: int = typer.Option(0, min=0, help="Finetune mode: then a warm restart (a second cosine cycle from 30% of the peak learning rate) of this many epochs; rerun with it to extend a finished run from its checkpoints."),
+    ema_decay: float = typer.Option(0.0, min=0.0, max=0.99999, help="Finetune mode: ship an exponential moving average of the weights with at most this decay per step (timm ModelEmaV3 with warm-up: about 0.99 after 800 steps); 0 = off."),
+    source_sampling: float = typer.Option(0.0, min=0.0, max=1.0, help="Finetune mode: draw each epoch's images with probability ~ their source's size ** -POWER (0 natural mix, 0.5 square-root, 1 every source equally often). One process only (not under torchrun)."),
     batch_size: int = typer.Option(48, min=2, help="Finetune mode: batch size."),
     learning_rate: float = typer.Option(1e-3, help="Finetune mode: peak AdamW learning rate."),
     validation_folds: int = typer.Option(None, min=1, help="Finetune mode: hold out only the first N folds (CPU budget)."),
@@ -74,7 +76,7 @@ def train_command(
     config = TrainConfig(
         sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
         views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
-        target_sensitivity=target_sensitivity, epochs=epochs, restart_epochs=restart_epochs, validation_folds=validation_folds, batch_size=batch_size, learning_rate=learning_rate,
+        target_sensitivity=target_sensitivity, epochs=epochs, restart_epochs=restart_epochs, ema_decay=ema_decay, source_sampling=source_sampling, validation_folds=validation_folds, batch_size=batch_size, learning_rate=learning_rate,
         int8=int8, max_images=max_images, patience=patience, source_folds=source_folds, fit=fit,
         colour_constancy=colour_constancy, acquisition_augmentation=acquisition_augmentation, source_prior=source_prior,
         metadata_features=features[metadata], metadata_dropout=metadata_dropout, ensemble=ensemble,

@@ -37,6 +37,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1
     restart_epochs: int = 0  # finetune: after the `epochs` cosine cycle, a warm restart of this many epochs
+    ema_decay: float = 0.0  # finetune: ship an exponential moving average of the weights (timm ModelEmaV3, warm-up); 0 = off
+    source_sampling: float = 0.0  # finetune: draw images with probability ~ (their source's size) ** -power; 0 = natural mix
     patience: int = 2
     validation_folds: int | None = None  # finetune: train only this many of the folds for validation (None = all)
     refit: bool = True  # finetune: refit on every image; False ships the first fold's network (calibrated on its held-out fold)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.progress import Progress
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
@@ -244,12 +245,19 @@ def train_one_model(
     criterion = make_loss(config.loss, weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     scheduler = warmup_cosine(optimizer, config.epochs * steps, config.warmup_fraction, config.restart_epochs * steps)
+    # timm's warm-up (power 3/4, for runs of thousands of steps): the average forgets the random head early on
+    ema = ModelEmaV3(net, decay=config.ema_decay, use_warmup=True, warmup_power=0.75) if config.ema_decay else None
+    draw = source_sampling_weights(sources, config.source_sampling) if config.source_sampling and sources is not None else None
+    if draw is not None and sampler is not None:
+        raise ValueError("--source-sampling draws each epoch in one process; it does not run under torchrun or a global order")
     start_epoch, start_step, order, best_score, best_epoch, best_state = 0, 0, None, -1.0, 0, None
     if checkpoint.exists():  # resume
         state = torch.load(checkpoint, weights_only=False)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         start_epoch, best_score, best_epoch, best_state = state["epoch"], state["best_score"], state["best_epoch"], state["best_state"]
         if "random" in state:
             restore_random_states(state["random"])
@@ -271,6 +279,7 @@ def train_one_model(
             save_atomically(
                 {
                     "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "ema": ema.module.state_dict() if ema is not None else None,
                     "epoch": epoch, "step": step, "order": order if step else None,
                     "augmentation": dataset.augmentation_state() if step else None, "random": random_states(),
                     "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
@@ -286,7 +295,7 @@ def train_one_model(
             if validation is not None and stale >= config.patience and epoch < config.epochs:
                 break  # early stop (checked here, so a resumed run that had stopped stays stopped)
             if order is None:  # a new epoch: its order and augmentations seeded by (seed, epoch, rank)
-                order = epoch_order(sampler, len(dataset), config.seed, epoch)
+                order = epoch_order(sampler, len(dataset), config.seed, epoch, draw)
                 dataset.reseed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
             model.train()
             stop = False
@@ -303,6 +312,8 @@ def train_one_model(
                         loss = _accumulate_micro_batches(model, criterion, optimizer, images, meta, target, micro_batches)
                     optimizer.step()
                     scheduler.step()
+                    if ema is not None:
+                        ema.update(net, step=scheduler.last_epoch)  # last_epoch: optimizer steps so far, resumed too
                     bar.update(task, advance=1, description=f"epoch {epoch + 1}/{total_epochs} loss {loss.item():.3f}")
                     stop, due = _stop_or_due(signals, clock, distributed)
                     if step + 1 < steps and (stop or due):
@@ -311,11 +322,12 @@ def train_one_model(
                             raise TrainingInterrupted(signals.requested or "SIGTERM", checkpoint, f"epoch {epoch + 1}, step {step + 1}/{steps}")
             start_step, order = 0, None
             score = None
+            shipped = ema.module if ema is not None else net
             if validation is not None:
-                logits = predict_logits(net, *validation[:2], prep, config.views)
+                logits = predict_logits(shipped, *validation[:2], prep, config.views)
                 score = balanced_accuracy(validation[2], logits.argmax(1), len(classes))
                 if score > best_score:
-                    best_score, best_epoch, best_state, stale = score, epoch + 1, _copy_state(net), 0
+                    best_score, best_epoch, best_state, stale = score, epoch + 1, _copy_state(shipped), 0
                 else:
                     stale += 1
             else:
@@ -325,19 +337,32 @@ def train_one_model(
             save(epoch + 1, 0)
             if stop or _stop_or_due(signals, clock, distributed)[0]:
                 raise TrainingInterrupted(signals.requested or "SIGTERM", checkpoint, f"the end of epoch {epoch + 1}")
+    if best_state is None and ema is not None:
+        best_state = ema.module.state_dict()
     if best_state is not None:
         net.load_state_dict(best_state)
     return net.to(memory_format=torch.contiguous_format).eval(), best_epoch
 
 
-def epoch_order(sampler: DistributedSampler | None, n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The indices of one epoch, in the order they are drawn: the sampler's (this rank's shard)
-    or a permutation seeded by (seed, epoch); a mid-epoch checkpoint stores it."""
+def epoch_order(sampler: DistributedSampler | None, n: int, seed: int, epoch: int, draw: np.ndarray | None = None) -> torch.Tensor:
+    """The indices of one epoch, in the order they are drawn: the sampler's (this rank's shard),
+    or seeded by (seed, epoch) a permutation or, given each image's chance `draw`, n draws with
+    replacement; a mid-epoch checkpoint stores it."""
     if sampler is not None:
         sampler.set_epoch(epoch)
         return torch.tensor(list(sampler))
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    if draw is not None:
+        return torch.multinomial(torch.from_numpy(draw), n, replacement=True, generator=generator)
     return torch.randperm(n, generator=generator)
+
+
+def source_sampling_weights(sources: np.ndarray, power: float) -> np.ndarray:
+    """Each image's chance of being drawn, proportional to its source's size ** -power: 0 keeps
+    the natural mix, 0.5 is square-root sampling, 1 draws every source equally often."""
+    _, inverse, counts = np.unique(sources, return_inverse=True, return_counts=True)
+    weights = counts[inverse].astype(np.float64) ** -power
+    return weights / weights.sum()
 
 
 def _stop_or_due(signals: StopSignals, clock: CheckpointClock, distributed: bool) -> tuple[bool, bool]:

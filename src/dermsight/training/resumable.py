@@ -120,17 +120,20 @@ class RunLog:
     """`run.json` of a run folder: the recipe, and one entry per session (`dermsight train`
     invocation) with its seconds, kept current at every checkpoint, and how it ended."""
 
-    def __init__(self, folder: Path, recipe: dict, command: str | None, spent: float = 0.0):
-        """Open (or start) the run's log and begin a session; `spent`: its seconds before this."""
+    def __init__(self, folder: Path, recipe: dict, command: str | None, spent: float = 0.0, defaults: dict | None = None):
+        """Open (or start) the run's log and begin a session; `spent`: its seconds before this.
+        A setting the stored recipe lacks (an option added since it was written) reads as its
+        value in `defaults`."""
         self.folder, self.path = folder, folder / RUN_LOG
         previous = json.loads(self.path.read_text()) if self.path.exists() else None
         if previous is not None:
+            stored = {**(defaults or {}), **previous["recipe"]}
             changed = sorted(
-                key for key in set(recipe) | set(previous["recipe"])
-                if key not in RESUMABLE_CHANGES and recipe.get(key) != previous["recipe"].get(key)
+                key for key in set(recipe) | set(stored)
+                if key not in RESUMABLE_CHANGES and recipe.get(key) != stored.get(key)
             )
             if changed:
-                details = "; ".join(f"{k}: {previous['recipe'].get(k)!r} -> {recipe.get(k)!r}" for k in changed)
+                details = "; ".join(f"{k}: {stored.get(k)!r} -> {recipe.get(k)!r}" for k in changed)
                 raise RecipeMismatch(
                     f"run folder {folder} holds a run of another recipe ({details}); resume it with its own "
                     "options (dermsight train --resume RUN_DIR), or choose another --output"

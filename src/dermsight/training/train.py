@@ -85,7 +85,9 @@ def train(config: TrainConfig) -> Bundle:
         from dermsight.training import finetune
 
         run_dir = config.run_dir or default_run_dir(config.output, config.cache_dir)
-        run_log = RunLog(run_dir, config.to_dict(), _command(), spent=time.time() - started)
+        run_log = RunLog(
+            run_dir, config.to_dict(), _command(), spent=time.time() - started, defaults=TrainConfig(sources=[]).to_dict()
+        )
         try:
             records, labels, oof_logits, net, int8_graph = finetune.cross_validate_and_fit(records, classes, config, run_dir, run_log)
         except TrainingInterrupted as stop:
