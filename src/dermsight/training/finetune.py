@@ -247,9 +247,12 @@ def train_one_model(
     scheduler = warmup_cosine(optimizer, config.epochs * steps, config.warmup_fraction, config.restart_epochs * steps)
     # timm's warm-up (power 3/4, for runs of thousands of steps): the average forgets the random head early on
     ema = ModelEmaV3(net, decay=config.ema_decay, use_warmup=True, warmup_power=0.75) if config.ema_decay else None
-    draw = source_sampling_weights(sources, config.source_sampling) if config.source_sampling and sources is not None else None
-    if draw is not None and sampler is not None:
-        raise ValueError("--source-sampling draws each epoch in one process; it does not run under torchrun or a global order")
+    draw = None
+    if config.source_sampling:
+        if sources is None or sampler is not None:
+            raise ValueError("--source-sampling needs each image's source and draws each epoch in one process "
+                             "(not under torchrun or a global order)")
+        draw = source_sampling_weights(sources, config.source_sampling)
     start_epoch, start_step, order, best_score, best_epoch, best_state = 0, 0, None, -1.0, 0, None
     if checkpoint.exists():  # resume
         state = torch.load(checkpoint, weights_only=False)
