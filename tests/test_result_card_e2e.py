@@ -62,7 +62,7 @@ def photos(shared) -> dict[str, bytes]:
     focus (Gaussian blur, 2.4 px: the warning) and the nevus shrunk to 100 x 100 px, and a melanoma
     the model is unsure of, and a nevus below the referral threshold. Each is the first of its kind, in the archive's order, that the committed
     bundle's photo gate accepts with its altered copy, the copy earning its warning (a refused photo
-    gets the other card)."""
+    gets the other card), the model sure of both."""
     records = read_isic_cli(shared / "isic2017").records
     predictor = Predictor(DEFAULT_BUNDLE)
 
@@ -82,7 +82,8 @@ def photos(shared) -> dict[str, bytes]:
         def keep(data: bytes) -> bool:
             rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
             table = scored(jpeg(rgb), jpeg(alter(rgb)))
-            return bool(table["looks_dermoscopic"].all()) and warning in table["quality_warnings"].iloc[1]
+            sure = not table["unsure"].any()  # only the "unsure" card may say the model is unsure
+            return bool(table["looks_dermoscopic"].all()) and sure and warning in table["quality_warnings"].iloc[1]
         return keep
 
     def unsure(data: bytes) -> bool:
