@@ -44,6 +44,7 @@ from dermsight.evaluation.site_calibration import (
     melanomas_for_confidence,
     melanomas_needed,
     platt,
+    without_refused,
 )
 from dermsight.models.bundle import load_bundle
 from dermsight.models.model_card import write_model_card
@@ -155,14 +156,13 @@ def test_128(bundle, oof: pd.DataFrame, path: Path | None, default_threshold: fl
     table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     names = set(p.stem for p in (DATA / "isic2020" / "test_128").glob("*.jpg"))
     table = table[table["image"].astype(str).isin(names)]
-    refused = int(table["melanoma_risk"].isna().sum())  # the gate's refusals carry no risk (as `dermsight calibrate` leaves them out)
-    table = table[table["melanoma_risk"].notna()]
+    table, _, refused = without_refused(table)  # as `dermsight calibrate` leaves them out
     risk = table["melanoma_risk"].to_numpy(dtype=float)
     profile = fit_profile(bundle, table["image"], risk, oof=oof, site="test_128")
     isic = oof[oof["source"] == "isic2020"]
     labelled = choose_site_threshold((isic["diagnosis"] == "MEL").to_numpy().astype(int), isic["MEL"].to_numpy(), TARGET)
     return {
-        "images": int(len(table)), "refused_as_not_dermoscopic": refused,
+        "images": int(len(table)), "refused_as_not_dermoscopic": len(refused),
         "prevalence_from_images": profile.data["prevalence_interval"],
         "expected_prevalence": "about 0.018 (melanoma share of the SIIM-ISIC 2020 training set, 584 / 33,126)",
         "referral_rate": {

@@ -20,6 +20,7 @@ from dermsight.evaluation.held_out import load_out_of_fold
 from dermsight.evaluation.site_calibration import (
     CalibrationError,
     choose_site_threshold,
+    fit_profile,
     lower_bound,
     melanomas_needed,
     read_labels,
@@ -144,6 +145,18 @@ def test_threshold_rules_on_real_held_out_predictions():
     assert sure["model_threshold"] < plain["model_threshold"]  # confidence costs specificity
     with pytest.raises(CalibrationError, match=r"28 melanomas cannot show .* at least 29 are needed"):
         choose_site_threshold(np.r_[np.ones(28), np.zeros(5)], np.linspace(0, 1, 33), 0.90, confidence=0.95)
+
+
+def test_a_risk_missing_is_refused_by_name_not_fitted():
+    """A refused image has no risk: fitting on it must say so, not write a profile of NaNs (the
+    ISIC 2020 test_128 bench once got 'damaged site profile' instead)."""
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    oof = load_out_of_fold(bundle)
+    part = oof[oof["source"] == "derm7pt"]
+    risk = part["MEL"].to_numpy(dtype=float).copy()
+    risk[[3, 7]] = np.nan
+    with pytest.raises(CalibrationError, match=r"2 images have no risk"):
+        fit_profile(bundle, part["image_id"], risk, oof=oof, site="derm7pt")
 
 
 def test_melanomas_needed_for_a_usable_interval():

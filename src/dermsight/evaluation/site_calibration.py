@@ -260,6 +260,8 @@ def fit_profile(
     risk = np.asarray(risk, dtype=float)
     if len(risk) == 0:
         raise CalibrationError("no image was scored: nothing to calibrate on")
+    if np.isnan(risk).any():
+        raise CalibrationError(f"{int(np.isnan(risk).sum())} images have no risk (refused by the gate?): leave them out first")
     estimator = PrevalenceEstimator.fit(load_out_of_fold(bundle) if oof is None else oof)
     from_images = estimator.estimate_with_interval(risk)
     data: dict = {
@@ -323,6 +325,16 @@ def _needed(target: float, confidence: float | None) -> dict:
     return needed
 
 
+def without_refused(table: pd.DataFrame, labels: pd.Series | None = None) -> tuple[pd.DataFrame, pd.Series | None, list[str]]:
+    """A prediction table's rows the gate accepted, their labels, and a message for each refused one:
+    a refused image gets no risk in use (predict, the API), so it cannot set the operating point."""
+    refused = ~table["looks_dermoscopic"].astype(bool)
+    messages = [f"{image}: refused as not dermoscopic (no risk): left out of the calibration" for image in table.loc[refused, "image"]]
+    if labels is not None:
+        labels = labels.drop(table.loc[refused, "image"].astype(str).map(_strip_suffix), errors="ignore")
+    return table[~refused], labels, messages
+
+
 def calibrate_site(
     inputs: list[str],
     bundle: Bundle,
@@ -345,12 +357,8 @@ def calibrate_site(
     plain = dataclasses.replace(bundle, site=None)
     table, unreadable = Predictor(plain).predict_records(records, batch_size=batch_size, progress=progress, cache=cache)
     skipped = [str(p) for p in problems] + [f"{image}: {message}" for image, message in unreadable.items()]
-    # An image the gate refuses gets no risk in use (predict, the API), so it cannot set the operating point.
-    refused = ~table["looks_dermoscopic"].astype(bool)
-    skipped += [f"{image}: refused as not dermoscopic (no risk): left out of the calibration" for image in table.loc[refused, "image"]]
-    if labels is not None:
-        labels = labels.drop(table.loc[refused, "image"].astype(str).map(_strip_suffix), errors="ignore")
-    table = table[~refused]
+    table, labels, refused = without_refused(table, labels)
+    skipped += refused
     profile = fit_profile(plain, table["image"], table["melanoma_risk"].to_numpy(), labels=labels,
                           labels_path=labels_path, target=target, confidence=confidence, site=site)
     return profile, skipped
