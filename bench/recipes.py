@@ -13,6 +13,12 @@ resampled within the source). A source whose images sit in other folds in the tw
 `--seed` regroups HAM10000; a source left out whole stays in its fold) is not paired: each run's AUC
 on its own validated images of it is reported, marked unpaired. Also each run's recipe differences
 and wall time.
+
+With `--average`, one more candidate: the ensemble of every run given (baseline included), each
+image's class log-probabilities averaged over the runs and renormalised (what averaging the networks'
+logits gives), on the images every run validated. Each run's prediction of an image comes from a
+network that never saw it, so the average is held out too, and it is paired with the baseline on
+every source (e.g. what a second seed's networks would add to the shipped ones).
 """
 
 from __future__ import annotations
@@ -38,10 +44,26 @@ def recipe_difference(baseline: dict, candidate: dict) -> dict:
     return {key: [baseline.get(key), candidate.get(key)] for key in keys if baseline.get(key) != candidate.get(key)}
 
 
-def validated(bundle_path: str) -> pd.DataFrame:
+def validated(bundle_path: str, columns: tuple[str, ...] = ("MEL",)) -> pd.DataFrame:
     """The bundle's out-of-fold rows that a network predicted (a proxy run leaves the others empty)."""
     oof = load_out_of_fold(load_bundle(bundle_path))
-    return oof[oof["MEL"].notna()][["image_id", "source", "diagnosis", "fold", "MEL"]]
+    return oof[oof["MEL"].notna()][["image_id", "source", "diagnosis", "fold", *columns]]
+
+
+def averaged(bundle_paths: list[str]) -> pd.DataFrame:
+    """The runs' ensemble on the images every run validated: class log-probabilities averaged and
+    renormalised (the melanoma probability in "MEL"), with the first run's folds."""
+    classes = load_bundle(bundle_paths[0]).classes
+    runs = [validated(path, tuple(classes)).set_index("image_id") for path in bundle_paths]
+    common = runs[0].index
+    for run in runs[1:]:
+        common = common.intersection(run.index)
+    log_probabilities = np.mean([np.log(np.clip(run.loc[common, classes].to_numpy(float), 1e-12, 1)) for run in runs], axis=0)
+    probabilities = np.exp(log_probabilities - log_probabilities.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    table = runs[0].loc[common, ["source", "diagnosis", "fold"]].reset_index()
+    table["MEL"] = probabilities[:, classes.index("MEL")]
+    return table
 
 
 def compare(baseline: pd.DataFrame, candidate: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
@@ -81,7 +103,7 @@ def unpaired(source: str, baseline: pd.DataFrame, candidate: pd.DataFrame) -> di
     return row
 
 
-def main(baseline_path: str, candidate_paths: list[str]) -> dict:
+def main(baseline_path: str, candidate_paths: list[str], average: bool = False) -> dict:
     rng = np.random.default_rng(0)
     baseline_bundle = load_bundle(baseline_path)
     baseline = validated(baseline_path)
@@ -98,6 +120,14 @@ def main(baseline_path: str, candidate_paths: list[str]) -> dict:
             "training_seconds": bundle.training.get("duration_seconds"),
             "per_source": compare(baseline, validated(path), rng),
         })
+    if average:
+        runs = [baseline_path, *candidate_paths]
+        print(f"the mean of {len(runs)} runs: comparing", file=sys.stderr)
+        result["candidates"].append({
+            "bundle": f"mean of {len(runs)} runs", "path": runs, "recipe_difference": {},
+            "training_seconds": sum(load_bundle(path).training.get("duration_seconds") or 0 for path in runs),
+            "per_source": compare(baseline, averaged(runs), rng),
+        })
     return result
 
 
@@ -105,5 +135,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("baseline", help="The bundle to compare against (e.g. bundles/default).")
     parser.add_argument("candidates", nargs="+", help="Bundles trained on the same folds (see above).")
+    parser.add_argument("--average", action="store_true", help="Also score the ensemble of every run given (see above).")
     args = parser.parse_args()
-    print(json.dumps(main(args.baseline, args.candidates), indent=1))
+    print(json.dumps(main(args.baseline, args.candidates, args.average), indent=1))

@@ -278,3 +278,43 @@ def test_recipes_compares_a_proxy_run_on_the_images_it_validated_and_leaves_move
     assert rows["HAM10000"]["candidate"]["auc"] == 1.0 and rows["HAM10000"]["candidate"]["folds"] == [1]
     assert rows["HAM10000"]["baseline"]["images"] == int((oof["source"] == "ham10000").sum())
     assert all(row["paired"] for name, row in rows.items() if name != "HAM10000")
+
+
+def test_recipes_average_scores_the_runs_ensemble_on_the_images_every_run_validated(tmp_path, monkeypatch):
+    """bench/recipes.py --average: the default bundle averaged with a run that knows the labels and
+    validated fold 0 only (its HAM10000 folds moved, as another --seed moves them) covers exactly
+    fold 0's images, is paired with the default on every source there, and ranks each source's
+    melanomas better than the default alone; a run averaged with itself changes nothing."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    recipes = _bench_module("recipes")
+    monkeypatch.setattr(sys.modules["frozen_heads"], "N_BOOT", 20)
+    default = REPO / "bundles" / "default"
+    oof = pd.read_csv(default / "out_of_fold.csv.gz")
+    classes = list(oof.columns[oof.columns.get_loc("MEL"):])
+    knowing = tmp_path / "knowing"
+    shutil.copytree(default, knowing)
+    melanoma = (oof["diagnosis"] == "MEL").to_numpy()
+    table = oof.copy()
+    table[classes] = 0.01 / (len(classes) - 1)
+    table["MEL"] = np.where(melanoma, 0.99, 0.01)
+    table["NV"] = np.where(melanoma, 0.01 / (len(classes) - 1), 0.99)
+    table.loc[table["fold"] != 0, classes] = float("nan")
+    table.loc[table["source"] == "ham10000", "fold"] = table["fold"].where(table["fold"] != 0, 1)
+    table.to_csv(knowing / "out_of_fold.csv.gz", index=False)
+
+    mean = recipes.averaged([str(default), str(knowing)])
+    assert set(mean["image_id"]) == set(oof.loc[oof["fold"] == 0, "image_id"])
+    assert (mean["fold"] == 0).all()
+    itself = recipes.averaged([str(default), str(default)]).set_index("image_id")["MEL"]
+    np.testing.assert_allclose(itself, oof.set_index("image_id").loc[itself.index, "MEL"], rtol=1e-5, atol=1e-7)
+
+    result = recipes.main(str(default), [str(knowing)], average=True)
+    assert result["candidates"][-1]["bundle"] == "mean of 2 runs"
+    rows = result["candidates"][-1]["per_source"]
+    assert {row["source"] for row in rows} == {recipes.SOURCE_NAMES.get(s, s) for s in oof.loc[oof["fold"] == 0, "source"].unique()}
+    assert all(row["paired"] and row["auc_gain"] > 0 for row in rows)
