@@ -147,6 +147,25 @@ def test_threshold_rules_on_real_held_out_predictions():
         choose_site_threshold(np.r_[np.ones(28), np.zeros(5)], np.linspace(0, 1, 33), 0.90, confidence=0.95)
 
 
+def test_the_site_map_is_the_logistic_fit_of_the_sites_cases():
+    """On each left-out source's real held-out risks, the Platt map a profile stores, applied as
+    predict and the API apply it, is the maximum-likelihood logistic fit: its mean risk equals
+    the source's melanoma rate (the fit's score equation) and its log loss is below the raw
+    risk's. A sign slip between fitting and applying the intercept breaks both."""
+    from sklearn.metrics import log_loss
+
+    from dermsight.evaluation.site_calibration import platt
+    from dermsight.models.site_profile import recalibrate
+
+    oof = load_out_of_fold(load_bundle(DEFAULT_BUNDLE))
+    for source in ("derm7pt", "isic_archive", "isic2020"):
+        part = oof[oof["source"] == source]
+        y, risk = (part["diagnosis"] == "MEL").to_numpy().astype(int), part["MEL"].to_numpy(dtype=float)
+        site = recalibrate(risk, *platt(y, risk))
+        assert site.mean() == pytest.approx(y.mean(), abs=1e-3), source
+        assert log_loss(y, site) < log_loss(y, risk), source
+
+
 def test_a_risk_missing_is_refused_by_name_not_fitted():
     """A refused image has no risk: fitting on it must say so, not write a profile of NaNs (the
     ISIC 2020 test_128 bench once got 'damaged site profile' instead)."""
