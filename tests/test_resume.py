@@ -53,8 +53,8 @@ def train(tiny_set, checkpoint, settings: TrainConfig, step: int = 0, action=Non
     (1-based, over all epochs); `options` go to `train_one_model`."""
     real, calls = finetune.make_loss, itertools.count(1)
 
-    def make_loss(*args, **kwargs):
-        criterion = real(*args, **kwargs)
+    def make_loss(*args):
+        criterion = real(*args)
 
         def loss(logits, target):
             if next(calls) == step:

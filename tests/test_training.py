@@ -194,56 +194,6 @@ def test_focal_loss_down_weights_easy_examples():
     assert weights.tolist() == pytest.approx([2 / 3, 2.0, 0.0])
 
 
-def test_melanoma_term_is_the_binary_cross_entropy_of_the_softmax_melanoma_probability():
-    import torch
-    from torch.nn import functional as F
-
-    from dermsight.training.losses import balanced_class_weights, make_loss
-
-    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.3], [1.0, -1.0, 1.5], [0.2, 0.1, 0.0]])
-    target = torch.tensor([0, 1, 2, 1])  # melanoma is class 1 here
-    p_melanoma = torch.softmax(logits, dim=1)[:, 1]
-    per_row = F.binary_cross_entropy(p_melanoma, (target == 1).float(), reduction="none")
-    ce = F.cross_entropy(logits, target)
-    assert make_loss("ce", None)(logits, target).item() == pytest.approx(ce.item())
-    with_term = make_loss("ce", None, melanoma_index=1, melanoma_weight=2.0)(logits, target)
-    assert with_term.item() == pytest.approx((ce + 2.0 * per_row.mean()).item(), rel=1e-6)
-    # class-weighted: the binary term balanced as well (3 others : 1 melanoma in these labels)
-    labels = np.array([0, 1, 2, 2])
-    class_weights = balanced_class_weights(labels, 3)
-    row_weights = torch.where(target == 1, 2.0, 2 / 3)
-    weighted = make_loss("ce", class_weights, melanoma_index=1, melanoma_weight=1.0, labels=labels)(logits, target)
-    expected = F.cross_entropy(logits, target, weight=torch.as_tensor(class_weights)) + (per_row * row_weights).sum() / row_weights.sum()
-    assert weighted.item() == pytest.approx(expected.item(), rel=1e-6)
-
-
-def test_melanoma_weight_changes_what_finetuning_learns(ham, tmp_path):
-    """--melanoma-weight reaches the training loop (three classes: with two, the melanoma term is
-    the class loss again and AdamW cancels its scale)."""
-    import torch
-
-    from dermsight.imaging.preprocess import Preprocessing
-    from dermsight.training import finetune
-
-    classes = ["MEL", "NV", "BKL"]
-    table = ham.records
-    records = pd.concat([table[table["diagnosis"] == code].head(8) for code in classes]).reset_index(drop=True)
-    squares, ok = finetune.decode_all(records, Preprocessing(size=32), progress=False)
-    assert ok.all()
-    data = (squares, encode_metadata(records), records["diagnosis"].map(classes.index).to_numpy())
-    settings = dict(sources=[], image_size=32, epochs=1, batch_size=8, patience=0, views=("identity",), progress=False,
-                    checkpoint_minutes=0.0)
-    nets = [
-        finetune.train_one_model(*data, classes, TrainConfig(**settings, melanoma_weight=w), tmp_path / f"w{w}.pt")[0]
-        for w in (0.0, 0.0, 3.0)
-    ]
-    weights = [net.head.weight.detach() for net in nets]
-    assert torch.equal(weights[0], weights[1])  # deterministic, so a difference is the melanoma term's
-    assert not torch.allclose(weights[0], weights[2])
-    with pytest.raises(ValueError, match="--melanoma-weight needs --mode finetune and the ISIC classes"):
-        train(TrainConfig(sources=["x"], mode="finetune", binary=True, melanoma_weight=1.0, output=tmp_path / "b"))
-
-
 @pytest.mark.slow
 def test_finetune_mode_trains_resumes_and_exports(shared, cache_dir, tmp_path):
     config = TrainConfig(

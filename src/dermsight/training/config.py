@@ -27,7 +27,6 @@ class TrainConfig:
     seed: int = 0
     binary: bool = False  # melanoma vs everything else (reported as MEL / UNK) instead of the ISIC classes
     loss: str = "ce"  # "ce" | "focal"
-    melanoma_weight: float = 0.0  # finetune: weight of a melanoma-vs-rest term beside the class loss (multi-task, one head)
     class_weighting: bool = True
     l2: float = 0.1  # embed mode: L2 penalty on the standardised head weights
     target_sensitivity: float = 0.90

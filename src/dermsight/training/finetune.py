@@ -242,9 +242,7 @@ def train_one_model(
     steps = (len(sampler) if sampler is not None else len(dataset)) // config.batch_size  # per epoch (last partial batch dropped)
     # Source priors already balance the classes within each source; class weights would count them twice.
     weights = balanced_class_weights(labels, len(classes)) if config.class_weighting and offsets is None else None
-    criterion = make_loss(
-        config.loss, weights, melanoma_index=classes.index("MEL"), melanoma_weight=config.melanoma_weight, labels=labels,
-    )
+    criterion = make_loss(config.loss, weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     scheduler = warmup_cosine(optimizer, config.epochs * steps, config.warmup_fraction, config.restart_epochs * steps)
     # timm's warm-up (power 3/4, for runs of thousands of steps): the average forgets the random head early on
