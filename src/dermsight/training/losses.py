@@ -41,3 +41,19 @@ def make_loss(name: str, class_weights: np.ndarray | None) -> nn.Module:
     if name == "focal":
         return FocalLoss(weight)
     raise ValueError(f"unknown loss {name!r}; expected 'ce' or 'focal'")
+
+
+class MelanomaHeadLoss(nn.Module):
+    """A multi-task network's loss (see models/network.py): `class_loss` on the class head's
+    K logits plus `melanoma_loss` on the melanoma head's two ([melanoma, not melanoma]), each
+    with its own target, the same image's diagnosis."""
+
+    def __init__(self, class_loss: nn.Module, melanoma_loss: nn.Module, n_classes: int, melanoma_index: int):
+        super().__init__()
+        self.class_loss, self.melanoma_loss = class_loss, melanoma_loss
+        self.n_classes, self.melanoma_index = n_classes, melanoma_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        n = self.n_classes
+        not_melanoma = (target != self.melanoma_index).long()
+        return self.class_loss(logits[:, :n], target) + self.melanoma_loss(logits[:, n:], not_melanoma)

@@ -66,6 +66,8 @@ def train(config: TrainConfig) -> Bundle:
     int8_graph = None  # finetune --int8: the shipped network's quantized graph
     if config.int8 and config.mode != "finetune":
         raise ValueError("--int8 needs --mode finetune (embed mode's heads are fitted on float embeddings)")
+    if config.melanoma_head and (config.mode != "finetune" or config.binary):
+        raise ValueError("--melanoma-head needs --mode finetune and the ISIC classes (a --binary network is melanoma-only already)")
     records, classes = load_training_records(config)
     console.print(f"training on {len(records):,} images, classes {', '.join(classes)}, {config.folds} grouped folds")
 
