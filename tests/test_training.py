@@ -219,20 +219,26 @@ def test_multi_task_network_is_one_distribution_with_the_melanoma_heads_risk(sha
     with torch.no_grad():
         logits, _, cam, _ = net(images, metadata)
         raw = net(images, metadata, raw=True)[0]
-    b = raw[:, 9] - raw[:, 10]
+    b = raw[:, 9] - raw[:, 10] - np.log(8)  # the balanced melanoma head on the nine classes' footing
     probabilities = logits.exp()
     np.testing.assert_allclose(probabilities.sum(dim=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities[:, mel], torch.sigmoid(b), rtol=1e-5)
     others = torch.softmax(raw[:, 1:9], dim=1) * (1 - torch.sigmoid(b))[:, None]
     np.testing.assert_allclose(probabilities[:, 1:], others, rtol=1e-4, atol=1e-7)
     weight, bias = net.head.weight.detach(), net.head.bias.detach()
-    metadata_part = metadata @ (weight[9, -n_metadata:] - weight[10, -n_metadata:]) + bias[9] - bias[10]
+    metadata_part = metadata @ (weight[9, -n_metadata:] - weight[10, -n_metadata:]) + bias[9] - bias[10] - np.log(8)
     np.testing.assert_allclose(cam[:, mel].mean(dim=(1, 2)) + metadata_part, b, rtol=1e-4, atol=1e-5)
     export_onnx(net, tmp_path / "net.onnx", 64)
     session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     graph_logits, graph_cam = session.run(["logits", "cam"], {"image": images.numpy(), "metadata": metadata.numpy()})
     np.testing.assert_allclose(graph_logits, logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(graph_cam, cam, rtol=1e-3, atol=1e-4)
+    # Both heads with nothing to say (a uniform class head, a melanoma head at 1 : 1, as balanced
+    # training starts out) give every class 1/9: melanoma is not favoured by the second head.
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        np.testing.assert_allclose(net(images, metadata)[0].exp(), 1 / 9, rtol=1e-5)
 
 
 def test_melanoma_head_trains_on_both_targets_and_ships_one_distribution(shared, cache_dir, tmp_path):
@@ -269,6 +275,9 @@ def test_melanoma_head_trains_on_both_targets_and_ships_one_distribution(shared,
     with pytest.raises(ValueError, match="--melanoma-head needs --mode finetune and the ISIC classes"):
         train(TrainConfig(sources=config.sources, output=tmp_path / "b", mode="finetune", binary=True, melanoma_head=True,
                           cache_dir=cache_dir, progress=False))
+    with pytest.raises(ValueError, match="--melanoma-head composes balanced heads"):
+        train(TrainConfig(sources=config.sources, output=tmp_path / "u", mode="finetune", melanoma_head=True,
+                          class_weighting=False, cache_dir=cache_dir, progress=False))
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ photos (the final embedding, trained to separate lesions, cannot; see inference/
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,12 @@ class DermSightNet(nn.Module):
     def forward(self, image: torch.Tensor, metadata: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, ...]:
         """image (N,3,S,S), metadata (N,M) -> logits (N,K), embedding (N,F), cam (N,K,h,w),
         gate_features (N,G). A multi-task network's logits are log-probabilities: melanoma's
-        is log sigmoid(b), b the melanoma head's logit (melanoma minus not melanoma), each
-        other class's log(1 - sigmoid(b)) + its log-softmax among the class head's other
-        classes; its melanoma cam is b's. `raw=True` (training) gives the linear layer's
-        K (+ 2) logits and cams as they are."""
+        is log sigmoid(b), each other class's log(1 - sigmoid(b)) + its log-softmax among the
+        class head's other classes; its melanoma cam is b's. b is the melanoma head's logit
+        (melanoma minus not melanoma) - log(K - 1): that head is trained balanced (melanoma :
+        the rest = 1 : 1, by the source prior or class weights) and the class head balanced over
+        its K classes (1 : K - 1), so the shift puts melanoma on the other classes' footing.
+        `raw=True` (training) gives the linear layer's K (+ 2) logits and cams as they are."""
         feature_map, stages = self.backbone.forward_intermediates(image, indices=list(GATE_STAGES), extra_blocks=True)
         embedding = feature_map.mean(dim=(2, 3))
         logits = self.head(torch.cat([embedding, metadata], dim=1))
@@ -91,11 +94,11 @@ class DermSightNet(nn.Module):
     def _one_distribution(self, logits: torch.Tensor, cam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A multi-task network's K+2 logits and cams -> K log-probabilities and cams (see `forward`)."""
         k, n = self.melanoma_index, self.n_classes
-        melanoma = logits[:, n] - logits[:, n + 1]
+        melanoma = logits[:, n] - logits[:, n + 1] - math.log(n - 1)
         others = torch.cat([logits[:, :k], logits[:, k + 1 : n]], dim=1)
         rest = F.log_softmax(others, dim=1) - F.softplus(melanoma)[:, None]  # log(1 - sigmoid(b)) = -softplus(b)
         log_probabilities = torch.cat([rest[:, :k], -F.softplus(-melanoma)[:, None], rest[:, k:]], dim=1)
-        melanoma_cam = (cam[:, n] - cam[:, n + 1])[:, None]
+        melanoma_cam = (cam[:, n] - cam[:, n + 1])[:, None]  # b's cam: the shift is in no pixel
         return log_probabilities, torch.cat([cam[:, :k], melanoma_cam, cam[:, k + 1 : n]], dim=1)
 
     @property

@@ -68,6 +68,8 @@ def train(config: TrainConfig) -> Bundle:
         raise ValueError("--int8 needs --mode finetune (embed mode's heads are fitted on float embeddings)")
     if config.melanoma_head and (config.mode != "finetune" or config.binary):
         raise ValueError("--melanoma-head needs --mode finetune and the ISIC classes (a --binary network is melanoma-only already)")
+    if config.melanoma_head and not (config.class_weighting or config.source_prior):
+        raise ValueError("--melanoma-head composes balanced heads: it needs class weighting or --source-prior")
     records, classes = load_training_records(config)
     console.print(f"training on {len(records):,} images, classes {', '.join(classes)}, {config.folds} grouped folds")
 
