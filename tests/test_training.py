@@ -270,6 +270,7 @@ def test_melanoma_head_trains_on_both_targets_and_ships_one_distribution(shared,
     table, errors = Predictor(bundle.path).predict_records(held_out, progress=False)
     assert not errors
     assert np.abs(table[bundle.classes].to_numpy() - oof[bundle.classes].to_numpy()).max() < 1e-4
+    assert "from a melanoma-vs-rest head beside the class head" in (bundle.path / "MODEL_CARD.md").read_text()
     net = DermSightNet.from_bundle(bundle)
     assert net.melanoma_index == bundle.classes.index("MEL") and net.head.out_features == len(bundle.classes) + 2
     with pytest.raises(ValueError, match="--melanoma-head needs --mode finetune and the ISIC classes"):

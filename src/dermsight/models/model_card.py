@@ -30,6 +30,12 @@ INT8_GRAPH = (
 )
 
 
+MELANOMA_HEAD = (
+    ", from a melanoma-vs-rest head beside the class head (one network, two heads; the other classes share the rest as"
+    " the class head says, and the melanoma heat map is that head's)"
+)
+
+
 def write_model_card(bundle: Bundle) -> None:
     """Write the bundle's MODEL_CARD.md from its bundle.json (data, validation, threshold, limits)."""
     training = bundle.training
@@ -74,7 +80,7 @@ examined and, where indicated, excised and sent to histopathology whatever this 
 - Preprocessing: {', '.join(bundle.preprocessing.to_dict()['steps'])}.
 - Inputs: one dermoscopic image plus {', '.join(sorted({f.split('_')[0] for f in bundle.metadata_features})) or 'no metadata'} (each may be missing).
 - Outputs: a probability for each class ({', '.join(bundle.classes)}), calibrated by temperature scaling
-  (T = {bundle.temperature:.3f}, fitted on out-of-fold predictions); melanoma risk = P(MEL); a class activation map.
+  (T = {bundle.temperature:.3f}, fitted on out-of-fold predictions); melanoma risk = P(MEL){MELANOMA_HEAD if config.get('melanoma_head') else ''}; a class activation map.
 - Operating threshold: melanoma risk >= {bundle.melanoma_threshold:.4f}, chosen on out-of-fold predictions for a
   target sensitivity of {threshold.get('target_sensitivity', 0):.0%} (achieved {_fmt(threshold.get('sensitivity'))},
   specificity {_fmt(threshold.get('specificity'))} there){'; rule: ' + threshold['rule'] if threshold.get('rule') else ''}.
