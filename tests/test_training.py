@@ -281,6 +281,27 @@ def test_melanoma_head_trains_on_both_targets_and_ships_one_distribution(shared,
                           class_weighting=False, cache_dir=cache_dir, progress=False))
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--mode", "finetune", "--binary", "--melanoma-head"], "--melanoma-head needs --mode finetune and the ISIC classes"),
+        (["--melanoma-head"], "--melanoma-head needs --mode finetune"),
+        (["--int8"], "--int8 needs --mode finetune"),
+        (["--mode", "fine-tune"], "unknown mode 'fine-tune'"),
+    ],
+)
+def test_train_refuses_options_that_cannot_go_together_with_a_clear_error(shared, tmp_path, options, message):
+    """Before anything is read or written: exit 2 and one line that names the options, no traceback."""
+    from typer.testing import CliRunner
+
+    from dermsight.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["train", str(shared / "ham10000"), "-o", str(tmp_path / "b"), *options])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output and not (tmp_path / "b").exists()
+
+
 @pytest.mark.slow
 def test_finetune_mode_trains_resumes_and_exports(shared, cache_dir, tmp_path):
     config = TrainConfig(

@@ -89,9 +89,14 @@ def train_command(
 
 def _train_and_report(config) -> None:
     """`train`, its headline numbers, or how to resume it when a signal stopped it (exit 128 + signal)."""
+    from dermsight.training.config import RecipeError
     from dermsight.training.resumable import RecipeMismatch, TrainingInterrupted
     from dermsight.training.train import train
 
+    try:
+        config.check()
+    except RecipeError as err:
+        fail(err, 2)
     try:
         bundle = train(config)
     except TrainingInterrupted as stop:

@@ -10,6 +10,10 @@ from dermsight.cache import default_cache_dir
 from dermsight.models.metadata import METADATA_FEATURES
 
 
+class RecipeError(ValueError):
+    """A training recipe whose options cannot go together (the CLI says so and exits 2)."""
+
+
 @dataclass
 class TrainConfig:
     """What `dermsight train` does, field by field as its CLI options: the sources and folds,
@@ -60,6 +64,17 @@ class TrainConfig:
     # finetune: interruption safety (see dermsight.training.resumable)
     checkpoint_minutes: float = 5.0  # a mid-epoch checkpoint this often (0: epoch ends and signals only)
     run_dir: Path | None = None  # checkpoints and run.json; None: resumable.default_run_dir
+
+    def check(self) -> None:
+        """Raise RecipeError if the options cannot go together."""
+        if self.mode not in ("embed", "finetune"):
+            raise RecipeError(f"unknown mode {self.mode!r}; expected 'embed' or 'finetune'")
+        if self.int8 and self.mode != "finetune":
+            raise RecipeError("--int8 needs --mode finetune (embed mode's heads are fitted on float embeddings)")
+        if self.melanoma_head and (self.mode != "finetune" or self.binary):
+            raise RecipeError("--melanoma-head needs --mode finetune and the ISIC classes (a --binary network is melanoma-only already)")
+        if self.melanoma_head and not (self.class_weighting or self.source_prior):
+            raise RecipeError("--melanoma-head composes balanced heads: it needs class weighting or --source-prior")
 
     @property
     def preprocessing(self) -> Preprocessing:

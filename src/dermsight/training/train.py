@@ -64,12 +64,7 @@ def train(config: TrainConfig) -> Bundle:
     np.random.seed(config.seed)
     run_log = None  # finetune: the run folder's record of sessions
     int8_graph = None  # finetune --int8: the shipped network's quantized graph
-    if config.int8 and config.mode != "finetune":
-        raise ValueError("--int8 needs --mode finetune (embed mode's heads are fitted on float embeddings)")
-    if config.melanoma_head and (config.mode != "finetune" or config.binary):
-        raise ValueError("--melanoma-head needs --mode finetune and the ISIC classes (a --binary network is melanoma-only already)")
-    if config.melanoma_head and not (config.class_weighting or config.source_prior):
-        raise ValueError("--melanoma-head composes balanced heads: it needs class weighting or --source-prior")
+    config.check()
     records, classes = load_training_records(config)
     console.print(f"training on {len(records):,} images, classes {', '.join(classes)}, {config.folds} grouped folds")
 
@@ -85,7 +80,7 @@ def train(config: TrainConfig) -> Bundle:
         head = embed_mode.fit_head(features, labels, len(classes), config)
         net = DermSightNet.create(config.backbone, len(config.metadata_features), len(classes))
         net.set_linear_head(head.weight, head.bias)
-    elif config.mode == "finetune":
+    else:  # finetune (config.check() allows no other mode)
         from dermsight.training import finetune
 
         run_dir = config.run_dir or default_run_dir(config.output, config.cache_dir)
@@ -97,8 +92,6 @@ def train(config: TrainConfig) -> Bundle:
         except TrainingInterrupted as stop:
             run_log.save(ended=f"stopped by {stop.signal_name} at {stop.where}")
             raise
-    else:
-        raise ValueError(f"unknown mode {config.mode!r}; expected 'embed' or 'finetune'")
 
     # 2. Calibration and the sensitivity-first operating threshold, both from out-of-fold predictions only.
     all_records = records
