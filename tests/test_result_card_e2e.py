@@ -128,7 +128,7 @@ def test_card_shows_differential_uncertainty_and_photo_quality(browser, server, 
     assert DISCLAIMER in text and "melanoma risk" in text
     differential = card.query_selector_all("ol.differential li")
     assert len(differential) == 3
-    if name != "below":  # melanoma is among the three for the others
+    if name in ("melanoma", "unsure"):  # these melanomas, as photographed, get a malignant class among the three
         assert any("malignant" in li.inner_text() for li in differential)
     # Decision first, in words and a text badge (never colour alone), graded for the clinician.
     first = card.query_selector("p.verdict")
@@ -151,6 +151,10 @@ def test_card_shows_differential_uncertainty_and_photo_quality(browser, server, 
     # Sure, above or below the threshold: whether the decision hinges on the spread, as the API's numbers say.
     prediction = page.request.get(f"{server}/api/predictions/{card.get_attribute('data-prediction-id')}").json()
     assert prediction["decision"] == DECISIONS[grade] and prediction["uncertainty"] == sure
+    # The differential is the API's, in its order, each malignant class marked as such.
+    shown = [li.inner_text() for li in differential]
+    assert [(t.startswith(d["name"] + " "), "malignant" in t) for t, d in zip(shown, prediction["differential"])] == [
+        (True, d["malignant"]) for d in prediction["differential"]]
     if name == "unsure":
         assert sure.endswith("give your own examination more weight than this risk.")
     else:

@@ -76,10 +76,13 @@ def test_calibrate_then_predict_round_trip(calibrated):
     assert site["above_threshold"][truth == 1].mean() == pytest.approx(data["sensitivity"]["value"])
     assert 1 - site["above_threshold"][truth == 0].mean() == pytest.approx(data["specificity"]["value"])
     assert data["sensitivity"]["value"] >= 0.90
-    ci = binomtest(data["sensitivity"]["successes"], MELANOMAS).proportion_ci(0.95, method="exact")
+    ci = binomtest(data["sensitivity"]["successes"], truth.sum()).proportion_ci(0.95, method="exact")  # gate-refused ones out
     assert (data["sensitivity"]["ci_low"], data["sensitivity"]["ci_high"]) == pytest.approx((ci.low, ci.high))
-    # the recalibrated risk is the profile's map of the bundle's own risk (CSV: six decimals)
-    np.testing.assert_allclose(site["melanoma_risk"], profile.recalibrate(plain["melanoma_risk"]), atol=2e-6)
+    # the recalibrated risk is the profile's map of the bundle's own risk (CSV: six decimals on both sides, and the
+    # map, steeper than 1 where it stretches the risks, widens the bundle risk's rounding accordingly)
+    ends = [profile.recalibrate(plain["melanoma_risk"].to_numpy() + d) for d in (-5e-7, 5e-7)]
+    low, high = np.minimum(*ends) - 5e-7, np.maximum(*ends) + 5e-7
+    assert ((site["melanoma_risk"].to_numpy() >= low) & (site["melanoma_risk"].to_numpy() <= high)).all()
     np.testing.assert_allclose(site["MEL"], site["melanoma_risk"], atol=1e-6)
     assert (site["above_threshold"] == (plain["melanoma_risk"] >= data["model_threshold"] - 1e-6)).all()
     assert (site["above_threshold"] == (site["melanoma_risk"] >= data["threshold"] - 1e-5)).all()
@@ -264,6 +267,6 @@ def test_prediction_table_applies_the_profile_as_every_engine_gets_it(calibrated
     mel = bundle.classes.index("MEL")
     members = profile.recalibrate(scores.member_probabilities[:, :, mel])
     np.testing.assert_allclose(table["melanoma_risk"], profile.recalibrate(scores.probabilities[:, mel]), rtol=1e-5)
-    np.testing.assert_allclose(table["risk_spread"], members.std(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(table["risk_spread"], members.std(axis=1), rtol=1e-4, atol=1e-6)  # float32 spreads near 0
     assert (table["unsure"] == (table["risk_spread"] > bundle.unsure_level)).all()
     assert (table["above_threshold"] == (scores.probabilities[:, mel] >= profile.model_threshold)).all()
