@@ -40,13 +40,13 @@ def lesion_mask(square: np.ndarray) -> np.ndarray:
     return regions == np.bincount(regions.ravel())[1:].argmax() + 1
 
 
-def focus(bundle: str, paths: list[str]) -> dict:
+def focus(bundle: str, images: list[bytes]) -> dict:
     predictor = Predictor(bundle)
     inside, peak_inside, area, no_evidence = [], [], [], 0
-    for start in range(0, len(paths), BATCH):
-        images = [Path(p).read_bytes() for p in paths[start:start + BATCH]]
-        metadata = pd.DataFrame({"age": [np.nan] * len(images), "sex": [None] * len(images), "site": [None] * len(images)})
-        _, scores, squares = predictor.predict_images(images, metadata)
+    for start in range(0, len(images), BATCH):
+        batch = images[start:start + BATCH]
+        metadata = pd.DataFrame({"age": [np.nan] * len(batch), "sex": [None] * len(batch), "site": [None] * len(batch)})
+        _, scores, squares = predictor.predict_images(batch, metadata)
         for cam, square in zip(scores.melanoma_cam, squares):
             positive = np.clip(guided_upsample(cam, square), 0.0, None)
             mask = lesion_mask(square)
@@ -56,7 +56,7 @@ def focus(bundle: str, paths: list[str]) -> dict:
             inside.append(float(positive[mask].sum() / positive.sum()))
             area.append(float(mask.mean()))
             peak_inside.append(bool(mask.ravel()[positive.argmax()]))
-    return {"bundle": predictor.bundle.name, "melanomas": len(paths), "no_positive_evidence_or_mask": no_evidence,
+    return {"bundle": predictor.bundle.name, "melanomas": len(images), "no_positive_evidence_or_mask": no_evidence,
             "map_mass_inside_lesion": {"median": round(float(np.median(inside)), 3), "mean": round(float(np.mean(inside)), 3)},
             "peak_inside_lesion": round(float(np.mean(peak_inside)), 3),
             "lesion_area_share": {"median": round(float(np.median(area)), 3), "mean": round(float(np.mean(area)), 3)}}
@@ -68,10 +68,10 @@ def main() -> None:
     args = parser.parse_args()
     data = Path(os.environ.get("DERMSIGHT_DATA", "../shared/datasets"))
     records = read_isic_cli(data / "isic2017").records
-    paths = records.loc[records["diagnosis"] == "MEL", "image_ref"].tolist()[:MELANOMAS]
+    images = [Path(p).read_bytes() for p in records.loc[records["diagnosis"] == "MEL", "image_ref"].tolist()[:MELANOMAS]]
     print(json.dumps({"mask": "largest region below Otsu's grey threshold of the model-input square",
                       "source": "isic2017 (ISIC archive export), first melanomas in its order",
-                      "bundles": [focus(bundle, paths) for bundle in args.bundles]}, indent=1))
+                      "bundles": [focus(bundle, images) for bundle in args.bundles]}, indent=1))
 
 
 if __name__ == "__main__":

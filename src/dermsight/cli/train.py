@@ -94,15 +94,11 @@ def _train_and_report(config) -> None:
     from dermsight.training.train import train
 
     try:
-        config.check()
-    except RecipeError as err:
-        fail(err, 2)
-    try:
-        bundle = train(config)
+        bundle = train(config)  # checks the recipe first (RecipeError), before anything is read or written
     except TrainingInterrupted as stop:
         errors.print(f"[yellow]{stop}[/]\nresume with the same command, or: dermsight train --resume {stop.checkpoint.parent}", highlight=False, soft_wrap=True)
         raise typer.Exit(stop.exit_code) from None
-    except RecipeMismatch as err:
+    except (RecipeError, RecipeMismatch) as err:
         fail(err, 2)
     pooled = bundle.metrics["pooled"]
     console.print(
