@@ -150,6 +150,33 @@ def test_cam_is_exact_decomposition_of_the_melanoma_logit(small_bundle, shared):
     assert abs(logits[0, mel] - (cam[0, mel].mean() + metadata_terms.sum() + bias)) <= tolerance
 
 
+def test_melanoma_heat_map_ignores_a_shift_shared_by_every_class(small_bundle, shared, tmp_path):
+    """The Predictor's melanoma map is melanoma's cam less the mean of the classes' cams (the
+    centred logit the softmax reads): a head whose every class gains the same image weights gives
+    the same probabilities, and must give the same map (a fitted multinomial head is centred
+    already; a fine-tuned one is not)."""
+    import shutil
+
+    import torch
+
+    from dermsight.models.network import DermSightNet, export_onnx
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(small_bundle.path, shifted)
+    bundle = load_bundle(shifted)
+    net = DermSightNet.from_bundle(bundle)
+    with torch.no_grad():
+        net.head.weight[:, : net.n_features] += torch.randn(net.n_features, generator=torch.Generator().manual_seed(0))
+    export_onnx(net, bundle.onnx_path, bundle.preprocessing.size)
+    images = [path.read_bytes() for path in sorted((shared / "ham10000" / "images").glob("*.jpg"))[:2]]
+    metadata = pd.DataFrame({"age": [55.0, None], "sex": ["male", None], "site": ["torso", None]})
+    _, original, _ = Predictor(small_bundle.path).predict_images(images, metadata)
+    _, shifted_scores, _ = Predictor(shifted).predict_images(images, metadata)
+    np.testing.assert_allclose(shifted_scores.probabilities, original.probabilities, atol=2e-3)
+    scale = np.abs(original.melanoma_cam).max()
+    np.testing.assert_allclose(shifted_scores.melanoma_cam, original.melanoma_cam, atol=0.02 * scale)
+
+
 def test_missing_metadata_is_encoded_not_dropped(shared):
     frame = pd.DataFrame(
         {"age": [50.0, np.nan], "sex": ["female", None], "site": ["torso", None], "patient_id": ["p1", None], "image_id": ["a", "b"]}
@@ -197,7 +224,8 @@ def test_focal_loss_down_weights_easy_examples():
 def test_multi_task_network_is_one_distribution_with_the_melanoma_heads_risk(shared, tmp_path):
     """--melanoma-head: the graph's melanoma probability is sigmoid(b), b the melanoma head's logit
     (melanoma minus not melanoma), the other classes share 1 - sigmoid(b) in the class head's
-    proportions, the melanoma cam decomposes b exactly, and the ONNX graph says the same."""
+    proportions, the cams are the class head's (each decomposes its class logit exactly), and the
+    ONNX graph says the same."""
     import onnxruntime as ort
     import torch
 
@@ -218,7 +246,7 @@ def test_multi_task_network_is_one_distribution_with_the_melanoma_heads_risk(sha
     metadata = torch.from_numpy(encode_metadata(patient, METADATA_FEATURES))
     with torch.no_grad():
         logits, _, cam, _ = net(images, metadata)
-        raw = net(images, metadata, raw=True)[0]
+        raw, _, raw_cam, _ = net(images, metadata, raw=True)
     b = raw[:, 9] - raw[:, 10] - np.log(8)  # the balanced melanoma head on the nine classes' footing
     probabilities = logits.exp()
     np.testing.assert_allclose(probabilities.sum(dim=1), 1.0, rtol=1e-5)
@@ -226,8 +254,9 @@ def test_multi_task_network_is_one_distribution_with_the_melanoma_heads_risk(sha
     others = torch.softmax(raw[:, 1:9], dim=1) * (1 - torch.sigmoid(b))[:, None]
     np.testing.assert_allclose(probabilities[:, 1:], others, rtol=1e-4, atol=1e-7)
     weight, bias = net.head.weight.detach(), net.head.bias.detach()
-    metadata_part = metadata @ (weight[9, -n_metadata:] - weight[10, -n_metadata:]) + bias[9] - bias[10] - np.log(8)
-    np.testing.assert_allclose(cam[:, mel].mean(dim=(1, 2)) + metadata_part, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cam, raw_cam[:, :9])  # the melanoma head's maps are not shown
+    metadata_part = metadata @ weight[:9, -n_metadata:].T + bias[:9]
+    np.testing.assert_allclose(cam.mean(dim=(2, 3)) + metadata_part, raw[:, :9], rtol=1e-4, atol=1e-5)
     export_onnx(net, tmp_path / "net.onnx", 64)
     session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     graph_logits, graph_cam = session.run(["logits", "cam"], {"image": images.numpy(), "metadata": metadata.numpy()})

@@ -49,7 +49,8 @@ WITHHELD_COLUMNS = ("melanoma_risk", "risk_spread", "unsure", "predicted_class",
 @dataclass
 class Scores:
     """Model outputs for a batch: calibrated probabilities (N, K), embeddings (N, F),
-    melanoma class activation maps (N, h, w), whether each image passed the
+    melanoma class activation maps (N, h, w: the class head's melanoma map less the mean of its
+    classes' maps, averaged over the views), whether each image passed the
     out-of-distribution gate (N,), each member network's calibrated probabilities
     (N, members, K): one member for a single network, the fold networks of an ensemble, and
     the image-quality measures taken while loading (N, QUALITY_MEASURES; NaN when not taken)."""
@@ -201,7 +202,9 @@ class Predictor:
         outputs = self.session.run(self.outputs, feeds)
         logits, embeddings, _, gate_features = (a.reshape(len(names), n, -1).mean(axis=0) for a in outputs[:4])
         cams = outputs[2]
-        mel_cams = cams[:, self.melanoma_index].reshape(len(names), n, *cams.shape[2:])
+        # melanoma's evidence against the classes' mean: the centred logit the softmax reads
+        centred = cams[:, self.melanoma_index] - cams.mean(axis=1)
+        mel_cams = centred.reshape(len(names), n, *cams.shape[2:])
         cam = np.mean([view(mel_cams[v], name) for v, name in enumerate(names)], axis=0)  # flips are self-inverse
         accepted = self.accepts(gate_features, stacked[0])  # the photo detector sees the image as taken
         temperature = self.bundle.temperature
