@@ -27,7 +27,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS scores_v3 (
 )"""
 
 
-SCORING_VERSION = 2  # bump when the same bundle files score differently (2: exact int8 kernel without VNNI)
+SCORING_VERSION = 3  # bump when the same bundle files score differently (2: exact int8 kernel without VNNI; 3: centred melanoma map)
 
 
 def bundle_digest(bundle: Bundle) -> str:
