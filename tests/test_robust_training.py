@@ -89,6 +89,32 @@ def test_acquisition_augmentation_changes_encoding_and_keeps_shape(derm7pt_image
     assert all(np.array_equal(a, b) for a, b in zip(first, again))  # seeded: resumable runs draw the same
 
 
+def test_strong_augmentation_adds_the_winners_set_and_resumes_mid_epoch(derm7pt_image):
+    """--strong-augmentation: distortions (one of three), CLAHE, HSV, affine and cut-out on top of
+    the acquisition set; a dataset restored from a mid-epoch augmentation state draws exactly what
+    the uninterrupted one draws, nested transforms (OneOf's) included."""
+    square = Preprocessing(size=128, fit="squash").resize(derm7pt_image)
+    acquisition, strong = augmentation(128, acquisition=True), augmentation(128, acquisition=True, strong=True)
+    added = [type(t).__name__ for t in strong.transforms[len(acquisition.transforms):]]
+    assert added == ["OneOf", "CLAHE", "HueSaturationValue", "Affine", "CoarseDropout"]
+    squares = np.repeat(square[None], 40, axis=0)
+    metadata, labels = np.zeros((40, 3), np.float32), np.zeros(40, int)
+
+    def dataset() -> LesionImages:
+        return LesionImages(squares, metadata, labels, Preprocessing(size=128), train=True, acquisition=True, strong=True)
+
+    uninterrupted = dataset()
+    uninterrupted.reseed(5)
+    first = [uninterrupted[i][0] for i in range(20)]
+    state = uninterrupted.augmentation_state()
+    rest = [uninterrupted[i][0] for i in range(20, 40)]
+    resumed = dataset()
+    resumed.reseed(5)
+    resumed.restore_augmentation(state)
+    assert all(torch.equal(a, b) for a, b in zip(rest, [resumed[i][0] for i in range(20, 40)]))
+    assert all(a.shape == (3, 128, 128) for a in first) and not torch.equal(first[0], first[1])
+
+
 def test_source_priors_hold_each_sources_class_mix():
     sources = np.array(["a"] * 6 + ["b"] * 4, dtype=object)
     labels = np.array([0, 0, 0, 0, 1, 2, 1, 1, 1, 0])

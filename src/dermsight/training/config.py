@@ -54,6 +54,7 @@ class TrainConfig:
     fit: str = "crop"  # preprocessing: "crop" (shorter side, centre crop) or "squash" (whole frame to a square)
     colour_constancy: bool = False  # Shades of Gray in training and inference alike
     acquisition_augmentation: bool = False  # finetune: JPEG re-encoding, downscaling, blur, noise, aspect changes
+    strong_augmentation: bool = False  # finetune: the SIIM-ISIC 2020 winners' distortions, CLAHE, HSV, affine, cut-out
     source_prior: bool = False  # finetune: logit adjustment by each source's class mix (replaces class weighting)
     metadata_features: tuple[str, ...] = METADATA_FEATURES  # what the network reads; a subset of METADATA_FEATURES
     metadata_dropout: float = 0.0  # finetune: share of training images shown with every metadata field missing

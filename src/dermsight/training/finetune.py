@@ -50,12 +50,14 @@ from dermsight.training.resumable import (
 console = Console(stderr=True)
 
 
-def augmentation(size: int, acquisition: bool = False) -> A.Compose:
+def augmentation(size: int, acquisition: bool = False, strong: bool = False) -> A.Compose:
     """Label-preserving for dermoscopy: crops, any flip or right-angle rotation, mild colour.
     With `acquisition`, also what differs between clinics' cameras and archives rather than
     between lesions: JPEG re-encoding (quality 30-95), lower resolution (down to 0.35x and
     back), aspect changes (a frame squashed to a square or not), blur, sensor noise and
-    colour temperature."""
+    colour temperature. With `strong`, the SIIM-ISIC 2020 winners' heavier set on top: lens and
+    grid distortion, local contrast (CLAHE), hue / saturation / value shifts, shift-scale-rotate
+    and one cut-out square of up to 3/8 of the side."""
     ratio = (0.6, 1.67) if acquisition else (0.8, 1.25)
     steps = [
         A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0), ratio=ratio),
@@ -71,6 +73,14 @@ def augmentation(size: int, acquisition: bool = False) -> A.Compose:
             A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.2, 1.2), p=0.2),
             A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
             A.ImageCompression(quality_range=(30, 95), p=0.6),
+        ]
+    if strong:
+        steps += [
+            A.OneOf([A.OpticalDistortion(distort_limit=0.3), A.GridDistortion(distort_limit=0.3), A.ElasticTransform(alpha=3)], p=0.5),
+            A.CLAHE(clip_limit=4.0, p=0.5),
+            A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
+            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), p=0.85),
+            A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(0.1, 0.375), hole_width_range=(0.1, 0.375), p=0.7),
         ]
     return A.Compose(steps)
 
@@ -96,11 +106,11 @@ class LesionImages(Dataset):
 
     def __init__(
         self, squares: np.ndarray, metadata: np.ndarray, labels: np.ndarray, prep: Preprocessing, train: bool,
-        *, acquisition: bool = False, offsets: np.ndarray | None = None, metadata_dropout: float = 0.0,
+        *, acquisition: bool = False, strong: bool = False, offsets: np.ndarray | None = None, metadata_dropout: float = 0.0,
         blank_metadata: np.ndarray | None = None,
     ):
         self.squares, self.metadata, self.labels, self.prep = squares, metadata, labels, prep
-        self.transform = augmentation(prep.size, acquisition) if train else None
+        self.transform = augmentation(prep.size, acquisition, strong) if train else None
         self.offsets = offsets if offsets is not None else np.zeros((len(labels), 1), np.float32)
         self.metadata_dropout, self.blank_metadata = metadata_dropout, blank_metadata
         self.rng = np.random.default_rng(0)
@@ -125,8 +135,13 @@ class LesionImages(Dataset):
         self.rng.bit_generator.state = state["dropout"]
 
     def _randomised(self) -> list:
-        """The pipeline and each of its transforms: each draws from its own generators."""
-        return [self.transform, *self.transform.transforms] if self.transform is not None else []
+        """The pipeline and each of its transforms, nested ones (OneOf's) too: each draws from its own generators."""
+
+        def walk(transform) -> list:
+            children = transform.transforms if isinstance(transform, A.BaseCompose) else []
+            return [transform, *(inner for child in children for inner in walk(child))]
+
+        return walk(self.transform) if self.transform is not None else []
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -240,7 +255,8 @@ def train_one_model(
         if config.melanoma_head:
             offsets = np.hstack([offsets, source_log_priors(sources, not_melanoma, 2)])
     dataset = LesionImages(
-        squares, metadata, labels, prep, train=augment, acquisition=config.acquisition_augmentation, offsets=offsets,
+        squares, metadata, labels, prep, train=augment, acquisition=config.acquisition_augmentation,
+        strong=config.strong_augmentation, offsets=offsets,
         metadata_dropout=config.metadata_dropout, blank_metadata=missing_metadata(config.metadata_features),
     )
     sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed) if distributed else None
