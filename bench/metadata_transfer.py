@@ -15,40 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 import pandas as pd
 from frozen_heads import paired_gain, specificity_at
 from sklearn.metrics import roc_auc_score
-from tta import BATCH, member_graph, scored_records
+from tta import member_batches, scored_records
 
 from dermsight.evaluation.held_out import load_out_of_fold
-from dermsight.evaluation.robustness import decode_all
 from dermsight.imaging.preprocess import views
-from dermsight.inference.onnx_session import ParallelSession
 from dermsight.inference.predictor import Predictor, softmax
 from dermsight.models.metadata import encode_metadata
 
 
 def member_logits(predictor: Predictor, records: pd.DataFrame, metadata: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{way: (N, K) logits averaged over the bundle's views} from each record's member, one decode per image."""
-    prep, names = predictor.bundle.preprocessing, tuple(predictor.bundle.views)
-    members = records["member"].to_numpy()
-    refs = records["image_ref"].tolist()
+    names = tuple(predictor.bundle.views)
     out = {way: np.zeros((len(records), len(predictor.classes)), np.float32) for way in metadata}
-    for member in np.unique(members):
-        session = ParallelSession(member_graph(predictor.bundle.onnx_path, int(member)))
-        indices = np.flatnonzero(members == member)
-        for start in range(0, len(indices), BATCH):
-            rows = indices[start : start + BATCH]
-            images = np.stack([prep.normalise(prep.resize(rgb)) for rgb in decode_all([refs[r] for r in rows])])
-            stacked = views(images, names).reshape(-1, *images.shape[1:])
-            for way, encoded in metadata.items():
-                feeds = {"image": stacked, "metadata": np.tile(encoded[rows], (len(names), 1))}
-                logits = session.run([f"m{member}_logits"], feeds)[0]
-                out[way][rows] = logits.reshape(len(names), len(rows), -1).mean(axis=0)
-            print(f"member {member}: {start + len(rows)}/{len(indices)}", file=sys.stderr, flush=True)
+    for output, session, rows, images in member_batches(predictor, records):
+        stacked = views(images, names).reshape(-1, *images.shape[1:])
+        for way, encoded in metadata.items():
+            logits = session.run([output], {"image": stacked, "metadata": np.tile(encoded[rows], (len(names), 1))})[0]
+            out[way][rows] = logits.reshape(len(names), len(rows), -1).mean(axis=0)
     return out
 
 

@@ -85,28 +85,35 @@ def member_graph(bundle_graph: Path, member: int) -> Path:
     return path
 
 
-def view_logits(predictor: Predictor, records: pd.DataFrame) -> tuple[np.ndarray, float]:
-    """(8, N, K) logits of every record in every symmetry from its member network, and CPU seconds
-    per image-view of one member."""
+def member_batches(predictor: Predictor, records: pd.DataFrame):
+    """(member's logits output, its session, rows, preprocessed images (n, 3, S, S)) for batches of the
+    records, each batch scored by its records' member network (the `member` column)."""
     prep = predictor.bundle.preprocessing
-    metadata = encode_metadata(records, predictor.bundle.metadata_features).astype(np.float32)
     members = records["member"].to_numpy()
     refs = records["image_ref"].tolist()
-    out = np.zeros((len(DIHEDRAL), len(records), len(predictor.classes)), np.float32)
-    cpu = 0.0
     for member in np.unique(members):
         session = ParallelSession(member_graph(predictor.bundle.onnx_path, int(member)))
         indices = np.flatnonzero(members == member)
         for start in range(0, len(indices), BATCH):
             rows = indices[start : start + BATCH]
             images = np.stack([prep.normalise(prep.resize(rgb)) for rgb in decode_all([refs[r] for r in rows])])
-            stacked = np.concatenate([np.ascontiguousarray(dihedral(images, name)) for name in DIHEDRAL])
-            began = time.process_time()
-            feeds = {"image": stacked, "metadata": np.tile(metadata[rows], (len(DIHEDRAL), 1))}
-            logits = session.run([f"m{member}_logits"], feeds)[0]
-            cpu += time.process_time() - began
-            out[:, rows] = logits.reshape(len(DIHEDRAL), len(rows), -1)
+            yield f"m{member}_logits", session, rows, images
             print(f"member {member}: {start + len(rows)}/{len(indices)}", file=sys.stderr, flush=True)
+
+
+def view_logits(predictor: Predictor, records: pd.DataFrame) -> tuple[np.ndarray, float]:
+    """(8, N, K) logits of every record in every symmetry from its member network, and CPU seconds
+    per image-view of one member."""
+    metadata = encode_metadata(records, predictor.bundle.metadata_features).astype(np.float32)
+    out = np.zeros((len(DIHEDRAL), len(records), len(predictor.classes)), np.float32)
+    cpu = 0.0
+    for output, session, rows, images in member_batches(predictor, records):
+        stacked = np.concatenate([np.ascontiguousarray(dihedral(images, name)) for name in DIHEDRAL])
+        began = time.process_time()
+        feeds = {"image": stacked, "metadata": np.tile(metadata[rows], (len(DIHEDRAL), 1))}
+        logits = session.run([output], feeds)[0]
+        cpu += time.process_time() - began
+        out[:, rows] = logits.reshape(len(DIHEDRAL), len(rows), -1)
     return out, cpu / (len(records) * len(DIHEDRAL))
 
 
