@@ -94,7 +94,7 @@ class DermSightNet(nn.Module):
     def _one_distribution(self, logits: torch.Tensor, cam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A multi-task network's K+2 logits and cams -> K log-probabilities and the class head's K cams
         (see `forward`). The melanoma head's own map (b's) is left out: on 120 archive melanomas its peak
-        lay on the lesion for 48%, the class head's centred melanoma map's for 77% (bench/heatmap_focus.py)."""
+        lay on the lesion for 47%, the centred map of the class head's for 79% (bench/heatmap_focus.py)."""
         k, n = self.melanoma_index, self.n_classes
         melanoma = logits[:, n] - logits[:, n + 1] - math.log(n - 1)
         others = torch.cat([logits[:, :k], logits[:, k + 1 : n]], dim=1)
